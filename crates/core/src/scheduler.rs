@@ -1,0 +1,725 @@
+//! The scheduler state machine: events in, decisions out.
+//!
+//! [`Scheduler::apply`] takes one event (a job submitted, an attempt
+//! finished or failed, a site down or up, a cancel, a timer tick) and
+//! updates the state; [`Scheduler::schedule`] runs one pass of the policy
+//! and returns what to start and what to stop. [`Scheduler::handle`] does
+//! both. Drivers that receive several events at the same instant apply them
+//! all, then schedule once.
+//!
+//! Attempts fence stale reports: every start gets a new attempt number, and
+//! a finish or failure that names an older attempt is ignored, so exactly
+//! one attempt of a job ever counts.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::estimate::{self, Estimate};
+use crate::explain::{self, Explanation};
+use crate::job::{InvalidJob, JobId, JobSpec};
+use crate::policy::{self, Policy};
+use crate::state::{LiveJob, QueueKey, RunInfo, State};
+use crate::topology::{AccelId, PoolId, SiteId, Topology};
+
+/// Something that happened, reported by the driver at time `now_s`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Submit(JobSpec),
+    /// The attempt ran to completion.
+    Finished { job: JobId, attempt: u32 },
+    /// The attempt failed (non-zero exit, backend error, lost lease).
+    Failed { job: JobId, attempt: u32 },
+    /// The owner withdraws the job, pending or running.
+    Cancel { job: JobId },
+    SiteDown(SiteId),
+    SiteUp(SiteId),
+    /// Time passes; due timers fire.
+    Tick,
+}
+
+/// Start an attempt: hold `estimate.gpus` accelerators of `estimate.pool`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Start {
+    pub job: JobId,
+    pub attempt: u32,
+    pub estimate: Estimate,
+    /// Reference-speed work this attempt is expected to do.
+    pub reference_s: u64,
+}
+
+/// Why a running attempt must stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// A higher-priority job needs the accelerators; the job goes back to the queue.
+    Preempted,
+    /// The owner cancelled the job.
+    Cancelled,
+}
+
+/// Why an attempt ended and the job went back to the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequeueReason {
+    SiteDown,
+    Failed,
+}
+
+/// Why a job can never run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(rename_all = "snake_case", tag = "reason")]
+pub enum Rejection {
+    #[error("cannot fit anywhere: wants {gpus} accelerators of an accepted type, the largest allowed pool has {largest}")]
+    CannotFitAnywhere { gpus: u32, largest: u32 },
+    #[error("over budget everywhere: cheapest allowed placement costs {cheapest_fen} fen, budget is {budget_fen} fen")]
+    OverBudget { cheapest_fen: i64, budget_fen: i64 },
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "decision")]
+pub enum Decision {
+    Start(Start),
+    Stop {
+        job: JobId,
+        attempt: u32,
+        reason: StopReason,
+    },
+    /// The attempt is over (its site went down or it failed); the job is queued again.
+    Requeue {
+        job: JobId,
+        attempt: u32,
+        reason: RequeueReason,
+    },
+    Reject {
+        job: JobId,
+        #[serde(flatten)]
+        reason: Rejection,
+    },
+    /// The job failed `attempts` times and will not be retried.
+    GiveUp { job: JobId, attempts: u32 },
+}
+
+/// Operating errors of the core: the driver sent something impossible.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    #[error("time went backwards: event at {now_s} s after {last_s} s")]
+    TimeWentBackwards { now_s: u64, last_s: u64 },
+    #[error("job {0} already exists")]
+    DuplicateJob(u64),
+    #[error(transparent)]
+    InvalidJob(#[from] InvalidJob),
+    #[error("unknown site id {0}")]
+    UnknownSite(u32),
+}
+
+/// A broken internal invariant: always a bug in the core.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invariant violated: {0}")]
+pub struct InvariantViolation(pub String);
+
+/// Counters a driver may report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    pub passes: u64,
+    pub starts: u64,
+    pub preemptions: u64,
+    pub stale_reports: u64,
+}
+
+/// Attempts a failing job gets before the scheduler gives up on it.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+pub struct Scheduler {
+    topology: Arc<Topology>,
+    policy: Box<dyn Policy>,
+    state: State,
+    now_s: u64,
+    max_attempts: u32,
+    check_invariants: bool,
+    counters: Counters,
+}
+
+impl Scheduler {
+    pub fn new(topology: Arc<Topology>, policy: Box<dyn Policy>) -> Scheduler {
+        let state = State::new(&topology);
+        Scheduler {
+            topology,
+            policy,
+            state,
+            now_s: 0,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            // Debug builds (and so every test) check all invariants after every step.
+            check_invariants: cfg!(debug_assertions),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn with_max_attempts(mut self, attempts: u32) -> Scheduler {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Turns the after-every-step invariant check on or off.
+    pub fn with_invariant_checks(mut self, on: bool) -> Scheduler {
+        self.check_invariants = on;
+        self
+    }
+
+    pub fn topology(&self) -> &Arc<Topology> {
+        &self.topology
+    }
+
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.name()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    pub fn now_s(&self) -> u64 {
+        self.now_s
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.state.pending.len()
+    }
+
+    pub fn running_count(&self) -> usize {
+        self.state.jobs.len() - self.state.pending.len()
+    }
+
+    /// Free accelerators in a pool right now.
+    pub fn free(&self, pool: PoolId) -> u32 {
+        self.state.pools[pool.0 as usize].free
+    }
+
+    pub fn site_up(&self, site: SiteId) -> bool {
+        self.state.site_up[site.0 as usize]
+    }
+
+    /// Pending job ids in queue order.
+    pub fn pending(&self) -> Vec<JobId> {
+        self.state.pending.iter().map(|&(_, id)| id).collect()
+    }
+
+    /// The running attempt of a job: (attempt, pool), if it is running.
+    pub fn running_attempt(&self, job: JobId) -> Option<(u32, PoolId)> {
+        self.state.jobs.get(&job)?.run.map(|r| (r.attempt, r.pool))
+    }
+
+    /// When the driver should send a [`Event::Tick`] next, if ever.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        self.state.timers.first().map(|&(at, _)| at)
+    }
+
+    /// Applies an event and runs a scheduling pass.
+    pub fn handle(&mut self, now_s: u64, event: Event) -> Result<Vec<Decision>, CoreError> {
+        let mut decisions = self.apply(now_s, event)?;
+        decisions.extend(self.schedule(now_s)?);
+        Ok(decisions)
+    }
+
+    fn advance(&mut self, now_s: u64) -> Result<(), CoreError> {
+        if now_s < self.now_s {
+            return Err(CoreError::TimeWentBackwards {
+                now_s,
+                last_s: self.now_s,
+            });
+        }
+        self.now_s = now_s;
+        Ok(())
+    }
+
+    /// Applies one event without scheduling. Returns the decisions the event
+    /// itself forces (rejections, requeues, stops).
+    pub fn apply(&mut self, now_s: u64, event: Event) -> Result<Vec<Decision>, CoreError> {
+        self.advance(now_s)?;
+        let mut out = Vec::new();
+        match event {
+            Event::Submit(spec) => self.submit(spec, &mut out)?,
+            Event::Finished { job, attempt } => {
+                if self.is_current_attempt(job, attempt) {
+                    self.state.release(&self.topology, job);
+                    self.forget(job);
+                } else {
+                    self.counters.stale_reports += 1;
+                }
+            }
+            Event::Failed { job, attempt } => {
+                if self.is_current_attempt(job, attempt) {
+                    self.end_attempt(job);
+                    let attempts = self.state.jobs[&job].attempts;
+                    if attempts >= self.max_attempts {
+                        self.forget(job);
+                        out.push(Decision::GiveUp { job, attempts });
+                    } else {
+                        self.requeue(job);
+                        out.push(Decision::Requeue {
+                            job,
+                            attempt,
+                            reason: RequeueReason::Failed,
+                        });
+                    }
+                } else {
+                    self.counters.stale_reports += 1;
+                }
+            }
+            Event::Cancel { job } => {
+                if let Some(live) = self.state.jobs.get(&job) {
+                    if let Some(run) = live.run {
+                        self.state.release(&self.topology, job);
+                        out.push(Decision::Stop {
+                            job,
+                            attempt: run.attempt,
+                            reason: StopReason::Cancelled,
+                        });
+                    } else {
+                        let key = live.key;
+                        self.state.pending.remove(&(key, job));
+                    }
+                    self.forget(job);
+                }
+            }
+            Event::SiteDown(site) => self.site_down(site, &mut out)?,
+            Event::SiteUp(site) => self.site_up_event(site)?,
+            Event::Tick => {
+                while let Some(&(at, job)) = self.state.timers.first() {
+                    if at > now_s {
+                        break;
+                    }
+                    self.state.timers.pop_first();
+                    if let Some(live) = self.state.jobs.get_mut(&job) {
+                        live.timer_s = None;
+                        self.state.fired.push(job);
+                    }
+                }
+            }
+        }
+        self.after_step();
+        Ok(out)
+    }
+
+    /// Runs one pass of the policy at `now_s`.
+    pub fn schedule(&mut self, now_s: u64) -> Result<Vec<Decision>, CoreError> {
+        self.advance(now_s)?;
+        let mut out = Vec::new();
+        if !self.state.pending.is_empty() || !self.state.fired.is_empty() {
+            self.counters.passes += 1;
+            let mut pass = Pass {
+                now_s,
+                topology: &self.topology,
+                state: &mut self.state,
+                out: &mut out,
+                left_pending: Vec::new(),
+            };
+            self.policy.schedule(&mut pass);
+            let left = std::mem::take(&mut pass.left_pending);
+            self.state.fired.clear();
+            for job in left {
+                self.policy.forget(job);
+            }
+            for d in &out {
+                match d {
+                    Decision::Start(_) => self.counters.starts += 1,
+                    Decision::Stop { .. } => self.counters.preemptions += 1,
+                    _ => {}
+                }
+            }
+        }
+        self.after_step();
+        Ok(out)
+    }
+
+    /// Every site, filtered with a reason or scored, for a job that may or
+    /// may not have been submitted. Reserves nothing.
+    pub fn explain(&self, now_s: u64, job: &JobSpec) -> Explanation {
+        explain::explain(&self.topology, &self.state, self.policy.as_ref(), now_s, job, job.estimate_s)
+    }
+
+    /// Why a live job is where it is (the per-site reasons for a pending job).
+    pub fn explain_job(&self, job: JobId) -> Option<Explanation> {
+        let live = self.state.jobs.get(&job)?;
+        Some(explain::explain(
+            &self.topology,
+            &self.state,
+            self.policy.as_ref(),
+            self.now_s,
+            &live.spec,
+            live.remaining_estimate_s(),
+        ))
+    }
+
+    fn is_current_attempt(&self, job: JobId, attempt: u32) -> bool {
+        matches!(self.state.jobs.get(&job), Some(LiveJob { run: Some(run), .. }) if run.attempt == attempt)
+    }
+
+    fn submit(&mut self, spec: JobSpec, out: &mut Vec<Decision>) -> Result<(), CoreError> {
+        spec.validate(&self.topology)?;
+        if self.state.jobs.contains_key(&spec.id) {
+            return Err(CoreError::DuplicateJob(spec.id.0));
+        }
+        if let Some(reason) = policy::never_fits(&self.topology, self.policy.as_ref(), &spec) {
+            out.push(Decision::Reject { job: spec.id, reason });
+            return Ok(());
+        }
+        let id = spec.id;
+        let live = LiveJob {
+            spec,
+            submit_s: self.now_s,
+            enqueued_s: self.now_s,
+            attempts: 0,
+            attained_gpu_s: 0,
+            done_ref_s: 0,
+            key: (0, 0),
+            run: None,
+            timer_s: None,
+        };
+        let key = self.policy.key_for(&live, self.now_s);
+        self.state.jobs.insert(id, live);
+        self.state.enqueue(id, key, self.now_s);
+        Ok(())
+    }
+
+    /// Ends the running attempt of `job`, crediting the work it did.
+    fn end_attempt(&mut self, job: JobId) -> RunInfo {
+        let run = self.state.release(&self.topology, job);
+        let now_s = self.now_s;
+        let live = self.state.jobs.get_mut(&job).expect("live job");
+        credit_work(live, &run, now_s);
+        run
+    }
+
+    fn requeue(&mut self, job: JobId) {
+        let live = &self.state.jobs[&job];
+        let key = self.policy.key_for(live, self.now_s);
+        self.state.enqueue(job, key, self.now_s);
+    }
+
+    fn forget(&mut self, job: JobId) {
+        self.state.jobs.remove(&job);
+        self.policy.forget(job);
+    }
+
+    fn site_down(&mut self, site: SiteId, out: &mut Vec<Decision>) -> Result<(), CoreError> {
+        let index = site.0 as usize;
+        if index >= self.topology.sites.len() {
+            return Err(CoreError::UnknownSite(site.0));
+        }
+        if !self.state.site_up[index] {
+            return Ok(());
+        }
+        let topology = self.topology.clone();
+        for &pool in &topology.site(site).pools {
+            let running: Vec<JobId> = self.state.pools[pool.0 as usize].running.iter().map(|&(_, id)| id).collect();
+            for job in running {
+                let run = self.end_attempt(job);
+                self.requeue(job);
+                out.push(Decision::Requeue {
+                    job,
+                    attempt: run.attempt,
+                    reason: RequeueReason::SiteDown,
+                });
+            }
+            let state = &mut self.state.pools[pool.0 as usize];
+            state.capacity = 0;
+            state.free = 0;
+            self.state.refresh_max_free(&topology, topology.pool(pool).accel);
+        }
+        self.state.site_up[index] = false;
+        Ok(())
+    }
+
+    fn site_up_event(&mut self, site: SiteId) -> Result<(), CoreError> {
+        let index = site.0 as usize;
+        if index >= self.topology.sites.len() {
+            return Err(CoreError::UnknownSite(site.0));
+        }
+        if self.state.site_up[index] {
+            return Ok(());
+        }
+        self.state.site_up[index] = true;
+        let topology = self.topology.clone();
+        for &pool in &topology.site(site).pools {
+            let count = topology.pool(pool).count;
+            let state = &mut self.state.pools[pool.0 as usize];
+            state.capacity = count;
+            state.free = count;
+            self.state.refresh_max_free(&topology, topology.pool(pool).accel);
+        }
+        Ok(())
+    }
+
+    fn after_step(&self) {
+        if self.check_invariants
+            && let Err(violation) = self.check_invariants()
+        {
+            panic!("{violation} (policy {}, t = {} s)", self.policy.name(), self.now_s);
+        }
+    }
+
+    /// Checks every structural invariant of the state. Debug builds call it
+    /// after every step; tests and the simulator's `--check` call it too.
+    pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
+        let fail = |what: String| Err(InvariantViolation(what));
+        let topology = &self.topology;
+        let mut held = vec![0u64; topology.pools.len()];
+        let mut org_held = std::collections::BTreeMap::new();
+        let mut pending_seen = 0usize;
+        for (&id, job) in &self.state.jobs {
+            if job.spec.id != id {
+                return fail(format!("job {id:?} stored under the wrong id"));
+            }
+            match job.run {
+                None => {
+                    if !self.state.pending.contains(&(job.key, id)) {
+                        return fail(format!("pending job {id:?} missing from the queue"));
+                    }
+                    if job.timer_s.is_some() {
+                        return fail(format!("pending job {id:?} has a timer"));
+                    }
+                    pending_seen += 1;
+                }
+                Some(run) => {
+                    let pool = &self.state.pools[run.pool.0 as usize];
+                    if !pool.running.contains(&(run.est_end_s, id)) {
+                        return fail(format!("running job {id:?} missing from pool {:?}", run.pool));
+                    }
+                    if !job.spec.accepts(topology.pool(run.pool).accel) {
+                        return fail(format!("job {id:?} runs on a type it does not accept"));
+                    }
+                    if !self.state.site_up[topology.pool(run.pool).site.0 as usize] {
+                        return fail(format!("job {id:?} runs on a site that is down"));
+                    }
+                    held[run.pool.0 as usize] += job.spec.gpus as u64;
+                    *org_held.entry(job.spec.org).or_insert(0u64) += job.spec.gpus as u64;
+                }
+            }
+            if let Some(at) = job.timer_s
+                && !self.state.timers.contains(&(at, id))
+            {
+                return fail(format!("job {id:?} timer missing from the timer set"));
+            }
+        }
+        if pending_seen != self.state.pending.len() {
+            return fail(format!(
+                "queue holds {} entries but {} jobs are pending",
+                self.state.pending.len(),
+                pending_seen
+            ));
+        }
+        for &(_, id) in &self.state.timers {
+            if self.state.jobs.get(&id).is_none_or(|j| j.timer_s.is_none()) {
+                return fail(format!("timer for job {id:?} that has none"));
+            }
+        }
+        for (i, pool) in self.state.pools.iter().enumerate() {
+            let spec = &topology.pools[i];
+            let up = self.state.site_up[spec.site.0 as usize];
+            let expected_capacity = if up { spec.count } else { 0 };
+            if pool.capacity != expected_capacity {
+                return fail(format!("pool {i} capacity {} expected {expected_capacity}", pool.capacity));
+            }
+            // No accelerator allocated twice and no pool over capacity.
+            if pool.free as u64 + held[i] != pool.capacity as u64 {
+                return fail(format!(
+                    "pool {i}: {} free + {} held != capacity {}",
+                    pool.free, held[i], pool.capacity
+                ));
+            }
+            let running_here = self.state.jobs.values().filter(|j| j.run.is_some_and(|r| r.pool.0 as usize == i)).count();
+            if running_here != pool.running.len() {
+                return fail(format!("pool {i} lists {} running, {} run there", pool.running.len(), running_here));
+            }
+        }
+        for (accel, &max) in self.state.max_free.iter().enumerate() {
+            let actual = topology
+                .pools
+                .iter()
+                .zip(&self.state.pools)
+                .filter(|(p, _)| p.accel == AccelId(accel as u16))
+                .map(|(_, s)| s.free)
+                .max()
+                .unwrap_or(0);
+            if actual != max {
+                return fail(format!("max free of type {accel} is {max}, actually {actual}"));
+            }
+        }
+        if org_held != self.state.org_running_gpus {
+            return fail("per-organisation held accelerators out of date".into());
+        }
+        Ok(())
+    }
+}
+
+fn credit_work(live: &mut LiveJob, run: &RunInfo, now_s: u64) {
+    let computed_s = now_s.saturating_sub(run.compute_from_s);
+    live.attained_gpu_s += computed_s * live.spec.gpus as u64;
+    live.done_ref_s += computed_s * run.speed_milli as u64 / crate::topology::SPEED_MILLI_REFERENCE as u64;
+}
+
+/// One scheduling pass: the policy's window onto the state. Policies read
+/// the queue and the pools through it and act only through
+/// [`Pass::start`] and [`Pass::preempt`], which keep the state consistent.
+pub struct Pass<'a> {
+    now_s: u64,
+    topology: &'a Topology,
+    state: &'a mut State,
+    out: &'a mut Vec<Decision>,
+    left_pending: Vec<JobId>,
+}
+
+impl<'a> Pass<'a> {
+    pub fn now_s(&self) -> u64 {
+        self.now_s
+    }
+
+    pub fn topology(&self) -> &'a Topology {
+        self.topology
+    }
+
+    /// Pending jobs in queue order (a snapshot).
+    pub fn pending(&self) -> Vec<JobId> {
+        self.state.pending.iter().map(|&(_, id)| id).collect()
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.state.pending.len()
+    }
+
+    pub fn spec(&self, job: JobId) -> &JobSpec {
+        &self.state.jobs[&job].spec
+    }
+
+    pub(crate) fn live(&self, job: JobId) -> &LiveJob {
+        &self.state.jobs[&job]
+    }
+
+    pub fn is_pending(&self, job: JobId) -> bool {
+        self.state.jobs.get(&job).is_some_and(|j| j.run.is_none())
+    }
+
+    pub fn free(&self, pool: PoolId) -> u32 {
+        self.state.pools[pool.0 as usize].free
+    }
+
+    pub fn capacity(&self, pool: PoolId) -> u32 {
+        self.state.pools[pool.0 as usize].capacity
+    }
+
+    pub fn site_up(&self, site: SiteId) -> bool {
+        self.state.site_up[site.0 as usize]
+    }
+
+    /// Accelerators held by an organisation's running jobs.
+    pub fn org_running_gpus(&self, org: crate::job::OrgId) -> u64 {
+        self.state.org_running_gpus.get(&org).copied().unwrap_or(0)
+    }
+
+    /// Could the job start somewhere right now, ignoring policy restrictions?
+    /// O(accepted types): the cheap test that lets a pass skip blocked jobs.
+    pub fn fits_somewhere_now(&self, job: JobId) -> bool {
+        let spec = self.spec(job);
+        spec.accepted.iter().any(|a| self.state.max_free[a.0 as usize] >= spec.gpus)
+    }
+
+    /// Is there any free accelerator left anywhere?
+    pub fn anything_free(&self) -> bool {
+        self.state.max_free.iter().any(|&f| f > 0)
+    }
+
+    /// Running attempts on a pool, earliest estimated end first: (est end, job, gpus).
+    pub fn running_on(&self, pool: PoolId) -> impl Iterator<Item = (u64, JobId, u32)> + '_ {
+        self.state.pools[pool.0 as usize]
+            .running
+            .iter()
+            .map(|&(end, id)| (end, id, self.state.jobs[&id].spec.gpus))
+    }
+
+    /// Estimated earliest time `gpus` accelerators are free on `pool`,
+    /// counting only running attempts, and how many are free then; `None`
+    /// if the pool is too small or down.
+    pub fn earliest_start(&self, pool: PoolId, gpus: u32) -> Option<(u64, u32)> {
+        self.state.earliest_start(self.now_s, pool, gpus)
+    }
+
+    /// Jobs whose timers fired since the last pass.
+    pub fn fired_timers(&self) -> &[JobId] {
+        &self.state.fired
+    }
+
+    /// The estimate of the job's remaining work on `pool`, without wait.
+    pub fn estimate(&self, job: JobId, pool: PoolId) -> Estimate {
+        let live = self.live(job);
+        estimate::estimate(self.topology, &live.spec, pool, live.remaining_estimate_s())
+    }
+
+    /// Starts the job on `pool`. The caller has checked that the pool has
+    /// enough free accelerators of an accepted type; starting otherwise is a
+    /// programmer error and panics.
+    pub fn start(&mut self, job: JobId, pool: PoolId) -> Estimate {
+        let topology = self.topology;
+        let pool_spec = topology.pool(pool);
+        let live = self.state.jobs.get_mut(&job).expect("start of unknown job");
+        assert!(live.run.is_none(), "start of a running job {job:?}");
+        assert!(live.spec.accepts(pool_spec.accel), "start of {job:?} on a type it does not accept");
+        let reference_s = live.remaining_estimate_s();
+        let estimate = estimate::estimate(topology, &live.spec, pool, reference_s);
+        let gpus = live.spec.gpus;
+        let org = live.spec.org;
+        live.attempts += 1;
+        let run = RunInfo {
+            attempt: live.attempts,
+            pool,
+            started_s: self.now_s,
+            compute_from_s: self.now_s + estimate.transfer_s,
+            est_end_s: self.now_s + estimate.occupancy_s(),
+            speed_milli: pool_spec.speed_milli,
+        };
+        live.run = Some(run);
+        let key = live.key;
+        let removed = self.state.pending.remove(&(key, job));
+        assert!(removed, "started job {job:?} was not pending");
+        let state = &mut self.state.pools[pool.0 as usize];
+        assert!(state.free >= gpus, "pool {pool:?} over-allocated by {job:?}");
+        state.free -= gpus;
+        state.running.insert((run.est_end_s, job));
+        *self.state.org_running_gpus.entry(org).or_insert(0) += gpus as u64;
+        self.state.refresh_max_free(topology, pool_spec.accel);
+        self.left_pending.push(job);
+        self.out.push(Decision::Start(Start {
+            job,
+            attempt: run.attempt,
+            estimate,
+            reference_s,
+        }));
+        estimate
+    }
+
+    /// Stops a running job and puts it back in the queue under `key`,
+    /// crediting the work it did.
+    pub fn preempt(&mut self, job: JobId, key: QueueKey) {
+        let run = self.state.release(self.topology, job);
+        let now_s = self.now_s;
+        let live = self.state.jobs.get_mut(&job).expect("preempt of unknown job");
+        credit_work(live, &run, now_s);
+        self.state.enqueue(job, key, now_s);
+        self.out.push(Decision::Stop {
+            job,
+            attempt: run.attempt,
+            reason: StopReason::Preempted,
+        });
+    }
+
+    /// Asks for a tick at `at_s` on behalf of a running job (e.g. when it
+    /// crosses a priority threshold). Cleared when the attempt ends.
+    pub fn set_timer(&mut self, job: JobId, at_s: u64) {
+        let live = self.state.jobs.get_mut(&job).expect("timer for unknown job");
+        if let Some(old) = live.timer_s.replace(at_s) {
+            self.state.timers.remove(&(old, job));
+        }
+        self.state.timers.insert((at_s, job));
+    }
+}
