@@ -37,6 +37,7 @@ pub mod explain;
 pub mod job;
 pub mod policy;
 pub mod scheduler;
+pub mod seeded;
 pub mod topology;
 
 mod state;
