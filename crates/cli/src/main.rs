@@ -1,0 +1,48 @@
+//! The `suanwang` command line.
+//!
+//! `main` calls `try_main` and maps errors to exit codes: 0 success, 1 a
+//! failed command (bad input file, unknown policy...), 2 bad usage (clap).
+
+mod bench;
+mod simulate;
+mod table;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "suanwang", version, about = "suanwang (算网): a compute-network scheduler")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replay a real trace through the scheduler on a virtual clock and compare policies.
+    Simulate(simulate::SimulateArgs),
+    /// Measure the scheduler: wall time per trace and policy, and scale runs.
+    Bench(bench::BenchArgs),
+    /// Validate a topology file and print a summary of it.
+    Topology(simulate::TopologyArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match try_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn try_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Simulate(args) => simulate::simulate(args),
+        Command::Bench(args) => bench::bench(args),
+        Command::Topology(args) => simulate::topology(args),
+    }
+}
