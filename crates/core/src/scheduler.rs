@@ -242,7 +242,7 @@ impl Scheduler {
             Event::Submit(spec) => self.submit(spec, &mut out)?,
             Event::Finished { job, attempt } => {
                 if self.is_current_attempt(job, attempt) {
-                    self.state.release(&self.topology, job);
+                    self.release(job);
                     self.forget(job);
                 } else {
                     self.counters.stale_reports += 1;
@@ -270,7 +270,7 @@ impl Scheduler {
             Event::Cancel { job } => {
                 if let Some(live) = self.state.jobs.get(&job) {
                     if let Some(run) = live.run {
-                        self.state.release(&self.topology, job);
+                        self.release(job);
                         out.push(Decision::Stop {
                             job,
                             attempt: run.attempt,
@@ -380,12 +380,20 @@ impl Scheduler {
         let key = self.policy.key_for(&live, self.now_s);
         self.state.jobs.insert(id, live);
         self.state.enqueue(id, key, self.now_s);
+        self.policy.enqueued(&self.state.jobs[&id].spec, key);
         Ok(())
+    }
+
+    /// Frees the accelerators of the job's running attempt and tells the policy.
+    fn release(&mut self, job: JobId) -> RunInfo {
+        let run = self.state.release(&self.topology, job);
+        self.policy.attempt_ended(job);
+        run
     }
 
     /// Ends the running attempt of `job`, crediting the work it did.
     fn end_attempt(&mut self, job: JobId) -> RunInfo {
-        let run = self.state.release(&self.topology, job);
+        let run = self.release(job);
         let now_s = self.now_s;
         let live = self.state.jobs.get_mut(&job).expect("live job");
         credit_work(live, &run, now_s);
@@ -396,6 +404,7 @@ impl Scheduler {
         let live = &self.state.jobs[&job];
         let key = self.policy.key_for(live, self.now_s);
         self.state.enqueue(job, key, self.now_s);
+        self.policy.enqueued(&self.state.jobs[&job].spec, key);
     }
 
     fn forget(&mut self, job: JobId) {
@@ -441,6 +450,7 @@ impl Scheduler {
             return Ok(());
         }
         self.state.site_up[index] = true;
+        self.policy.site_up(site);
         let topology = self.topology.clone();
         for &pool in &topology.site(site).pools {
             let count = topology.pool(pool).count;

@@ -120,7 +120,10 @@ impl Mapper {
             .filter(|(_, s)| s.level == SiteLevel::Provincial)
             .map(|(i, _)| SiteId(i as u32))
             .collect();
-        let orgs = (0..config.organisations.max(1))
+        let count = config.organisations.max(1);
+        let activity = |i: u32| (1e6 / ((i + 1) as f64).powf(0.8)) as u64;
+        let assigned_homes = assign_homes(&homes, (0..count).map(activity).collect(), seed);
+        let orgs = (0..count)
             .map(|i| {
                 let i64_ = i as u64;
                 let kind = match i % 4 {
@@ -128,7 +131,7 @@ impl Mapper {
                     1 => OrgKind::University,
                     _ => OrgKind::Institute,
                 };
-                let home = weighted(&homes, mix(seed, i64_, F_HOME));
+                let home = assigned_homes[i as usize];
                 let profile = weighted(
                     &PROFILES.iter().enumerate().map(|(k, p)| (k, p.2)).collect::<Vec<_>>(),
                     mix(seed, i64_, F_PROFILE),
@@ -164,7 +167,7 @@ impl Mapper {
                     profile: profile_name,
                     accepted,
                     datasets,
-                    activity: (1e6 / ((i + 1) as f64).powf(0.8)) as u64,
+                    activity: activity(i),
                 }
             })
             .collect::<Vec<_>>();
@@ -282,6 +285,34 @@ impl Mapper {
         })
         .map(|i| AccelId(i as u16))
     }
+}
+
+/// Gives each organisation a home so that every site's share of the total
+/// activity follows its share of capacity: organisations are placed in
+/// order of activity, each on the site furthest below its fair share (ties
+/// broken by a seeded draw). Regional demand then matches regional supply,
+/// which keeps the `local` baseline honest: it loses by fragmentation, not
+/// by an arbitrary imbalance.
+fn assign_homes(homes: &[(SiteId, u64)], activity: Vec<u64>, seed: u64) -> Vec<SiteId> {
+    let capacity: u128 = homes.iter().map(|(_, c)| *c as u128).sum::<u128>().max(1);
+    let mut assigned = vec![0u128; homes.len()];
+    let mut placed: u128 = 0;
+    activity
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| {
+            placed += a as u128;
+            let best = (0..homes.len())
+                .max_by_key(|&k| {
+                    let fair = homes[k].1 as u128 * placed / capacity;
+                    let deficit = fair as i128 - assigned[k] as i128;
+                    (deficit, mix(seed, i as u64, F_HOME ^ (k as u64) << 8))
+                })
+                .expect("at least one home");
+            assigned[best] += a as u128;
+            homes[best].0
+        })
+        .collect()
 }
 
 fn weighted<T: Copy>(items: &[(T, u64)], hash: u64) -> T {

@@ -9,17 +9,46 @@
 //! head; on a network of many independent pools that would let a head job
 //! blocked in one city throttle every other city, so here each pool holds at
 //! most one reservation, the first blocked job that wanted it.
+//!
+//! Like Slurm's backfill (`bf_max_job_test`), a pass stops after
+//! [`SCAN_BLOCKED_MAX`] jobs that could not start.
+//!
+//! `local` is today's practice: every city runs its own queue on its own
+//! sites. It keeps one queue per city and, in each pass, revisits only the
+//! cities where something changed (a job arrived or an attempt ended);
+//! nothing else can start anywhere else.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
-use super::{Policy, QueueView, Restriction, first_fit, nearest_pools};
+use super::{Policy, QueueView, Restriction, nearest_pools, within_budget};
+use crate::job::{JobId, JobSpec};
 use crate::scheduler::Pass;
 use crate::state::QueueKey;
-use crate::topology::PoolId;
+use crate::topology::{PoolId, SiteId};
+
+/// Jobs that could not start after which a pass gives up (Slurm's default
+/// `bf_max_job_test` is 500 too).
+pub const SCAN_BLOCKED_MAX: usize = 500;
 
 pub struct Easy {
     name: &'static str,
     restriction: Restriction,
+    /// Each queued job's admissible pools, nearest first (fixed while it waits).
+    candidates: HashMap<JobId, Arc<[PoolId]>>,
+    /// `local` only: the per-city queues.
+    cities: Option<CityQueues>,
+}
+
+#[derive(Default)]
+struct CityQueues {
+    by_city: BTreeMap<String, BTreeSet<(QueueKey, JobId)>>,
+    queued: HashMap<JobId, (String, QueueKey)>,
+    /// Enqueued since the last pass: (job, origin site, key).
+    arrivals: Vec<(JobId, SiteId, QueueKey)>,
+    running_pool: HashMap<JobId, PoolId>,
+    ended_pools: Vec<PoolId>,
+    sites_up: Vec<SiteId>,
 }
 
 impl Easy {
@@ -27,6 +56,8 @@ impl Easy {
         Easy {
             name: "fifo",
             restriction: Restriction::Anywhere,
+            candidates: HashMap::new(),
+            cities: None,
         }
     }
 
@@ -34,6 +65,8 @@ impl Easy {
         Easy {
             name: "local",
             restriction: Restriction::OriginCity,
+            candidates: HashMap::new(),
+            cities: Some(CityQueues::default()),
         }
     }
 }
@@ -58,37 +91,94 @@ impl Policy for Easy {
         (job.submit_s, 0)
     }
 
+    fn enqueued(&mut self, job: &JobSpec, key: QueueKey) {
+        if let Some(cities) = &mut self.cities {
+            cities.arrivals.push((job.id, job.origin, key));
+        }
+    }
+
+    fn forget(&mut self, job: JobId) {
+        self.candidates.remove(&job);
+        if let Some(cities) = &mut self.cities {
+            if let Some((city, key)) = cities.queued.remove(&job) {
+                cities.by_city.get_mut(&city).expect("queued city").remove(&(key, job));
+            } else {
+                cities.arrivals.retain(|(j, _, _)| *j != job);
+            }
+        }
+    }
+
+    fn site_up(&mut self, site: SiteId) {
+        if let Some(cities) = &mut self.cities {
+            cities.sites_up.push(site);
+        }
+    }
+
+    fn attempt_ended(&mut self, job: JobId) {
+        if let Some(cities) = &mut self.cities
+            && let Some(pool) = cities.running_pool.remove(&job)
+        {
+            cities.ended_pools.push(pool);
+        }
+    }
+
     fn schedule(&mut self, pass: &mut Pass<'_>) {
-        let mut reservations: BTreeMap<PoolId, Reservation> = BTreeMap::new();
+        let Some(mut cities) = self.cities.take() else {
+            let pending = pass.pending();
+            self.easy_pass(pass, &pending);
+            return;
+        };
         let topology = pass.topology();
-        for job in pass.pending() {
-            if !pass.anything_free() {
-                // Nothing can start; reservations only matter for starts.
+        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        for (job, origin, key) in cities.arrivals.drain(..) {
+            let city = topology.site(origin).city.clone();
+            cities.by_city.entry(city.clone()).or_default().insert((key, job));
+            cities.queued.insert(job, (city.clone(), key));
+            dirty.insert(city);
+        }
+        for pool in cities.ended_pools.drain(..) {
+            dirty.insert(topology.site(topology.pool(pool).site).city.clone());
+        }
+        for site in cities.sites_up.drain(..) {
+            dirty.insert(topology.site(site).city.clone());
+        }
+        for city in dirty {
+            let queue: Vec<JobId> = cities.by_city.get(&city).map_or_else(Vec::new, |q| q.iter().map(|&(_, j)| j).collect());
+            for (job, pool) in self.easy_pass(pass, &queue) {
+                cities.running_pool.insert(job, pool);
+            }
+        }
+        self.cities = Some(cities);
+    }
+}
+
+impl Easy {
+    /// One EASY pass over `queue`; returns the jobs started and where.
+    fn easy_pass(&mut self, pass: &mut Pass<'_>, queue: &[JobId]) -> Vec<(JobId, PoolId)> {
+        let mut reservations: BTreeMap<PoolId, Reservation> = BTreeMap::new();
+        let mut started = Vec::new();
+        let mut blocked = 0;
+        for &job in queue {
+            if !pass.anything_free() || blocked >= SCAN_BLOCKED_MAX {
                 break;
             }
-            let gpus = pass.spec(job).gpus;
-            if pass.fits_somewhere_now(job) {
-                let started = match first_fit(pass, self.restriction, job) {
-                    Some(pool) if !reservations.contains_key(&pool) => {
-                        pass.start(job, pool);
-                        true
-                    }
-                    // The first fit is reserved (or there is none): look for a
-                    // pool the job can backfill without delaying a reservation.
-                    _ => self.backfill(pass, job, &mut reservations),
-                };
-                if started {
-                    continue;
-                }
-            }
-            if reservations.len() >= topology.pools.len() {
+            let candidates = self
+                .candidates
+                .entry(job)
+                .or_insert_with(|| nearest_pools(pass.topology(), self.restriction, pass.spec(job)).into())
+                .clone();
+            if pass.fits_somewhere_now(job)
+                && let Some(pool) = try_start(pass, job, &candidates, &mut reservations)
+            {
+                started.push((job, pool));
                 continue;
             }
-            let spec = pass.spec(job);
-            let earliest = nearest_pools(topology, self.restriction, spec)
-                .into_iter()
+            blocked += 1;
+            let gpus = pass.spec(job).gpus;
+            let earliest = candidates
+                .iter()
                 .filter(|pool| !reservations.contains_key(pool))
-                .filter_map(|pool| pass.earliest_start(pool, gpus).map(|(at, free)| (at, pool, free)))
+                .filter_map(|&pool| pass.earliest_start(pool, gpus).map(|(at, free)| (at, pool, free)))
                 .min_by_key(|&(at, pool, _)| (at, pool));
             if let Some((shadow_s, pool, free)) = earliest {
                 reservations.insert(
@@ -100,29 +190,29 @@ impl Policy for Easy {
                 );
             }
         }
+        started
     }
 }
 
-impl Easy {
-    fn backfill(&self, pass: &mut Pass<'_>, job: crate::job::JobId, reservations: &mut BTreeMap<PoolId, Reservation>) -> bool {
-        let now_s = pass.now_s();
-        let spec = pass.spec(job);
-        let gpus = spec.gpus;
-        let remaining = pass.live(job).remaining_estimate_s();
-        let free_now: Vec<PoolId> = nearest_pools(pass.topology(), self.restriction, spec)
-            .into_iter()
-            .filter(|&pool| pass.free(pool) >= gpus && super::within_budget(pass.topology(), spec, pool, remaining))
-            .collect();
-        for pool in free_now {
-            match reservations.get_mut(&pool) {
-                None => {}
-                Some(r) if now_s + pass.estimate(job, pool).occupancy_s() <= r.shadow_s => {}
-                Some(r) if gpus <= r.extra => r.extra -= gpus,
-                Some(_) => continue,
-            }
-            pass.start(job, pool);
-            return true;
+/// Starts the job on the first candidate pool (nearest first) that has room
+/// and where starting does not delay that pool's reservation.
+fn try_start(pass: &mut Pass<'_>, job: JobId, candidates: &[PoolId], reservations: &mut BTreeMap<PoolId, Reservation>) -> Option<PoolId> {
+    let now_s = pass.now_s();
+    let spec = pass.spec(job);
+    let gpus = spec.gpus;
+    let remaining = pass.live(job).remaining_estimate_s();
+    for &pool in candidates {
+        if pass.free(pool) < gpus || !within_budget(pass.topology(), spec, pool, remaining) {
+            continue;
         }
-        false
+        match reservations.get_mut(&pool) {
+            None => {}
+            Some(r) if now_s + pass.estimate(job, pool).occupancy_s() <= r.shadow_s => {}
+            Some(r) if gpus <= r.extra => r.extra -= gpus,
+            Some(_) => continue,
+        }
+        pass.start(job, pool);
+        return Some(pool);
     }
+    None
 }

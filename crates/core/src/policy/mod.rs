@@ -66,6 +66,17 @@ pub trait Policy: Send {
 
     /// The job left the queue (started, cancelled, finished): drop any cache.
     fn forget(&mut self, _job: JobId) {}
+
+    /// A job entered the queue under `key` (submitted or requeued by the
+    /// core; not called for the policy's own preemptions).
+    fn enqueued(&mut self, _job: &JobSpec, _key: QueueKey) {}
+
+    /// A site came back up with all its accelerators free.
+    fn site_up(&mut self, _site: SiteId) {}
+
+    /// A running attempt ended for a reason outside the policy (finished,
+    /// failed, cancelled, site down). Not called for the policy's own preemptions.
+    fn attempt_ended(&mut self, _job: JobId) {}
 }
 
 pub(crate) fn view(live: &LiveJob) -> QueueView<'_> {
