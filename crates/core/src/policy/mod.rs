@@ -14,7 +14,7 @@
 //! | `fair` | organisation's held accelerators, then submit time | first fit, greedy |
 //! | `las` | attained-service queue, then queue entry | first fit; preempts lower queues |
 //! | `cheapest` | submit time | cheapest placement free now |
-//! | `network` | submit time | least owner-weighted time, cost and carbon, with predicted waits |
+//! | `network` | submit time plus estimated accelerator-time (capped) | least owner-weighted time, cost and carbon, with predicted waits |
 
 mod easy;
 mod greedy;
@@ -28,7 +28,7 @@ use crate::state::{LiveJob, QueueKey};
 use crate::topology::{PoolId, SiteId, SiteLevel, Topology};
 
 pub use las::LAS_THRESHOLDS_GPU_S;
-pub use network::NETWORK_CANDIDATES_MAX;
+pub use network::{NETWORK_AGING_CAP_S, NETWORK_CANDIDATES_MAX};
 
 /// All policy names, in the order reports list them.
 pub const NAMES: [&str; 7] = ["local", "fifo", "sjf", "fair", "las", "cheapest", "network"];
