@@ -27,6 +27,7 @@ use crate::scheduler::{Pass, Rejection};
 use crate::state::{LiveJob, QueueKey};
 use crate::topology::{PoolId, SiteId, SiteLevel, Topology};
 
+pub use easy::SCAN_BLOCKED_MAX;
 pub use las::LAS_THRESHOLDS_GPU_S;
 pub use network::{NETWORK_AGING_CAP_S, NETWORK_CANDIDATES_MAX};
 

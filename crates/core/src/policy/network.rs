@@ -20,8 +20,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Policy, QueueView, Restriction};
-use crate::estimate::{self, OBJECTIVE_UNIT, Yardstick, objective, objective_of_wait};
+use super::{Policy, QueueView, Restriction, SCAN_BLOCKED_MAX};
+use crate::estimate::{self, OBJECTIVE_UNIT, Yardstick, objective};
 use crate::job::JobId;
 use crate::scheduler::Pass;
 use crate::state::QueueKey;
@@ -54,7 +54,8 @@ struct Candidate {
 }
 
 struct JobPlan {
-    yardstick: Yardstick,
+    /// Objective added per second of wait, in 32.32 fixed point.
+    wait_q32: u128,
     candidates: Arc<[Candidate]>,
 }
 
@@ -65,10 +66,17 @@ pub struct Network {
     /// Per-pass predicted queued work per pool, in accelerator-seconds.
     queued_gpu_s: Vec<u64>,
     touched: Vec<PoolId>,
+    /// Each pool's free-accelerator curve: (estimated end of a running
+    /// attempt, accelerators free once it ends), by end; rebuilt only when
+    /// an attempt starts or ends on the pool, or its site comes back.
+    curves: Vec<Vec<(u64, u32)>>,
+    curve_valid: Vec<bool>,
+    running_pool: HashMap<JobId, PoolId>,
+    sites_up: Vec<crate::topology::SiteId>,
 }
 
 impl Network {
-    fn plan(&mut self, pass: &Pass<'_>, job: JobId) -> (Yardstick, Arc<[Candidate]>) {
+    fn plan(&mut self, pass: &Pass<'_>, job: JobId) -> (u128, Arc<[Candidate]>) {
         let plan = self.plans.entry(job).or_insert_with(|| {
             let live = pass.live(job);
             let spec = &live.spec;
@@ -91,12 +99,35 @@ impl Network {
                 .collect();
             candidates.sort_by_key(|c| (c.base, c.pool));
             candidates.truncate(NETWORK_CANDIDATES_MAX);
+            let w = spec.weights;
             JobPlan {
-                yardstick,
+                wait_q32: ((w.time as u128 * OBJECTIVE_UNIT as u128) << 32) / (yardstick.time_s as u128 * w.total().max(1) as u128),
                 candidates: candidates.into(),
             }
         });
-        (plan.yardstick, plan.candidates.clone())
+        (plan.wait_q32, plan.candidates.clone())
+    }
+
+    /// Seconds until `gpus` accelerators are free on `pool` by the estimated
+    /// ends of its running attempts; `None` if the pool is down or too small.
+    fn running_wait_s(&mut self, pass: &Pass<'_>, pool: PoolId, gpus: u32) -> Option<u64> {
+        let i = pool.0 as usize;
+        if pass.capacity(pool) < gpus {
+            return None;
+        }
+        if !self.curve_valid[i] {
+            let mut free = pass.free(pool);
+            let curve = &mut self.curves[i];
+            curve.clear();
+            curve.extend(pass.running_on(pool).map(|(end, _, g)| {
+                free += g;
+                (end, free)
+            }));
+            self.curve_valid[i] = true;
+        }
+        let curve = &self.curves[i];
+        let at = curve.partition_point(|&(_, free)| free < gpus);
+        curve.get(at).map(|&(end, _)| end.saturating_sub(pass.now_s()))
     }
 
     fn queue_wait_s(&self, pass: &Pass<'_>, pool: PoolId) -> u64 {
@@ -131,6 +162,18 @@ impl Policy for Network {
         self.plans.remove(&job);
     }
 
+    fn attempt_ended(&mut self, job: JobId) {
+        if let Some(pool) = self.running_pool.remove(&job)
+            && let Some(valid) = self.curve_valid.get_mut(pool.0 as usize)
+        {
+            *valid = false;
+        }
+    }
+
+    fn site_up(&mut self, site: crate::topology::SiteId) {
+        self.sites_up.push(site);
+    }
+
     fn schedule(&mut self, pass: &mut Pass<'_>) {
         let pools = pass.topology().pools.len();
         if self.queued_gpu_s.len() != pools {
@@ -139,12 +182,22 @@ impl Policy for Network {
         for pool in self.touched.drain(..) {
             self.queued_gpu_s[pool.0 as usize] = 0;
         }
+        if self.curves.len() != pools {
+            self.curves = vec![Vec::new(); pools];
+            self.curve_valid = vec![false; pools];
+        }
+        for site in self.sites_up.drain(..) {
+            for &pool in &pass.topology().site(site).pools {
+                self.curve_valid[pool.0 as usize] = false;
+            }
+        }
+        let mut blocked = 0;
         let now_s = pass.now_s();
         for job in pass.pending() {
-            if !pass.anything_free() {
+            if !pass.anything_free() || blocked >= SCAN_BLOCKED_MAX {
                 break;
             }
-            let (yardstick, candidates) = self.plan(pass, job);
+            let (wait_q32, candidates) = self.plan(pass, job);
             let Some(first) = candidates.first() else { continue };
             let spec = pass.spec(job);
             let gpus = spec.gpus;
@@ -154,52 +207,73 @@ impl Policy for Network {
                 // Blocked everywhere: it will wait for its best placement.
                 self.queued_gpu_s[first.pool.0 as usize] += demand;
                 self.touched.push(first.pool);
+                blocked += 1;
                 continue;
             }
-            // Best free placement and best placement overall: (objective, index, completion).
-            let mut best_free: Option<(u64, usize, u64)> = None;
-            let mut best_any: Option<(u64, usize, u64)> = None;
-            for (i, c) in candidates.iter().enumerate() {
-                if best_free.is_some() && best_any.is_some_and(|(b, _, _)| c.base >= b) {
-                    break;
-                }
-                let free_now = pass.free(c.pool) >= gpus;
-                let running_wait_s = if free_now {
-                    0
-                } else {
-                    match pass.earliest_start(c.pool, gpus) {
-                        Some((at, _)) => at - now_s,
-                        None => continue, // site down or pool too small right now
-                    }
-                };
-                let wait_s = running_wait_s + self.queue_wait_s(pass, c.pool);
-                let completion_s = wait_s + c.run_and_stage_s;
-                let mut value = c.base + objective_of_wait(spec, &yardstick, wait_s);
-                if deadline_s.is_some_and(|d| now_s + completion_s > d) {
+            let value_of = |c: &Candidate, wait_s: u64| {
+                let mut value = c.base + ((wait_s as u128 * wait_q32) >> 32) as u64;
+                if deadline_s.is_some_and(|d| now_s + wait_s + c.run_and_stage_s > d) {
                     value += DEADLINE_MISS_PENALTY;
                 }
-                if free_now && best_free.is_none_or(|(b, _, _)| value < b) {
-                    best_free = Some((value, i, completion_s));
+                value
+            };
+            // The best pool free now: candidates are sorted by their
+            // objective without wait, so stop once none can do better.
+            let mut best_free: Option<(u64, usize)> = None;
+            for (i, c) in candidates.iter().enumerate() {
+                if best_free.is_some_and(|(b, _)| c.base >= b) {
+                    break;
                 }
-                if best_any.is_none_or(|(b, _, _)| value < b) {
-                    best_any = Some((value, i, completion_s));
+                if pass.free(c.pool) >= gpus {
+                    let value = value_of(c, self.queue_wait_s(pass, c.pool));
+                    if best_free.is_none_or(|(b, _)| value < b) {
+                        best_free = Some((value, i));
+                    }
                 }
             }
-            // Waiting for a busy pool is worth it only if it also finishes
-            // much sooner: waiting merely to save money, or for a small gain
-            // that rests on estimates, leaves accelerators idle while a
-            // queue builds, which costs everyone time.
-            let choice = match (best_free, best_any) {
-                (Some(free), Some(any)) if any.1 != free.1 && any.0 < free.0 && any.2 * WAIT_SPEEDUP_MIN < free.2 => (any.1, false),
-                (Some(free), _) => (free.1, true),
-                (None, Some(any)) => (any.1, false),
-                (None, None) => continue,
+            // A busy pool that is better still, and would finish the job at
+            // least twice as soon. Waiting merely to save money, or for a
+            // small gain that rests on estimates, leaves accelerators idle
+            // while a queue builds, which costs everyone time.
+            let free_completion_s = best_free.map(|(_, i)| candidates[i].run_and_stage_s + self.queue_wait_s(pass, candidates[i].pool));
+            let mut best_busy: Option<(u64, usize)> = None;
+            for (i, c) in candidates.iter().enumerate() {
+                let bound = best_busy.or(best_free).map(|(b, _)| b);
+                if bound.is_some_and(|b| c.base >= b) {
+                    break;
+                }
+                if pass.free(c.pool) >= gpus || free_completion_s.is_some_and(|f| c.run_and_stage_s * WAIT_SPEEDUP_MIN >= f) {
+                    continue;
+                }
+                let Some(running_wait_s) = self.running_wait_s(pass, c.pool, gpus) else {
+                    continue; // site down or pool too small right now
+                };
+                let wait_s = running_wait_s + self.queue_wait_s(pass, c.pool);
+                if free_completion_s.is_some_and(|f| (wait_s + c.run_and_stage_s) * WAIT_SPEEDUP_MIN >= f) {
+                    continue;
+                }
+                let value = value_of(c, wait_s);
+                if bound.is_none_or(|b| value < b) {
+                    best_busy = Some((value, i));
+                }
+            }
+            let choice = match (best_busy, best_free) {
+                (Some((_, i)), _) => (i, false),
+                (None, Some((_, i))) => (i, true),
+                (None, None) => {
+                    blocked += 1;
+                    continue;
+                }
             };
             match choice {
                 (i, true) => {
-                    pass.start(job, candidates[i].pool);
+                    let pool = candidates[i].pool;
+                    pass.start(job, pool);
+                    self.running_pool.insert(job, pool);
+                    self.curve_valid[pool.0 as usize] = false;
                 }
                 (i, false) => {
+                    blocked += 1;
                     let c = candidates[i];
                     self.queued_gpu_s[c.pool.0 as usize] += gpus as u64 * c.occupancy_s;
                     self.touched.push(c.pool);

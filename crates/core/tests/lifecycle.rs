@@ -1,0 +1,136 @@
+//! Attempts, fencing of stale reports, retries, cancels and site outages.
+
+use suanwang_core::JobId;
+use suanwang_core::scheduler::{CoreError, Decision, Event, Rejection, RequeueReason, StopReason};
+
+use crate::support::{job, scheduler, site_of, starts, three_sites};
+
+#[test]
+fn a_stale_report_from_an_old_attempt_is_ignored() {
+    let t = three_sites();
+    let mut s = scheduler(&t, "fifo");
+    s.handle(0, Event::Submit(job(&t, 1, 4, 1000, &["A100"]))).unwrap();
+    let decisions = s.handle(10, Event::Failed { job: JobId(1), attempt: 1 }).unwrap();
+    assert_eq!(
+        decisions[0],
+        Decision::Requeue {
+            job: JobId(1),
+            attempt: 1,
+            reason: RequeueReason::Failed
+        }
+    );
+    assert_eq!(starts(&decisions)[0].attempt, 2);
+    // Attempt 1 reports success late: it does not count.
+    assert!(s.handle(20, Event::Finished { job: JobId(1), attempt: 1 }).unwrap().is_empty());
+    assert_eq!(s.counters().stale_reports, 1);
+    assert_eq!(s.running_attempt(JobId(1)).map(|(a, _)| a), Some(2));
+    s.handle(30, Event::Finished { job: JobId(1), attempt: 2 }).unwrap();
+    assert_eq!(s.running_count(), 0);
+}
+
+#[test]
+fn a_job_that_keeps_failing_is_given_up() {
+    let t = three_sites();
+    let mut s = scheduler(&t, "fifo").with_max_attempts(2);
+    s.handle(0, Event::Submit(job(&t, 1, 4, 1000, &["A100"]))).unwrap();
+    s.handle(1, Event::Failed { job: JobId(1), attempt: 1 }).unwrap();
+    let decisions = s.handle(2, Event::Failed { job: JobId(1), attempt: 2 }).unwrap();
+    assert_eq!(decisions, vec![Decision::GiveUp { job: JobId(1), attempts: 2 }]);
+    assert_eq!(s.running_count() + s.pending_count(), 0);
+}
+
+#[test]
+fn cancel_stops_a_running_job_and_drops_a_pending_one() {
+    let t = three_sites();
+    let mut s = scheduler(&t, "local");
+    s.handle(0, Event::Submit(job(&t, 1, 8, 1000, &["A100"]))).unwrap();
+    s.handle(1, Event::Submit(job(&t, 2, 8, 1000, &["A100"]))).unwrap();
+    assert!(s.handle(2, Event::Cancel { job: JobId(2) }).unwrap().is_empty());
+    let decisions = s.handle(3, Event::Cancel { job: JobId(1) }).unwrap();
+    assert_eq!(
+        decisions,
+        vec![Decision::Stop {
+            job: JobId(1),
+            attempt: 1,
+            reason: StopReason::Cancelled
+        }]
+    );
+    assert_eq!(s.running_count() + s.pending_count(), 0);
+    assert_eq!(s.free(t.site(t.site_id("jinan").unwrap()).pools[0]), 8);
+}
+
+#[test]
+fn a_site_outage_requeues_its_jobs_elsewhere_and_recovery_restores_it() {
+    let t = three_sites();
+    let jinan = t.site_id("jinan").unwrap();
+    let mut s = scheduler(&t, "fifo");
+    s.handle(0, Event::Submit(job(&t, 1, 4, 1000, &["A100"]))).unwrap();
+    let decisions = s.handle(5, Event::SiteDown(jinan)).unwrap();
+    assert_eq!(
+        decisions[0],
+        Decision::Requeue {
+            job: JobId(1),
+            attempt: 1,
+            reason: RequeueReason::SiteDown
+        }
+    );
+    let restarted = starts(&decisions);
+    assert_eq!((restarted[0].attempt, site_of(&t, &restarted[0])), (2, "hub".to_string()));
+    assert!(!s.site_up(jinan));
+    s.handle(6, Event::SiteUp(jinan)).unwrap();
+    let next = starts(&s.handle(7, Event::Submit(job(&t, 2, 4, 1000, &["A100"]))).unwrap());
+    assert_eq!(site_of(&t, &next[0]), "jinan");
+}
+
+#[test]
+fn jobs_that_can_never_run_are_rejected_with_the_reason() {
+    let t = three_sites();
+    let mut s = scheduler(&t, "network");
+    let decisions = s.handle(0, Event::Submit(job(&t, 1, 33, 1000, &["A100"]))).unwrap();
+    assert_eq!(
+        decisions,
+        vec![Decision::Reject {
+            job: JobId(1),
+            reason: Rejection::CannotFitAnywhere { gpus: 33, largest: 32 }
+        }]
+    );
+    let mut poor = job(&t, 2, 4, 3600, &["A100"]);
+    poor.budget_fen = Some(100);
+    let decisions = s.handle(0, Event::Submit(poor)).unwrap();
+    assert_eq!(
+        decisions,
+        vec![Decision::Reject {
+            job: JobId(2),
+            reason: Rejection::OverBudget {
+                cheapest_fen: 2000,
+                budget_fen: 100
+            }
+        }]
+    );
+    // local cannot use the hub: 16 A100s never fit in Jinan.
+    let mut local = scheduler(&t, "local");
+    let decisions = local.handle(0, Event::Submit(job(&t, 3, 16, 1000, &["A100"]))).unwrap();
+    assert!(matches!(decisions[0], Decision::Reject { reason: Rejection::CannotFitAnywhere { gpus: 16, largest: 8 }, .. }));
+}
+
+#[test]
+fn bad_events_are_refused_with_a_typed_error() {
+    let t = three_sites();
+    let mut s = scheduler(&t, "fifo");
+    s.handle(10, Event::Tick).unwrap();
+    assert_eq!(s.handle(5, Event::Tick), Err(CoreError::TimeWentBackwards { now_s: 5, last_s: 10 }));
+    s.handle(10, Event::Submit(job(&t, 1, 1, 100, &["A100"]))).unwrap();
+    assert_eq!(s.handle(10, Event::Submit(job(&t, 1, 1, 100, &["A100"]))), Err(CoreError::DuplicateJob(1)));
+    let mut no_types = job(&t, 2, 1, 100, &[]);
+    no_types.accepted.clear();
+    let err = s.handle(10, Event::Submit(no_types)).unwrap_err();
+    assert_eq!(err.to_string(), "job 2: accepted: must name at least one accelerator type");
+    let err = s.handle(10, Event::Submit(job(&t, 3, 0, 100, &["A100"]))).unwrap_err();
+    assert_eq!(err.to_string(), "job 3: gpus: must be between 1 and 100000, got 0");
+    let err = s.handle(10, Event::Submit(job(&t, 4, 1, 0, &["A100"]))).unwrap_err();
+    assert!(err.to_string().starts_with("job 4: estimate_s: must be between 1 and"));
+    assert_eq!(s.handle(10, Event::SiteDown(suanwang_core::topology::SiteId(99))), Err(CoreError::UnknownSite(99)));
+    // Refusals change nothing.
+    s.check_invariants().unwrap();
+    assert_eq!(s.running_count(), 1);
+}
