@@ -22,7 +22,8 @@
 //!   Ascend (25%), Ascend only (10%), anything (20%). If the home city has
 //!   no pool of an accepted type big enough for the gang, the type of its
 //!   largest pool is added (the job was ported to what its home has). A
-//!   trace's own GPU type, when it names a catalogue type, replaces the profile.
+//!   trace's own GPU type, when it names catalogue types (openb writes
+//!   alternatives as `V100M16|V100M32`), replaces the profile.
 //! - **Datasets.** Each organisation owns four datasets of 1 GB to 2 TB
 //!   (log-uniform), 70% kept at its home site and 30% on a provincial site
 //!   (the regional data-sharing platform). A job reads one of its
@@ -232,12 +233,16 @@ impl Mapper {
             .find(|o| self.largest_local(o.home, None).is_some_and(|(count, _)| count >= job.gpus))
             .unwrap_or(&self.orgs[drawn]);
 
-        let mut accepted = job
+        let mut accepted: Vec<AccelId> = job
             .gpu_type
             .as_deref()
-            .and_then(|t| self.catalogue_type(t))
-            .map(|a| vec![a])
-            .unwrap_or_else(|| org.accepted.clone());
+            .map(|types| types.split('|').filter_map(|t| self.catalogue_type(t)).collect())
+            .unwrap_or_default();
+        accepted.sort();
+        accepted.dedup();
+        if accepted.is_empty() {
+            accepted = org.accepted.clone();
+        }
         let local_fits = self.largest_local(org.home, Some(&accepted)).is_some_and(|(c, _)| c >= job.gpus);
         if !local_fits
             && let Some((count, accel)) = self.largest_local(org.home, None)

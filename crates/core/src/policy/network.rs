@@ -73,6 +73,13 @@ pub struct Network {
     curve_valid: Vec<bool>,
     running_pool: HashMap<JobId, PoolId>,
     sites_up: Vec<crate::topology::SiteId>,
+    /// Pass counter, and the pass before which each pool last gained free
+    /// accelerators: a job that could not start stays blocked until one of
+    /// its candidate pools gains some, so it need not be evaluated again.
+    pass_number: u64,
+    freed_before: Vec<u64>,
+    /// Jobs that could not start: (pass, pool waited for, accelerator-seconds).
+    blocked: HashMap<JobId, (u64, PoolId, u64)>,
 }
 
 impl Network {
@@ -97,8 +104,11 @@ impl Network {
                     run_and_stage_s: e.completion_s(),
                 })
                 .collect();
-            candidates.sort_by_key(|c| (c.base, c.pool));
-            candidates.truncate(NETWORK_CANDIDATES_MAX);
+            if candidates.len() > NETWORK_CANDIDATES_MAX {
+                candidates.select_nth_unstable_by_key(NETWORK_CANDIDATES_MAX, |c| (c.base, c.pool));
+                candidates.truncate(NETWORK_CANDIDATES_MAX);
+            }
+            candidates.sort_unstable_by_key(|c| (c.base, c.pool));
             let w = spec.weights;
             JobPlan {
                 wait_q32: ((w.time as u128 * OBJECTIVE_UNIT as u128) << 32) / (yardstick.time_s as u128 * w.total().max(1) as u128),
@@ -160,6 +170,7 @@ impl Policy for Network {
 
     fn forget(&mut self, job: JobId) {
         self.plans.remove(&job);
+        self.blocked.remove(&job);
     }
 
     fn attempt_ended(&mut self, job: JobId) {
@@ -167,6 +178,7 @@ impl Policy for Network {
             && let Some(valid) = self.curve_valid.get_mut(pool.0 as usize)
         {
             *valid = false;
+            self.freed_before[pool.0 as usize] = self.pass_number + 1;
         }
     }
 
@@ -186,9 +198,14 @@ impl Policy for Network {
             self.curves = vec![Vec::new(); pools];
             self.curve_valid = vec![false; pools];
         }
+        if self.freed_before.len() != pools {
+            self.freed_before = vec![0; pools];
+        }
+        self.pass_number += 1;
         for site in self.sites_up.drain(..) {
             for &pool in &pass.topology().site(site).pools {
                 self.curve_valid[pool.0 as usize] = false;
+                self.freed_before[pool.0 as usize] = self.pass_number;
             }
         }
         let mut blocked = 0;
@@ -199,6 +216,15 @@ impl Policy for Network {
             }
             let (wait_q32, candidates) = self.plan(pass, job);
             let Some(first) = candidates.first() else { continue };
+            if let Some(&(since, pool, demand)) = self.blocked.get(&job)
+                && candidates.iter().all(|c| self.freed_before[c.pool.0 as usize] <= since)
+            {
+                // Nothing it could use has freed up: still blocked, still waiting.
+                self.queued_gpu_s[pool.0 as usize] += demand;
+                self.touched.push(pool);
+                blocked += 1;
+                continue;
+            }
             let spec = pass.spec(job);
             let gpus = spec.gpus;
             let deadline_s = spec.deadline_s;
@@ -207,6 +233,7 @@ impl Policy for Network {
                 // Blocked everywhere: it will wait for its best placement.
                 self.queued_gpu_s[first.pool.0 as usize] += demand;
                 self.touched.push(first.pool);
+                self.blocked.insert(job, (self.pass_number, first.pool, demand));
                 blocked += 1;
                 continue;
             }
@@ -261,6 +288,7 @@ impl Policy for Network {
                 (Some((_, i)), _) => (i, false),
                 (None, Some((_, i))) => (i, true),
                 (None, None) => {
+                    self.blocked.insert(job, (self.pass_number, first.pool, demand));
                     blocked += 1;
                     continue;
                 }
@@ -275,8 +303,10 @@ impl Policy for Network {
                 (i, false) => {
                     blocked += 1;
                     let c = candidates[i];
-                    self.queued_gpu_s[c.pool.0 as usize] += gpus as u64 * c.occupancy_s;
+                    let demand = gpus as u64 * c.occupancy_s;
+                    self.queued_gpu_s[c.pool.0 as usize] += demand;
                     self.touched.push(c.pool);
+                    self.blocked.insert(job, (self.pass_number, c.pool, demand));
                 }
             }
         }
