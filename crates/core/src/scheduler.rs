@@ -476,6 +476,7 @@ impl Scheduler {
         let fail = |what: String| Err(InvariantViolation(what));
         let topology = &self.topology;
         let mut held = vec![0u64; topology.pools.len()];
+        let mut running_per_pool = vec![0usize; topology.pools.len()];
         let mut org_held = std::collections::BTreeMap::new();
         let mut pending_seen = 0usize;
         for (&id, job) in &self.state.jobs {
@@ -504,6 +505,7 @@ impl Scheduler {
                         return fail(format!("job {id:?} runs on a site that is down"));
                     }
                     held[run.pool.0 as usize] += job.spec.gpus as u64;
+                    running_per_pool[run.pool.0 as usize] += 1;
                     *org_held.entry(job.spec.org).or_insert(0u64) += job.spec.gpus as u64;
                 }
             }
@@ -539,9 +541,8 @@ impl Scheduler {
                     pool.free, held[i], pool.capacity
                 ));
             }
-            let running_here = self.state.jobs.values().filter(|j| j.run.is_some_and(|r| r.pool.0 as usize == i)).count();
-            if running_here != pool.running.len() {
-                return fail(format!("pool {i} lists {} running, {} run there", pool.running.len(), running_here));
+            if running_per_pool[i] != pool.running.len() {
+                return fail(format!("pool {i} lists {} running, {} run there", pool.running.len(), running_per_pool[i]));
             }
         }
         for (accel, &max) in self.state.max_free.iter().enumerate() {
