@@ -66,14 +66,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     match args.command {
         BenchCommand::Itp { dir, policy, load, seed } => itp(&dir, &policy, load, seed),
-        BenchCommand::Scale {
-            trace,
-            jobs,
-            sites,
-            policy,
-            load,
-            seed,
-        } => scale(&trace, jobs, sites, &policy, load, seed),
+        BenchCommand::Scale { trace, jobs, sites, policy, load, seed } => {
+            scale(&trace, jobs, sites, &policy, load, seed)
+        }
     }
 }
 
@@ -88,10 +83,7 @@ fn itp(dir: &Path, policy: &str, load: f64, seed: u64) -> anyhow::Result<()> {
     if files.is_empty() {
         bail!("--dir {}: no .csv trace files", dir.display());
     }
-    let options = RunOptions {
-        check_invariants: false,
-        keep_series: false,
-    };
+    let options = RunOptions { check_invariants: false, keep_series: false };
     let mut wall_rows = Vec::new();
     let mut verdicts = Vec::new();
     for file in &files {
@@ -99,11 +91,22 @@ fn itp(dir: &Path, policy: &str, load: f64, seed: u64) -> anyhow::Result<()> {
         let prepared = prepare(&file.to_string_lossy(), Some(&Format::Itp), "shandong", seed, Some(load))?;
         let results = run_policies(&prepared, &policies, &options)?;
         let summaries: Vec<PolicySummary> = results.into_iter().map(|r| r.summary).collect();
-        println!("== {name}: {} jobs, {} accelerators after scaling (scale {:.4}, time compression {:.3})", prepared.header.jobs, prepared.header.accelerators, prepared.header.capacity_scale, prepared.header.time_compression);
+        println!(
+            "== {name}: {} jobs, {} accelerators after scaling (scale {:.4}, time compression {:.3})",
+            prepared.header.jobs,
+            prepared.header.accelerators,
+            prepared.header.capacity_scale,
+            prepared.header.time_compression
+        );
         print!("{}", table::results(&summaries));
         println!();
         for s in &summaries {
-            wall_rows.push(vec![name.clone(), s.policy.clone(), prepared.header.jobs.to_string(), s.wall_ms.to_string()]);
+            wall_rows.push(vec![
+                name.clone(),
+                s.policy.clone(),
+                prepared.header.jobs.to_string(),
+                s.wall_ms.to_string(),
+            ]);
         }
         verdicts.push(vec![name.clone(), verdict(&summaries)]);
     }
@@ -124,12 +127,19 @@ fn verdict(summaries: &[PolicySummary]) -> String {
     for baseline in ["local", "fifo", "cheapest"] {
         if let Some(b) = summaries.iter().find(|s| s.policy == baseline) {
             let beats = network.mean_jct_s < b.mean_jct_s;
-            notes.push(format!("{} {baseline} ({:.0} vs {:.0})", if beats { "beats" } else { "LOSES TO" }, network.mean_jct_s, b.mean_jct_s));
+            notes.push(format!(
+                "{} {baseline} ({:.0} vs {:.0})",
+                if beats { "beats" } else { "LOSES TO" },
+                network.mean_jct_s,
+                b.mean_jct_s
+            ));
         }
     }
     let dominators: Vec<&str> = summaries
         .iter()
-        .filter(|s| s.policy != "network" && s.mean_jct_s < network.mean_jct_s && s.total_cost_fen() < network.total_cost_fen())
+        .filter(|s| {
+            s.policy != "network" && s.mean_jct_s < network.mean_jct_s && s.total_cost_fen() < network.total_cost_fen()
+        })
         .map(|s| s.policy.as_str())
         .collect();
     if dominators.is_empty() {
@@ -179,15 +189,19 @@ fn scale(trace: &str, jobs: usize, sites: usize, policy: &str, load: f64, seed: 
         started.elapsed().as_millis()
     );
     let prepared = Prepared { scaled, mapper, header };
-    let options = RunOptions {
-        check_invariants: false,
-        keep_series: false,
-    };
+    let options = RunOptions { check_invariants: false, keep_series: false };
     let mut rows = Vec::new();
     for name in &policies {
         let bar = progress_bar(prepared.header.jobs as u64);
         bar.set_message(name.clone());
-        let result = suanwang_sim::run(&prepared.scaled.topology, &prepared.scaled.workload, &prepared.mapper, name, &options, &mut |d| bar.set_position(d))?;
+        let result = suanwang_sim::run(
+            &prepared.scaled.topology,
+            &prepared.scaled.workload,
+            &prepared.mapper,
+            name,
+            &options,
+            &mut |d| bar.set_position(d),
+        )?;
         bar.finish_and_clear();
         let s = &result.summary;
         let seconds = s.wall_ms as f64 / 1000.0;

@@ -101,7 +101,13 @@ pub struct Prepared {
     pub header: ReportHeader,
 }
 
-pub fn prepare(trace: &str, format: Option<&Format>, topology: &str, seed: u64, load: Option<f64>) -> anyhow::Result<Prepared> {
+pub fn prepare(
+    trace: &str,
+    format: Option<&Format>,
+    topology: &str,
+    seed: u64,
+    load: Option<f64>,
+) -> anyhow::Result<Prepared> {
     let workload = suanwang_sim::read_trace(trace, format)?;
     let spec = suanwang_topology::load_spec(topology)?;
     // Validate the unscaled network first so errors name the user's file.
@@ -134,7 +140,11 @@ pub fn progress_bar(total: u64) -> ProgressBar {
     bar
 }
 
-pub fn run_policies(prepared: &Prepared, policies: &[String], options: &RunOptions) -> anyhow::Result<Vec<PolicyResult>> {
+pub fn run_policies(
+    prepared: &Prepared,
+    policies: &[String],
+    options: &RunOptions,
+) -> anyhow::Result<Vec<PolicyResult>> {
     let jobs = prepared.scaled.workload.jobs.len() as u64;
     let bar = progress_bar(jobs * policies.len() as u64);
     let mut results = Vec::new();
@@ -165,10 +175,8 @@ pub fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     let policies = parse_policies(&args.policy)?;
     let load = (!args.native_capacity).then_some(args.load);
     let prepared = prepare(&args.trace, format.as_ref(), &args.topology, args.seed, load)?;
-    let options = RunOptions {
-        check_invariants: args.check || cfg!(debug_assertions),
-        keep_series: args.report.is_some(),
-    };
+    let options =
+        RunOptions { check_invariants: args.check || cfg!(debug_assertions), keep_series: args.report.is_some() };
     let results = run_policies(&prepared, &policies, &options)?;
     let h = &prepared.header;
     let output = SimulationOutput {

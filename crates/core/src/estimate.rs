@@ -60,9 +60,7 @@ impl Estimate {
 
 /// Seconds to do `reference_s` of reference-speed work at `speed_milli`, rounded up.
 pub fn run_time_s(reference_s: u64, speed_milli: u32) -> u64 {
-    (reference_s as u128 * SPEED_MILLI_REFERENCE as u128)
-        .div_ceil(speed_milli.max(1) as u128)
-        .max(1) as u64
+    (reference_s as u128 * SPEED_MILLI_REFERENCE as u128).div_ceil(speed_milli.max(1) as u128).max(1) as u64
 }
 
 /// Fen for `gpus` accelerators held `seconds` at `price_fen_per_hour`, rounded up.
@@ -159,9 +157,7 @@ pub fn objective(job: &JobSpec, yardstick: &Yardstick, e: &Estimate) -> u64 {
 /// How much `wait_s` of queueing adds to the objective of any estimate of this job.
 pub fn objective_of_wait(job: &JobSpec, yardstick: &Yardstick, wait_s: u64) -> u64 {
     let w = job.weights;
-    (w.time as u128 * wait_s as u128 * OBJECTIVE_UNIT as u128
-        / yardstick.time_s as u128
-        / w.total().max(1) as u128)
+    (w.time as u128 * wait_s as u128 * OBJECTIVE_UNIT as u128 / yardstick.time_s as u128 / w.total().max(1) as u128)
         .min(u64::MAX as u128) as u64
 }
 

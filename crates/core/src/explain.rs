@@ -23,10 +23,18 @@ use crate::topology::{SiteId, Topology};
 pub enum Filter {
     SiteDown,
     /// The policy only lets the job use its origin city's own sites.
-    NotLocal { origin_city: String },
+    NotLocal {
+        origin_city: String,
+    },
     NoAcceptedType,
-    GangTooLarge { gpus: u32, largest_pool: u32 },
-    OverBudget { cost_fen: i64, budget_fen: i64 },
+    GangTooLarge {
+        gpus: u32,
+        largest_pool: u32,
+    },
+    OverBudget {
+        cost_fen: i64,
+        budget_fen: i64,
+    },
 }
 
 impl std::fmt::Display for Filter {
@@ -108,11 +116,7 @@ pub(crate) fn explain(
         let site_id = SiteId(i as u32);
         match site_verdict(topology, state, restriction, now_s, job, reference_s, &yardstick, site_id) {
             Ok(s) => scored.push((site.key.clone(), site_id, s)),
-            Err(f) => filtered.push(SiteVerdict {
-                site: site.key.clone(),
-                site_id,
-                verdict: Verdict::Filtered(f),
-            }),
+            Err(f) => filtered.push(SiteVerdict { site: site.key.clone(), site_id, verdict: Verdict::Filtered(f) }),
         }
     }
     scored.sort_by_key(|(_, id, s)| (s.objective, *id));
@@ -121,20 +125,11 @@ pub(crate) fn explain(
         .into_iter()
         .map(|(site, site_id, mut s)| {
             s.score = (best.unwrap_or(1) as u128 * 100 / s.objective.max(1) as u128).min(100) as u8;
-            SiteVerdict {
-                site,
-                site_id,
-                verdict: Verdict::Scored(s),
-            }
+            SiteVerdict { site, site_id, verdict: Verdict::Scored(s) }
         })
         .collect();
     sites.extend(filtered);
-    Explanation {
-        job: job.id,
-        policy: policy.name().to_string(),
-        yardstick,
-        sites,
-    }
+    Explanation { job: job.id, policy: policy.name().to_string(), yardstick, sites }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -153,9 +148,7 @@ fn site_verdict(
         return Err(Filter::SiteDown);
     }
     if !site_allowed(topology, restriction, job, site_id) {
-        return Err(Filter::NotLocal {
-            origin_city: topology.site(job.origin).city.clone(),
-        });
+        return Err(Filter::NotLocal { origin_city: topology.site(job.origin).city.clone() });
     }
     let typed: Vec<_> = site.pools.iter().copied().filter(|&p| job.accepts(topology.pool(p).accel)).collect();
     if typed.is_empty() {
@@ -163,10 +156,7 @@ fn site_verdict(
     }
     let largest_pool = typed.iter().map(|&p| topology.pool(p).count).max().unwrap_or(0);
     if largest_pool < job.gpus {
-        return Err(Filter::GangTooLarge {
-            gpus: job.gpus,
-            largest_pool,
-        });
+        return Err(Filter::GangTooLarge { gpus: job.gpus, largest_pool });
     }
     let mut cheapest_over_budget = i64::MAX;
     let mut best: Option<Scored> = None;
@@ -195,8 +185,5 @@ fn site_verdict(
             });
         }
     }
-    best.ok_or(Filter::OverBudget {
-        cost_fen: cheapest_over_budget,
-        budget_fen: job.budget_fen.unwrap_or(0),
-    })
+    best.ok_or(Filter::OverBudget { cost_fen: cheapest_over_budget, budget_fen: job.budget_fen.unwrap_or(0) })
 }

@@ -50,11 +50,7 @@ pub struct Weights {
 }
 
 impl Weights {
-    pub const BALANCED: Weights = Weights {
-        time: 50,
-        cost: 40,
-        carbon: 10,
-    };
+    pub const BALANCED: Weights = Weights { time: 50, cost: 40, carbon: 10 };
 
     pub fn total(&self) -> u64 {
         self.time as u64 + self.cost as u64 + self.carbon as u64
@@ -122,13 +118,7 @@ impl JobSpec {
     /// Checks the description against the topology: every field that could
     /// make arithmetic overflow or refer to nothing is refused here.
     pub fn validate(&self, topology: &Topology) -> Result<(), InvalidJob> {
-        let fail = |field: &'static str, problem: String| {
-            Err(InvalidJob {
-                job: self.id.0,
-                field,
-                problem,
-            })
-        };
+        let fail = |field: &'static str, problem: String| Err(InvalidJob { job: self.id.0, field, problem });
         if self.gpus == 0 || self.gpus > MAX_GANG {
             return fail("gpus", format!("must be between 1 and {MAX_GANG}, got {}", self.gpus));
         }

@@ -27,11 +27,19 @@ use crate::topology::{AccelId, PoolId, SiteId, Topology};
 pub enum Event {
     Submit(JobSpec),
     /// The attempt ran to completion.
-    Finished { job: JobId, attempt: u32 },
+    Finished {
+        job: JobId,
+        attempt: u32,
+    },
     /// The attempt failed (non-zero exit, backend error, lost lease).
-    Failed { job: JobId, attempt: u32 },
+    Failed {
+        job: JobId,
+        attempt: u32,
+    },
     /// The owner withdraws the job, pending or running.
-    Cancel { job: JobId },
+    Cancel {
+        job: JobId,
+    },
     SiteDown(SiteId),
     SiteUp(SiteId),
     /// Time passes; due timers fire.
@@ -70,7 +78,9 @@ pub enum RequeueReason {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
 #[serde(rename_all = "snake_case", tag = "reason")]
 pub enum Rejection {
-    #[error("cannot fit anywhere: wants {gpus} accelerators of an accepted type, the largest allowed pool has {largest}")]
+    #[error(
+        "cannot fit anywhere: wants {gpus} accelerators of an accepted type, the largest allowed pool has {largest}"
+    )]
     CannotFitAnywhere { gpus: u32, largest: u32 },
     #[error("over budget everywhere: cheapest allowed placement costs {cheapest_fen} fen, budget is {budget_fen} fen")]
     OverBudget { cheapest_fen: i64, budget_fen: i64 },
@@ -98,7 +108,10 @@ pub enum Decision {
         reason: Rejection,
     },
     /// The job failed `attempts` times and will not be retried.
-    GiveUp { job: JobId, attempts: u32 },
+    GiveUp {
+        job: JobId,
+        attempts: u32,
+    },
 }
 
 /// Operating errors of the core: the driver sent something impossible.
@@ -224,10 +237,7 @@ impl Scheduler {
 
     fn advance(&mut self, now_s: u64) -> Result<(), CoreError> {
         if now_s < self.now_s {
-            return Err(CoreError::TimeWentBackwards {
-                now_s,
-                last_s: self.now_s,
-            });
+            return Err(CoreError::TimeWentBackwards { now_s, last_s: self.now_s });
         }
         self.now_s = now_s;
         Ok(())
@@ -257,11 +267,7 @@ impl Scheduler {
                         out.push(Decision::GiveUp { job, attempts });
                     } else {
                         self.requeue(job);
-                        out.push(Decision::Requeue {
-                            job,
-                            attempt,
-                            reason: RequeueReason::Failed,
-                        });
+                        out.push(Decision::Requeue { job, attempt, reason: RequeueReason::Failed });
                     }
                 } else {
                     self.counters.stale_reports += 1;
@@ -271,11 +277,7 @@ impl Scheduler {
                 if let Some(live) = self.state.jobs.get(&job) {
                     if let Some(run) = live.run {
                         self.release(job);
-                        out.push(Decision::Stop {
-                            job,
-                            attempt: run.attempt,
-                            reason: StopReason::Cancelled,
-                        });
+                        out.push(Decision::Stop { job, attempt: run.attempt, reason: StopReason::Cancelled });
                     } else {
                         let key = live.key;
                         self.state.pending.remove(&(key, job));
@@ -426,11 +428,7 @@ impl Scheduler {
             for job in running {
                 let run = self.end_attempt(job);
                 self.requeue(job);
-                out.push(Decision::Requeue {
-                    job,
-                    attempt: run.attempt,
-                    reason: RequeueReason::SiteDown,
-                });
+                out.push(Decision::Requeue { job, attempt: run.attempt, reason: RequeueReason::SiteDown });
             }
             let state = &mut self.state.pools[pool.0 as usize];
             state.capacity = 0;
@@ -536,13 +534,14 @@ impl Scheduler {
             }
             // No accelerator allocated twice and no pool over capacity.
             if pool.free as u64 + held[i] != pool.capacity as u64 {
-                return fail(format!(
-                    "pool {i}: {} free + {} held != capacity {}",
-                    pool.free, held[i], pool.capacity
-                ));
+                return fail(format!("pool {i}: {} free + {} held != capacity {}", pool.free, held[i], pool.capacity));
             }
             if running_per_pool[i] != pool.running.len() {
-                return fail(format!("pool {i} lists {} running, {} run there", pool.running.len(), running_per_pool[i]));
+                return fail(format!(
+                    "pool {i} lists {} running, {} run there",
+                    pool.running.len(),
+                    running_per_pool[i]
+                ));
             }
         }
         for (accel, &max) in self.state.max_free.iter().enumerate() {
@@ -643,10 +642,7 @@ impl<'a> Pass<'a> {
 
     /// Running attempts on a pool, earliest estimated end first: (est end, job, gpus).
     pub fn running_on(&self, pool: PoolId) -> impl Iterator<Item = (u64, JobId, u32)> + '_ {
-        self.state.pools[pool.0 as usize]
-            .running
-            .iter()
-            .map(|&(end, id)| (end, id, self.state.jobs[&id].spec.gpus))
+        self.state.pools[pool.0 as usize].running.iter().map(|&(end, id)| (end, id, self.state.jobs[&id].spec.gpus))
     }
 
     /// Estimated earliest time `gpus` accelerators are free on `pool`,
@@ -700,12 +696,7 @@ impl<'a> Pass<'a> {
         *self.state.org_running_gpus.entry(org).or_insert(0) += gpus as u64;
         self.state.refresh_max_free(topology, pool_spec.accel);
         self.left_pending.push(job);
-        self.out.push(Decision::Start(Start {
-            job,
-            attempt: run.attempt,
-            estimate,
-            reference_s,
-        }));
+        self.out.push(Decision::Start(Start { job, attempt: run.attempt, estimate, reference_s }));
         estimate
     }
 
@@ -717,11 +708,7 @@ impl<'a> Pass<'a> {
         let live = self.state.jobs.get_mut(&job).expect("preempt of unknown job");
         credit_work(live, &run, now_s);
         self.state.enqueue(job, key, now_s);
-        self.out.push(Decision::Stop {
-            job,
-            attempt: run.attempt,
-            reason: StopReason::Preempted,
-        });
+        self.out.push(Decision::Stop { job, attempt: run.attempt, reason: StopReason::Preempted });
     }
 
     /// Asks for a tick at `at_s` on behalf of a running job (e.g. when it

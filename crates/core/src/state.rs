@@ -53,11 +53,7 @@ impl LiveJob {
 
     /// True remaining work, for the oracle policy; the estimate when unknown.
     pub fn remaining_oracle_s(&self) -> u64 {
-        self.spec
-            .oracle_s
-            .unwrap_or(self.spec.estimate_s)
-            .saturating_sub(self.done_ref_s)
-            .max(1)
+        self.spec.oracle_s.unwrap_or(self.spec.estimate_s).saturating_sub(self.done_ref_s).max(1)
     }
 
     /// GPU-seconds attained so far, counting the running attempt up to `now_s`.
@@ -101,11 +97,7 @@ impl State {
         let pools = topology
             .pools
             .iter()
-            .map(|p| PoolState {
-                capacity: p.count,
-                free: p.count,
-                running: BTreeSet::new(),
-            })
+            .map(|p| PoolState { capacity: p.count, free: p.count, running: BTreeSet::new() })
             .collect();
         let mut state = State {
             jobs: BTreeMap::new(),

@@ -45,13 +45,8 @@ pub enum SiteLevel {
 }
 
 impl SiteLevel {
-    pub const ALL: [SiteLevel; 5] = [
-        SiteLevel::Hub,
-        SiteLevel::Provincial,
-        SiteLevel::City,
-        SiteLevel::Edge,
-        SiteLevel::Cloud,
-    ];
+    pub const ALL: [SiteLevel; 5] =
+        [SiteLevel::Hub, SiteLevel::Provincial, SiteLevel::City, SiteLevel::Edge, SiteLevel::Cloud];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -85,13 +80,7 @@ pub struct AcceleratorSpec {
 
 impl AcceleratorSpec {
     pub fn new(kind: &str, speed: f64, memory_gb: i64, power_w: i64, domestic: bool) -> Self {
-        AcceleratorSpec {
-            kind: kind.to_string(),
-            speed,
-            memory_gb,
-            power_w,
-            domestic,
-        }
+        AcceleratorSpec { kind: kind.to_string(), speed, memory_gb, power_w, domestic }
     }
 }
 
@@ -110,12 +99,7 @@ pub struct PoolSpec {
 
 impl PoolSpec {
     pub fn new(kind: &str, count: i64, price_fen_per_hour: i64) -> Self {
-        PoolSpec {
-            kind: kind.to_string(),
-            count,
-            price_fen_per_hour,
-            speed: None,
-        }
+        PoolSpec { kind: kind.to_string(), count, price_fen_per_hour, speed: None }
     }
 }
 
@@ -173,13 +157,7 @@ pub struct LinkSpec {
 
 impl LinkSpec {
     pub fn new(a: &str, b: &str, bandwidth_gbps: f64, latency_ms: f64, price_fen_per_gb: i64) -> Self {
-        LinkSpec {
-            a: a.to_string(),
-            b: b.to_string(),
-            bandwidth_gbps,
-            latency_ms,
-            price_fen_per_gb,
-        }
+        LinkSpec { a: a.to_string(), b: b.to_string(), bandwidth_gbps, latency_ms, price_fen_per_gb }
     }
 }
 
@@ -211,11 +189,7 @@ pub enum Problem {
     #[error("{field} must be positive, got {value}")]
     NotPositive { field: &'static str, value: String },
     #[error("{field} must be {range}, got {value}")]
-    OutOfRange {
-        field: &'static str,
-        value: String,
-        range: &'static str,
-    },
+    OutOfRange { field: &'static str, value: String, range: &'static str },
     #[error("is disconnected: no route over the links to site '{reachable_from}'")]
     Disconnected { reachable_from: String },
     #[error("links a site to itself")]
@@ -294,12 +268,7 @@ pub struct Route {
 }
 
 impl Route {
-    const LOCAL: Route = Route {
-        latency_us: 0,
-        bandwidth_mbps: u64::MAX,
-        price_fen_per_gb: 0,
-        hops: 0,
-    };
+    const LOCAL: Route = Route { latency_us: 0, bandwidth_mbps: u64::MAX, price_fen_per_gb: 0, hops: 0 };
 
     /// Seconds to move `size_mb` megabytes over this route, rounded up.
     pub fn transfer_s(&self, size_mb: u64) -> u64 {
@@ -507,12 +476,7 @@ impl TopologySpec {
         if n > 1 {
             for (i, site) in sites.iter().enumerate().skip(1) {
                 if routes[i].hops == u32::MAX {
-                    err(
-                        format!("site '{}'", site.key),
-                        Problem::Disconnected {
-                            reachable_from: sites[0].key.clone(),
-                        },
-                    );
+                    err(format!("site '{}'", site.key), Problem::Disconnected { reachable_from: sites[0].key.clone() });
                 }
             }
         }
@@ -546,18 +510,11 @@ impl TopologySpec {
 }
 
 fn not_positive(field: &'static str, value: impl fmt::Display) -> Problem {
-    Problem::NotPositive {
-        field,
-        value: value.to_string(),
-    }
+    Problem::NotPositive { field, value: value.to_string() }
 }
 
 fn out_of_range(field: &'static str, value: impl fmt::Display, range: &'static str) -> Problem {
-    Problem::OutOfRange {
-        field,
-        value: value.to_string(),
-        range,
-    }
+    Problem::OutOfRange { field, value: value.to_string(), range }
 }
 
 /// Median price of one reference-speed accelerator-hour over all pools: the
@@ -582,12 +539,7 @@ fn all_pairs_routes(n: usize, links: &[Link]) -> Vec<Route> {
         adjacency[link.a.0 as usize].push((link.b.0 as usize, link));
         adjacency[link.b.0 as usize].push((link.a.0 as usize, link));
     }
-    let unreachable = Route {
-        latency_us: u64::MAX,
-        bandwidth_mbps: 0,
-        price_fen_per_gb: 0,
-        hops: u32::MAX,
-    };
+    let unreachable = Route { latency_us: u64::MAX, bandwidth_mbps: 0, price_fen_per_gb: 0, hops: u32::MAX };
     let mut routes = vec![unreachable; n * n];
     for from in 0..n {
         let row = &mut routes[from * n..(from + 1) * n];
@@ -669,12 +621,7 @@ impl Topology {
 
     /// Largest pool count among pools of the given types at any site.
     pub fn largest_pool(&self, accepted: &[AccelId]) -> u32 {
-        self.pools
-            .iter()
-            .filter(|p| accepted.contains(&p.accel))
-            .map(|p| p.count)
-            .max()
-            .unwrap_or(0)
+        self.pools.iter().filter(|p| accepted.contains(&p.accel)).map(|p| p.count).max().unwrap_or(0)
     }
 }
 
@@ -714,12 +661,7 @@ mod tests {
 
     #[test]
     fn transfer_time_and_cost_round_up() {
-        let r = Route {
-            latency_us: 20_000,
-            bandwidth_mbps: 10_000,
-            price_fen_per_gb: 7,
-            hops: 2,
-        };
+        let r = Route { latency_us: 20_000, bandwidth_mbps: 10_000, price_fen_per_gb: 7, hops: 2 };
         // 100 GB at 10 Gbit/s = 80 s, plus 20 ms latency, rounded up.
         assert_eq!(r.transfer_s(100_000), 81);
         assert_eq!(r.transfer_cost_fen(100_000), 700);
@@ -738,8 +680,14 @@ mod tests {
         let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
         assert!(text.contains(&"site 'a': duplicate id 'a'".to_string()), "{text:?}");
         assert!(text.contains(&"site 'b' pool 1 (A100): count must be positive, got -3".to_string()), "{text:?}");
-        assert!(text.iter().any(|t| t.starts_with("site 'lonely' pool 1 (X): unknown accelerator type 'X'")), "{text:?}");
+        assert!(
+            text.iter().any(|t| t.starts_with("site 'lonely' pool 1 (X): unknown accelerator type 'X'")),
+            "{text:?}"
+        );
         assert!(text.contains(&"link 4 (a -- nowhere): unknown site 'nowhere'".to_string()), "{text:?}");
-        assert!(text.contains(&"site 'lonely': is disconnected: no route over the links to site 'a'".to_string()), "{text:?}");
+        assert!(
+            text.contains(&"site 'lonely': is disconnected: no route over the links to site 'a'".to_string()),
+            "{text:?}"
+        );
     }
 }

@@ -16,7 +16,9 @@ use proptest::prelude::*;
 use suanwang_core::job::{JobId, JobSpec, OrgId, OrgKind, Weights};
 use suanwang_core::policy;
 use suanwang_core::scheduler::{CoreError, Decision, Event, Scheduler};
-use suanwang_core::topology::{AcceleratorSpec, LinkSpec, PoolSpec, SiteId, SiteLevel, SiteSpec, Topology, TopologySpec};
+use suanwang_core::topology::{
+    AcceleratorSpec, LinkSpec, PoolSpec, SiteId, SiteLevel, SiteSpec, Topology, TopologySpec,
+};
 
 const TYPES: [&str; 3] = ["A100", "H100", "Ascend910B"];
 
@@ -89,7 +91,13 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 /// The driver's own record of running attempts: job -> (attempt, pool, gpus).
 type Model = BTreeMap<JobId, (u32, u32, u32)>;
 
-fn check_decisions(t: &Topology, s: &Scheduler, model: &mut Model, specs: &BTreeMap<JobId, JobSpec>, decisions: &[Decision]) {
+fn check_decisions(
+    t: &Topology,
+    s: &Scheduler,
+    model: &mut Model,
+    specs: &BTreeMap<JobId, JobSpec>,
+    decisions: &[Decision],
+) {
     for d in decisions {
         match d {
             Decision::Start(st) => {
@@ -131,8 +139,16 @@ fn run(t: &Arc<Topology>, policy_name: &str, ops: &[Op]) -> Vec<Decision> {
         let result = match op.clone() {
             Op::Submit { gpus, types, estimate_s, origin, budget } => {
                 next_id += 1;
-                let mut spec = JobSpec::new(JobId(next_id), OrgId((next_id % 4) as u32), OrgKind::Institute, SiteId((origin % sites) as u32), gpus, estimate_s);
-                spec.accepted = (0..3).filter(|b| types & (1 << b) != 0).map(|b| t.accelerator_id(TYPES[b]).unwrap()).collect();
+                let mut spec = JobSpec::new(
+                    JobId(next_id),
+                    OrgId((next_id % 4) as u32),
+                    OrgKind::Institute,
+                    SiteId((origin % sites) as u32),
+                    gpus,
+                    estimate_s,
+                );
+                spec.accepted =
+                    (0..3).filter(|b| types & (1 << b) != 0).map(|b| t.accelerator_id(TYPES[b]).unwrap()).collect();
                 spec.oracle_s = Some(estimate_s / 2 + 1);
                 spec.weights = Weights { time: (next_id % 5) as u32, cost: 3, carbon: 1 };
                 if budget {
@@ -193,7 +209,7 @@ fn run(t: &Arc<Topology>, policy_name: &str, ops: &[Op]) -> Vec<Decision> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn invariants_hold_under_every_policy(t in topology_strategy(), ops in proptest::collection::vec(op_strategy(), 1..80)) {

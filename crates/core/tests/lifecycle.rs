@@ -11,14 +11,7 @@ fn a_stale_report_from_an_old_attempt_is_ignored() {
     let mut s = scheduler(&t, "fifo");
     s.handle(0, Event::Submit(job(&t, 1, 4, 1000, &["A100"]))).unwrap();
     let decisions = s.handle(10, Event::Failed { job: JobId(1), attempt: 1 }).unwrap();
-    assert_eq!(
-        decisions[0],
-        Decision::Requeue {
-            job: JobId(1),
-            attempt: 1,
-            reason: RequeueReason::Failed
-        }
-    );
+    assert_eq!(decisions[0], Decision::Requeue { job: JobId(1), attempt: 1, reason: RequeueReason::Failed });
     assert_eq!(starts(&decisions)[0].attempt, 2);
     // Attempt 1 reports success late: it does not count.
     assert!(s.handle(20, Event::Finished { job: JobId(1), attempt: 1 }).unwrap().is_empty());
@@ -47,14 +40,7 @@ fn cancel_stops_a_running_job_and_drops_a_pending_one() {
     s.handle(1, Event::Submit(job(&t, 2, 8, 1000, &["A100"]))).unwrap();
     assert!(s.handle(2, Event::Cancel { job: JobId(2) }).unwrap().is_empty());
     let decisions = s.handle(3, Event::Cancel { job: JobId(1) }).unwrap();
-    assert_eq!(
-        decisions,
-        vec![Decision::Stop {
-            job: JobId(1),
-            attempt: 1,
-            reason: StopReason::Cancelled
-        }]
-    );
+    assert_eq!(decisions, vec![Decision::Stop { job: JobId(1), attempt: 1, reason: StopReason::Cancelled }]);
     assert_eq!(s.running_count() + s.pending_count(), 0);
     assert_eq!(s.free(t.site(t.site_id("jinan").unwrap()).pools[0]), 8);
 }
@@ -66,14 +52,7 @@ fn a_site_outage_requeues_its_jobs_elsewhere_and_recovery_restores_it() {
     let mut s = scheduler(&t, "fifo");
     s.handle(0, Event::Submit(job(&t, 1, 4, 1000, &["A100"]))).unwrap();
     let decisions = s.handle(5, Event::SiteDown(jinan)).unwrap();
-    assert_eq!(
-        decisions[0],
-        Decision::Requeue {
-            job: JobId(1),
-            attempt: 1,
-            reason: RequeueReason::SiteDown
-        }
-    );
+    assert_eq!(decisions[0], Decision::Requeue { job: JobId(1), attempt: 1, reason: RequeueReason::SiteDown });
     let restarted = starts(&decisions);
     assert_eq!((restarted[0].attempt, site_of(&t, &restarted[0])), (2, "hub".to_string()));
     assert!(!s.site_up(jinan));
@@ -89,28 +68,22 @@ fn jobs_that_can_never_run_are_rejected_with_the_reason() {
     let decisions = s.handle(0, Event::Submit(job(&t, 1, 33, 1000, &["A100"]))).unwrap();
     assert_eq!(
         decisions,
-        vec![Decision::Reject {
-            job: JobId(1),
-            reason: Rejection::CannotFitAnywhere { gpus: 33, largest: 32 }
-        }]
+        vec![Decision::Reject { job: JobId(1), reason: Rejection::CannotFitAnywhere { gpus: 33, largest: 32 } }]
     );
     let mut poor = job(&t, 2, 4, 3600, &["A100"]);
     poor.budget_fen = Some(100);
     let decisions = s.handle(0, Event::Submit(poor)).unwrap();
     assert_eq!(
         decisions,
-        vec![Decision::Reject {
-            job: JobId(2),
-            reason: Rejection::OverBudget {
-                cheapest_fen: 2000,
-                budget_fen: 100
-            }
-        }]
+        vec![Decision::Reject { job: JobId(2), reason: Rejection::OverBudget { cheapest_fen: 2000, budget_fen: 100 } }]
     );
     // local cannot use the hub: 16 A100s never fit in Jinan.
     let mut local = scheduler(&t, "local");
     let decisions = local.handle(0, Event::Submit(job(&t, 3, 16, 1000, &["A100"]))).unwrap();
-    assert!(matches!(decisions[0], Decision::Reject { reason: Rejection::CannotFitAnywhere { gpus: 16, largest: 8 }, .. }));
+    assert!(matches!(
+        decisions[0],
+        Decision::Reject { reason: Rejection::CannotFitAnywhere { gpus: 16, largest: 8 }, .. }
+    ));
 }
 
 #[test]

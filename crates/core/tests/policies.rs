@@ -138,11 +138,7 @@ fn las_demotes_long_jobs_and_preempts_them_for_new_ones() {
     let decisions = s.handle(1_000, Event::Submit(job(&t, 2, 32, 1_000, &["A100"]))).unwrap();
     assert_eq!(
         decisions[0],
-        Decision::Stop {
-            job: suanwang_core::JobId(1),
-            attempt: 1,
-            reason: StopReason::Preempted
-        }
+        Decision::Stop { job: suanwang_core::JobId(1), attempt: 1, reason: StopReason::Preempted }
     );
     let started = starts(&decisions);
     assert_eq!((started[0].job.0, site_of(&t, &started[0])), (2, "hub".to_string()));

@@ -34,10 +34,7 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions {
-            check_invariants: cfg!(debug_assertions),
-            keep_series: false,
-        }
+        RunOptions { check_invariants: cfg!(debug_assertions), keep_series: false }
     }
 }
 
@@ -130,7 +127,7 @@ pub fn run(
                     recorder.rejected(job);
                 }
             }
-            if next % 4096 == 0 {
+            if next.is_multiple_of(4096) {
                 progress(next as u64);
             }
         }
@@ -142,20 +139,12 @@ pub fn run(
                     let compute_from_s = now + start.estimate.transfer_s;
                     running.insert(
                         start.job,
-                        Attempt {
-                            attempt: start.attempt,
-                            pool: start.estimate.pool,
-                            started_s: now,
-                            compute_from_s,
-                        },
+                        Attempt { attempt: start.attempt, pool: start.estimate.pool, started_s: now, compute_from_s },
                     );
                     recorder.started(&start, now);
                     events.push(Reverse((
                         compute_from_s + true_run_s,
-                        SimEvent::Finish {
-                            job: start.job,
-                            attempt: start.attempt,
-                        },
+                        SimEvent::Finish { job: start.job, attempt: start.attempt },
                     )));
                 }
                 Decision::Stop { job, .. } => {
@@ -201,4 +190,3 @@ pub(crate) fn compute_bill(topology: &Topology, pool: PoolId, gpus: u32, compute
 pub(crate) fn level_index(level: SiteLevel) -> usize {
     SiteLevel::ALL.iter().position(|&l| l == level).expect("known level")
 }
-

@@ -186,11 +186,7 @@ impl Recorder {
         let first = self.first_submit_s.unwrap_or(0);
         let makespan_s = self.last_completion_s.saturating_sub(first);
         let capacity = self.topology.total_accelerators() as f64;
-        let utilization = if makespan_s == 0 {
-            0.0
-        } else {
-            self.busy_gpu_s as f64 / (capacity * makespan_s as f64)
-        };
+        let utilization = if makespan_s == 0 { 0.0 } else { self.busy_gpu_s as f64 / (capacity * makespan_s as f64) };
         let slowdowns: Vec<f64> = self.org_slowdown.values().map(|(sum, count)| sum / *count as f64).collect();
         let jain_fairness = jain(&slowdowns);
         let series = self.intervals.take().map(|intervals| series(&self.topology, &intervals, first, makespan_s));

@@ -102,7 +102,11 @@ pub fn html(header: &ReportHeader, results: &[PolicyResult]) -> Result<String, S
     Ok(page)
 }
 
-fn svg(width: u32, height: u32, draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> PlotResult) -> Result<String, String> {
+fn svg(
+    width: u32,
+    height: u32,
+    draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> PlotResult,
+) -> Result<String, String> {
     let mut out = String::new();
     {
         let area = SVGBackend::with_string(&mut out, (width, height)).into_drawing_area();
@@ -114,12 +118,7 @@ fn svg(width: u32, height: u32, draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, p
 }
 
 fn jct_cdf(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, results: &[PolicyResult]) -> PlotResult {
-    let max_h = results
-        .iter()
-        .filter_map(|r| r.jcts_s.last())
-        .max()
-        .map_or(1.0, |&s| s as f64 / 3600.0)
-        .max(0.2);
+    let max_h = results.iter().filter_map(|r| r.jcts_s.last()).max().map_or(1.0, |&s| s as f64 / 3600.0).max(0.2);
     let mut chart = ChartBuilder::on(area)
         .caption("JCT CDF (log time axis)", ("sans-serif", 18))
         .margin(10)
@@ -144,15 +143,18 @@ fn jct_cdf(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, results: 
             .label(r.summary.policy.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).position(SeriesLabelPosition::LowerRight).draw()?;
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
     Ok(())
 }
 
 fn cost_vs_jct(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, results: &[PolicyResult]) -> PlotResult {
-    let points: Vec<(f64, f64)> = results
-        .iter()
-        .map(|r| (r.summary.mean_jct_s / 3600.0, r.summary.total_cost_fen() as f64 / 100.0))
-        .collect();
+    let points: Vec<(f64, f64)> =
+        results.iter().map(|r| (r.summary.mean_jct_s / 3600.0, r.summary.total_cost_fen() as f64 / 100.0)).collect();
     let max_x = points.iter().map(|p| p.0).fold(0.0, f64::max).max(0.1) * 1.15;
     let max_y = points.iter().map(|p| p.1).fold(0.0, f64::max).max(1.0) * 1.15;
     let mut chart = ChartBuilder::on(area)
@@ -165,7 +167,11 @@ fn cost_vs_jct(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, resul
     for (i, (r, &(x, y))) in results.iter().zip(&points).enumerate() {
         let c = colour(i);
         chart.draw_series(std::iter::once(Circle::new((x, y), 6, c.filled())))?;
-        chart.draw_series(std::iter::once(Text::new(r.summary.policy.clone(), (x, y), ("sans-serif", 14).into_font().color(&c))))?;
+        chart.draw_series(std::iter::once(Text::new(
+            r.summary.policy.clone(),
+            (x, y),
+            ("sans-serif", 14).into_font().color(&c),
+        )))?;
     }
     Ok(())
 }
@@ -188,6 +194,11 @@ fn utilisation(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, resul
             .label(level.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).position(SeriesLabelPosition::UpperRight).draw()?;
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
     Ok(())
 }

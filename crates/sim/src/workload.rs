@@ -22,10 +22,7 @@ use suanwang_topology::{LoadError, scale_capacity};
 use suanwang_trace::{Format, LoadStats, TraceError, TraceJob};
 
 /// Traces compiled into the binary, by name: (name, format label, text).
-pub const BUNDLED_TRACES: &[(&str, &str)] = &[(
-    "itp-cluster01",
-    include_str!("../traces/itp-cluster01.csv"),
-)];
+pub const BUNDLED_TRACES: &[(&str, &str)] = &[("itp-cluster01", include_str!("../traces/itp-cluster01.csv"))];
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
@@ -52,11 +49,8 @@ pub struct Workload {
 pub fn read_trace(name_or_path: &str, format: Option<&Format>) -> Result<Workload, WorkloadError> {
     let (jobs, stats) = if let Some((_, text)) = BUNDLED_TRACES.iter().find(|(n, _)| *n == name_or_path) {
         let format = format.cloned().unwrap_or(Format::Itp);
-        let mut reader = suanwang_trace::open_reader(
-            Path::new(name_or_path),
-            Box::new(BufReader::new(text.as_bytes())),
-            &format,
-        )?;
+        let mut reader =
+            suanwang_trace::open_reader(Path::new(name_or_path), Box::new(BufReader::new(text.as_bytes())), &format)?;
         let jobs = reader.by_ref().collect::<Result<Vec<_>, _>>()?;
         (jobs, reader.stats().clone())
     } else {
@@ -81,11 +75,7 @@ impl Workload {
         for job in &mut jobs {
             job.submit_s -= first;
         }
-        Ok(Workload {
-            name: name.to_string(),
-            jobs,
-            stats,
-        })
+        Ok(Workload { name: name.to_string(), jobs, stats })
     }
 
     /// The trace repeated `copies` times, each copy shifted to start when the
@@ -95,19 +85,12 @@ impl Workload {
         let span = self.span_s() + 1;
         let mut jobs = Vec::with_capacity(self.jobs.len() * copies);
         for copy in 0..copies as u64 {
-            jobs.extend(self.jobs.iter().map(|j| TraceJob {
-                submit_s: j.submit_s + copy * span,
-                ..j.clone()
-            }));
+            jobs.extend(self.jobs.iter().map(|j| TraceJob { submit_s: j.submit_s + copy * span, ..j.clone() }));
         }
         let mut stats = self.stats.clone();
         stats.jobs *= copies as u64;
         stats.rows *= copies as u64;
-        Workload {
-            name: format!("{} x{copies}", self.name),
-            jobs,
-            stats,
-        }
+        Workload { name: format!("{} x{copies}", self.name), jobs, stats }
     }
 
     pub fn span_s(&self) -> u64 {
@@ -154,10 +137,7 @@ fn reference_capacity(spec: &TopologySpec, factor: f64) -> f64 {
         .iter()
         .flat_map(|s| &s.pools)
         .map(|p| {
-            let speed = p
-                .speed
-                .or_else(|| catalogue.iter().find(|a| a.kind == p.kind).map(|a| a.speed))
-                .unwrap_or(1.0);
+            let speed = p.speed.or_else(|| catalogue.iter().find(|a| a.kind == p.kind).map(|a| a.speed)).unwrap_or(1.0);
             p.count as f64 * speed
         })
         .sum()
@@ -189,7 +169,12 @@ fn smallest_factor(mut lo: f64, mut hi: f64, ok: impl Fn(f64) -> bool) -> f64 {
 
 /// Scales the network so the workload's offered load is `load`; `None`
 /// keeps the network as it is.
-pub fn scale(spec: &TopologySpec, workload: &Workload, load: Option<f64>, file: &Path) -> Result<Scaled, WorkloadError> {
+pub fn scale(
+    spec: &TopologySpec,
+    workload: &Workload,
+    load: Option<f64>,
+    file: &Path,
+) -> Result<Scaled, WorkloadError> {
     let Some(load) = load else {
         return Ok(Scaled {
             topology: Arc::new(suanwang_topology::build(spec, file)?),
@@ -218,10 +203,5 @@ pub fn scale(spec: &TopologySpec, workload: &Workload, load: Option<f64>, file: 
             job.submit_s = (job.submit_s as f64 / compression).round() as u64;
         }
     }
-    Ok(Scaled {
-        topology,
-        workload,
-        capacity_scale: factor,
-        time_compression: compression,
-    })
+    Ok(Scaled { topology, workload, capacity_scale: factor, time_compression: compression })
 }

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-
 use proptest::prelude::*;
 use suanwang_core::policy::NAMES;
 use suanwang_sim::report::{ReportHeader, html};
@@ -23,10 +22,7 @@ fn scaled(load: Option<f64>) -> Scaled {
 
 fn run_all(scaled: &Scaled, seed: u64, keep_series: bool) -> Vec<PolicyResult> {
     let mapper = Mapper::new(scaled.topology.clone(), MappingConfig::new(seed));
-    let options = RunOptions {
-        check_invariants: true,
-        keep_series,
-    };
+    let options = RunOptions { check_invariants: true, keep_series };
     NAMES
         .iter()
         .map(|name| run(&scaled.topology, &scaled.workload, &mapper, name, &options, &mut |_| {}).unwrap())
@@ -34,7 +30,9 @@ fn run_all(scaled: &Scaled, seed: u64, keep_series: bool) -> Vec<PolicyResult> {
 }
 
 fn table(results: &[PolicyResult]) -> String {
-    let mut out = String::from("policy     done rej  meanJCT    p50    p95    p99  meanwait  makespan  util   compute  transfer  transferGB  carbonkg  jain  preempt\n");
+    let mut out = String::from(
+        "policy     done rej  meanJCT    p50    p95    p99  meanwait  makespan  util   compute  transfer  transferGB  carbonkg  jain  preempt\n",
+    );
     for r in results {
         let s = &r.summary;
         out.push_str(&format!(
@@ -69,7 +67,11 @@ fn golden_results_on_a_real_itp_excerpt() {
 #[test]
 fn the_same_seed_gives_identical_results_and_another_seed_different_ones() {
     let s = scaled(Some(0.8));
-    let strip = |rs: Vec<PolicyResult>| rs.into_iter().map(|r| (r.jcts_s, r.summary.total_cost_fen(), r.summary.carbon_kg.to_bits())).collect::<Vec<_>>();
+    let strip = |rs: Vec<PolicyResult>| {
+        rs.into_iter()
+            .map(|r| (r.jcts_s, r.summary.total_cost_fen(), r.summary.carbon_kg.to_bits()))
+            .collect::<Vec<_>>()
+    };
     let a = strip(run_all(&s, 5, false));
     assert_eq!(a, strip(run_all(&s, 5, false)));
     assert_ne!(a, strip(run_all(&s, 6, false)));
@@ -142,4 +144,3 @@ proptest! {
         }
     }
 }
-

@@ -62,10 +62,7 @@ pub fn load_spec(name_or_path: &str) -> Result<TopologySpec, LoadError> {
         return parse(text, Path::new(name_or_path));
     }
     let file = PathBuf::from(name_or_path);
-    let text = std::fs::read_to_string(&file).map_err(|source| LoadError::Io {
-        file: file.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(&file).map_err(|source| LoadError::Io { file: file.clone(), source })?;
     parse(&text, &file)
 }
 
@@ -79,19 +76,13 @@ pub fn parse(text: &str, file: &Path) -> Result<TopologySpec, LoadError> {
             }
             None => e.message().to_string(),
         };
-        LoadError::Syntax {
-            file: file.to_path_buf(),
-            message,
-        }
+        LoadError::Syntax { file: file.to_path_buf(), message }
     })
 }
 
 /// Validates a description, naming `file` in every error.
 pub fn build(spec: &TopologySpec, file: &Path) -> Result<Topology, LoadError> {
-    spec.build().map_err(|errors| LoadError::Invalid {
-        file: file.to_path_buf(),
-        errors,
-    })
+    spec.build().map_err(|errors| LoadError::Invalid { file: file.to_path_buf(), errors })
 }
 
 /// A copy of the network with every pool's count multiplied by `factor`,
@@ -112,7 +103,8 @@ pub fn scale_capacity(spec: &TopologySpec, factor: f64) -> TopologySpec {
 pub fn synthetic(sites: usize, seed: u64) -> TopologySpec {
     let bundled = load_spec("shandong").expect("bundled topology parses");
     let mut rng = SplitMix64::new(seed);
-    let levels = [SiteLevel::Provincial, SiteLevel::City, SiteLevel::City, SiteLevel::Edge, SiteLevel::Hub, SiteLevel::Cloud];
+    let levels =
+        [SiteLevel::Provincial, SiteLevel::City, SiteLevel::City, SiteLevel::Edge, SiteLevel::Hub, SiteLevel::Cloud];
     let catalogue = &bundled.accelerators;
     let mut spec = TopologySpec {
         name: format!("synthetic-{sites}-{seed}"),
@@ -169,8 +161,22 @@ mod tests {
         let t = load("shandong").unwrap();
         let cities: std::collections::BTreeSet<&str> = t.sites.iter().map(|s| s.city.as_str()).collect();
         for city in [
-            "Jinan", "Qingdao", "Zibo", "Zaozhuang", "Dongying", "Yantai", "Weifang", "Jining", "Tai'an", "Weihai", "Rizhao", "Linyi",
-            "Dezhou", "Liaocheng", "Binzhou", "Heze",
+            "Jinan",
+            "Qingdao",
+            "Zibo",
+            "Zaozhuang",
+            "Dongying",
+            "Yantai",
+            "Weifang",
+            "Jining",
+            "Tai'an",
+            "Weihai",
+            "Rizhao",
+            "Linyi",
+            "Dezhou",
+            "Liaocheng",
+            "Binzhou",
+            "Heze",
         ] {
             assert!(cities.contains(city), "{city} missing");
         }

@@ -99,8 +99,14 @@ fn link_to_an_unknown_site() {
 
 #[test]
 fn negative_or_zero_capacity() {
-    assert_eq!(errors("neg.toml", &VALID.replace("count = 16", "count = -4")), vec!["site 'b' pool 1 (A100): count must be positive, got -4"]);
-    assert_eq!(errors("zero.toml", &VALID.replace("count = 8", "count = 0")), vec!["site 'a' pool 1 (A100): count must be positive, got 0"]);
+    assert_eq!(
+        errors("neg.toml", &VALID.replace("count = 16", "count = -4")),
+        vec!["site 'b' pool 1 (A100): count must be positive, got -4"]
+    );
+    assert_eq!(
+        errors("zero.toml", &VALID.replace("count = 8", "count = 0")),
+        vec!["site 'a' pool 1 (A100): count must be positive, got 0"]
+    );
     assert_eq!(
         errors("price.toml", &VALID.replace("price_fen_per_hour = 900", "price_fen_per_hour = 0")),
         vec!["site 'a' pool 1 (A100): price_fen_per_hour must be positive, got 0"]
@@ -116,17 +122,26 @@ fn disconnected_site() {
 #[test]
 fn unknown_accelerator_type() {
     let text = VALID.replace("  type = \"A100\"\n  count = 16", "  type = \"H999\"\n  count = 16");
-    assert_eq!(errors("type.toml", &text), vec!["site 'b' pool 1 (H999): unknown accelerator type 'H999' (not in the [[accelerator]] catalogue)"]);
+    assert_eq!(
+        errors("type.toml", &text),
+        vec!["site 'b' pool 1 (H999): unknown accelerator type 'H999' (not in the [[accelerator]] catalogue)"]
+    );
 }
 
 #[test]
 fn out_of_range_figures() {
-    assert_eq!(errors("pue.toml", &VALID.replace("pue = 1.2", "pue = 0.9")), vec!["site 'b': pue must be between 1.0 and 3.0, got 0.9"]);
+    assert_eq!(
+        errors("pue.toml", &VALID.replace("pue = 1.2", "pue = 0.9")),
+        vec!["site 'b': pue must be between 1.0 and 3.0, got 0.9"]
+    );
     assert_eq!(
         errors("green.toml", &VALID.replace("green_share = 0.5", "green_share = 1.5")),
         vec!["site 'b': green_share must be between 0.0 and 1.0, got 1.5"]
     );
-    assert_eq!(errors("lat.toml", &VALID.replace("lat = 36.0", "lat = 136.0")), vec!["site 'b': lat must be between -90 and 90, got 136"]);
+    assert_eq!(
+        errors("lat.toml", &VALID.replace("lat = 36.0", "lat = 136.0")),
+        vec!["site 'b': lat must be between -90 and 90, got 136"]
+    );
     assert_eq!(
         errors("bw.toml", &VALID.replace("bandwidth_gbps = 100", "bandwidth_gbps = 0")),
         vec!["link 1 (a -- b): bandwidth_gbps must be positive, got 0"]
@@ -157,12 +172,20 @@ fn a_missing_file_is_named() {
 #[test]
 fn the_bundled_network_routes_every_city_to_every_hub() {
     let t = suanwang_topology::load("shandong").unwrap();
-    let hubs: Vec<_> = (0..t.sites.len() as u32).map(suanwang_core::topology::SiteId).filter(|&s| t.site(s).level == SiteLevel::Hub).collect();
+    let hubs: Vec<_> = (0..t.sites.len() as u32)
+        .map(suanwang_core::topology::SiteId)
+        .filter(|&s| t.site(s).level == SiteLevel::Hub)
+        .collect();
     assert!(hubs.len() >= 5);
     for from in 0..t.sites.len() as u32 {
         for &hub in hubs.iter().filter(|h| h.0 != from) {
             let route = t.route(suanwang_core::topology::SiteId(from), hub);
-            assert!(route.hops >= 1 && route.latency_us < 40_000, "{} to {}", t.sites[from as usize].key, t.site(hub).key);
+            assert!(
+                route.hops >= 1 && route.latency_us < 40_000,
+                "{} to {}",
+                t.sites[from as usize].key,
+                t.site(hub).key
+            );
         }
     }
 }

@@ -151,7 +151,8 @@ impl Format {
             Err(TraceError {
                 file: path.to_path_buf(),
                 line: 1,
-                problem: "cannot tell the trace format from the header; pass --trace-format (itp, openb, gavel, csv)".into(),
+                problem: "cannot tell the trace format from the header; pass --trace-format (itp, openb, gavel, csv)"
+                    .into(),
             })
         }
     }
@@ -170,20 +171,13 @@ pub const GAVEL_STEPS_PER_S: [(&str, f64); 7] = [
 ];
 
 fn io_error(path: &Path, line: u64, e: std::io::Error) -> TraceError {
-    TraceError {
-        file: path.to_path_buf(),
-        line,
-        problem: format!("cannot read: {e}"),
-    }
+    TraceError { file: path.to_path_buf(), line, problem: format!("cannot read: {e}") }
 }
 
 fn open_text(path: &Path) -> Result<Box<dyn BufRead>, TraceError> {
     let file = File::open(path).map_err(|e| io_error(path, 0, e))?;
-    let raw: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(MultiGzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
+    let raw: Box<dyn Read> =
+        if path.extension().is_some_and(|e| e == "gz") { Box::new(MultiGzDecoder::new(file)) } else { Box::new(file) };
     Ok(Box::new(BufReader::with_capacity(1 << 16, raw)))
 }
 
@@ -200,16 +194,8 @@ struct Columns {
 }
 
 enum Inner {
-    Csv {
-        reader: csv::Reader<Box<dyn BufRead>>,
-        record: csv::StringRecord,
-        columns: Columns,
-    },
-    Gavel {
-        reader: Box<dyn BufRead>,
-        line: u64,
-        buffer: String,
-    },
+    Csv { reader: csv::Reader<Box<dyn BufRead>>, record: csv::StringRecord, columns: Columns },
+    Gavel { reader: Box<dyn BufRead>, line: u64, buffer: String },
 }
 
 /// A streaming reader of one trace file.
@@ -228,11 +214,7 @@ pub fn open(path: &Path, format: &Format) -> Result<TraceReader, TraceError> {
 /// Streams a trace from any reader; `path` only names it in errors.
 pub fn open_reader(path: &Path, text: Box<dyn BufRead>, format: &Format) -> Result<TraceReader, TraceError> {
     let inner = match format {
-        Format::Gavel => Inner::Gavel {
-            reader: text,
-            line: 0,
-            buffer: String::new(),
-        },
+        Format::Gavel => Inner::Gavel { reader: text, line: 0, buffer: String::new() },
         _ => {
             let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(text);
             let headers = reader
@@ -278,19 +260,10 @@ pub fn open_reader(path: &Path, text: Box<dyn BufRead>, format: &Format) -> Resu
                 },
                 Format::Gavel => unreachable!("handled above"),
             };
-            Inner::Csv {
-                reader,
-                record: csv::StringRecord::new(),
-                columns,
-            }
+            Inner::Csv { reader, record: csv::StringRecord::new(), columns }
         }
     };
-    Ok(TraceReader {
-        file: path.to_path_buf(),
-        inner,
-        stats: LoadStats::default(),
-        done: false,
-    })
+    Ok(TraceReader { file: path.to_path_buf(), inner, stats: LoadStats::default(), done: false })
 }
 
 /// Reads a whole trace, stopping at the first error.
@@ -309,11 +282,7 @@ fn csv_error(path: &Path, line: u64, e: csv::Error) -> TraceError {
         csv::ErrorKind::Utf8 { .. } => "is not valid UTF-8".to_string(),
         _ => e.to_string(),
     };
-    TraceError {
-        file: path.to_path_buf(),
-        line,
-        problem,
-    }
+    TraceError { file: path.to_path_buf(), line, problem }
 }
 
 /// Largest time or duration accepted: about 31,700 years, far beyond any
@@ -321,10 +290,7 @@ fn csv_error(path: &Path, line: u64, e: csv::Error) -> TraceError {
 const MAX_SECONDS: f64 = 1e12;
 
 fn seconds(field: &str, name: &str) -> Result<u64, String> {
-    let value: f64 = field
-        .trim()
-        .parse()
-        .map_err(|_| format!("{name}: '{field}' is not a number of seconds"))?;
+    let value: f64 = field.trim().parse().map_err(|_| format!("{name}: '{field}' is not a number of seconds"))?;
     if !value.is_finite() || value < 0.0 {
         return Err(format!("{name}: must be zero or more, got {field}"));
     }
@@ -335,10 +301,8 @@ fn seconds(field: &str, name: &str) -> Result<u64, String> {
 }
 
 fn gpu_count(field: &str, name: &str) -> Result<u32, String> {
-    let value: i64 = field
-        .trim()
-        .parse()
-        .map_err(|_| format!("{name}: '{field}' is not a whole number of accelerators"))?;
+    let value: i64 =
+        field.trim().parse().map_err(|_| format!("{name}: '{field}' is not a whole number of accelerators"))?;
     if !(0..=100_000).contains(&value) {
         return Err(format!("{name}: must be between 0 and 100000, got {value}"));
     }
@@ -356,18 +320,12 @@ impl TraceReader {
 
     fn fail(&mut self, line: u64, problem: String) -> Option<Result<TraceJob, TraceError>> {
         self.done = true;
-        Some(Err(TraceError {
-            file: self.file.clone(),
-            line,
-            problem,
-        }))
+        Some(Err(TraceError { file: self.file.clone(), line, problem }))
     }
 
     fn next_csv(&mut self) -> Option<Result<TraceJob, TraceError>> {
         loop {
-            let Inner::Csv { reader, record, columns } = &mut self.inner else {
-                unreachable!()
-            };
+            let Inner::Csv { reader, record, columns } = &mut self.inner else { unreachable!() };
             match reader.read_record(record) {
                 Ok(false) => return None,
                 Ok(true) => {}
@@ -433,9 +391,7 @@ impl TraceReader {
 
     fn next_gavel(&mut self) -> Option<Result<TraceJob, TraceError>> {
         loop {
-            let Inner::Gavel { reader, line, buffer } = &mut self.inner else {
-                unreachable!()
-            };
+            let Inner::Gavel { reader, line, buffer } = &mut self.inner else { unreachable!() };
             buffer.clear();
             *line += 1;
             let at = *line;

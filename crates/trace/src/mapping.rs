@@ -109,11 +109,8 @@ impl Mapper {
             .map(|(i, s)| (SiteId(i as u32), s.pools.iter().map(|&p| topology.pool(p).count as u64).sum()))
             .collect();
         // A network of only hubs and clouds still needs homes somewhere.
-        let homes = if homes.is_empty() {
-            (0..topology.sites.len() as u32).map(|i| (SiteId(i), 1)).collect()
-        } else {
-            homes
-        };
+        let homes =
+            if homes.is_empty() { (0..topology.sites.len() as u32).map(|i| (SiteId(i), 1)).collect() } else { homes };
         let provincial: Vec<SiteId> = topology
             .sites
             .iter()
@@ -153,7 +150,8 @@ impl Mapper {
                         let size_mb = (1000.0 * 2000f64.powf(unit(mix(seed, i64_ * 4 + d, F_DATASET_SIZE)))) as u64;
                         let shared = unit(mix(seed, i64_ * 4 + d, F_DATASET_HOME)) < 0.3 && !provincial.is_empty();
                         let home = if shared {
-                            provincial[below(mix(seed, i64_ * 4 + d, F_DATASET_HOME ^ 0xff), provincial.len() as u64) as usize]
+                            provincial[below(mix(seed, i64_ * 4 + d, F_DATASET_HOME ^ 0xff), provincial.len() as u64)
+                                as usize]
                         } else {
                             home
                         };
@@ -173,12 +171,7 @@ impl Mapper {
             })
             .collect::<Vec<_>>();
         let activity_total = orgs.iter().map(|o| o.activity).sum();
-        Mapper {
-            topology,
-            seed,
-            orgs,
-            activity_total,
-        }
+        Mapper { topology, seed, orgs, activity_total }
     }
 
     pub fn orgs(&self) -> &[Org] {
@@ -272,11 +265,7 @@ impl Mapper {
         spec.accepted = accepted;
         spec.oracle_s = Some(job.duration_s.max(1));
         spec.datasets = datasets;
-        spec.weights = Weights {
-            time: moved(base[0], 0),
-            cost: moved(base[1], 8),
-            carbon: moved(base[2], 16),
-        };
+        spec.weights = Weights { time: moved(base[0], 0), cost: moved(base[1], 8), carbon: moved(base[2], 16) };
         spec
     }
 
@@ -284,11 +273,14 @@ impl Mapper {
     /// memory suffixes such as openb's `V100M32`).
     fn catalogue_type(&self, name: &str) -> Option<AccelId> {
         let name = name.trim().to_ascii_lowercase();
-        self.topology.accelerators.iter().position(|a| {
-            let a = a.name.to_ascii_lowercase();
-            name == a || (name.starts_with(&a) && name[a.len()..].starts_with('m'))
-        })
-        .map(|i| AccelId(i as u16))
+        self.topology
+            .accelerators
+            .iter()
+            .position(|a| {
+                let a = a.name.to_ascii_lowercase();
+                name == a || (name.starts_with(&a) && name[a.len()..].starts_with('m'))
+            })
+            .map(|i| AccelId(i as u16))
     }
 }
 

@@ -29,12 +29,18 @@ fn a_negative_duration() {
 #[test]
 fn zero_accelerators_or_zero_duration() {
     assert_eq!(error("zero-gpu.csv", &format!("{ITP_HEADER}a,0,5,0\n"), &Format::Itp), "2: gpus: must be at least 1");
-    assert_eq!(error("zero-time.csv", &format!("{ITP_HEADER}a,0,0,1\n"), &Format::Itp), "2: duration: must be at least 1 second");
+    assert_eq!(
+        error("zero-time.csv", &format!("{ITP_HEADER}a,0,0,1\n"), &Format::Itp),
+        "2: duration: must be at least 1 second"
+    );
     assert_eq!(
         error("fraction.csv", &format!("{ITP_HEADER}a,0,5,1.5\n"), &Format::Itp),
         "2: gpus: '1.5' is not a whole number of accelerators"
     );
-    assert_eq!(error("huge.csv", &format!("{ITP_HEADER}a,0,5,999999\n"), &Format::Itp), "2: gpus: must be between 0 and 100000, got 999999");
+    assert_eq!(
+        error("huge.csv", &format!("{ITP_HEADER}a,0,5,999999\n"), &Format::Itp),
+        "2: gpus: must be between 0 and 100000, got 999999"
+    );
 }
 
 #[test]
@@ -53,7 +59,10 @@ fn a_header_without_a_needed_column() {
 
 #[test]
 fn a_gavel_line_with_missing_fields_or_an_unknown_model() {
-    assert!(error("short.trace", "ResNet-18 (batch size 16)\tcmd\t-n\t1\t100\n", &Format::Gavel).starts_with("1: has 5 tab-separated fields"));
+    assert!(
+        error("short.trace", "ResNet-18 (batch size 16)\tcmd\t-n\t1\t100\n", &Format::Gavel)
+            .starts_with("1: has 5 tab-separated fields")
+    );
     assert_eq!(
         error("model.trace", "GPT-9 (batch size 1)\tcmd\t-n\t1\t100\t0.0\t1\n", &Format::Gavel),
         "1: job_type: unknown model family 'GPT-9 (batch size 1)'"
@@ -70,16 +79,27 @@ fn a_missing_file_names_the_file() {
 fn an_unrecognisable_header_asks_for_the_format() {
     let path = temp_file("mystery.csv", "a,b,c\n1,2,3\n");
     let message = Format::detect(&path).unwrap_err().to_string();
-    assert!(message.ends_with(":1: cannot tell the trace format from the header; pass --trace-format (itp, openb, gavel, csv)"), "{message}");
+    assert!(
+        message.ends_with(
+            ":1: cannot tell the trace format from the header; pass --trace-format (itp, openb, gavel, csv)"
+        ),
+        "{message}"
+    );
 }
 
 #[test]
 fn column_maps_and_format_names_are_checked() {
     assert_eq!(ColumnMap::parse("submit=a,duration=b").unwrap_err(), "--columns: missing gpus=COLUMN");
-    assert_eq!(ColumnMap::parse("submit=a,duration=b,gpus=c,colour=d").unwrap_err(), "--columns: unknown key 'colour' (known: submit, duration, gpus, gpu_type, user)");
+    assert_eq!(
+        ColumnMap::parse("submit=a,duration=b,gpus=c,colour=d").unwrap_err(),
+        "--columns: unknown key 'colour' (known: submit, duration, gpus, gpu_type, user)"
+    );
     assert_eq!(ColumnMap::parse("submit=a,submit=b,duration=c,gpus=d").unwrap_err(), "--columns: submit given twice");
     assert_eq!(ColumnMap::parse("submit=a,duration,gpus=c").unwrap_err(), "--columns: 'duration' is not KEY=COLUMN");
-    assert_eq!(Format::parse("slurm", None).unwrap_err(), "unknown trace format 'slurm' (known: itp, openb, gavel, csv)");
+    assert_eq!(
+        Format::parse("slurm", None).unwrap_err(),
+        "unknown trace format 'slurm' (known: itp, openb, gavel, csv)"
+    );
     assert!(Format::parse("csv", None).unwrap_err().contains("needs --columns"));
     assert!(Format::parse("itp", Some("submit=a")).unwrap_err().contains("only applies to --trace-format csv"));
 }

@@ -43,8 +43,12 @@ fn gavel_excerpt_converts_steps_to_seconds() {
 
 #[test]
 fn generic_csv_by_column_mapping() {
-    let path = crate::temp_file("generic.csv", "jobid,arrive,runtime,cards,card,team\n1,0,3600,8,H100,vision\n2,12.6,60,1,,speech\n");
-    let format = Format::Csv(ColumnMap::parse("submit=arrive,duration=runtime,gpus=cards,gpu_type=card,user=team").unwrap());
+    let path = crate::temp_file(
+        "generic.csv",
+        "jobid,arrive,runtime,cards,card,team\n1,0,3600,8,H100,vision\n2,12.6,60,1,,speech\n",
+    );
+    let format =
+        Format::Csv(ColumnMap::parse("submit=arrive,duration=runtime,gpus=cards,gpu_type=card,user=team").unwrap());
     let (jobs, stats) = read_all(&path, &format).unwrap();
     assert_eq!(stats.jobs, 2);
     assert_eq!((jobs[0].submit_s, jobs[0].duration_s, jobs[0].gpus), (0, 3600, 8));

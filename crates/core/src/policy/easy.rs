@@ -53,12 +53,7 @@ struct CityQueues {
 
 impl Easy {
     pub fn fifo() -> Easy {
-        Easy {
-            name: "fifo",
-            restriction: Restriction::Anywhere,
-            candidates: HashMap::new(),
-            cities: None,
-        }
+        Easy { name: "fifo", restriction: Restriction::Anywhere, candidates: HashMap::new(), cities: None }
     }
 
     pub fn local() -> Easy {
@@ -143,7 +138,8 @@ impl Policy for Easy {
             dirty.insert(topology.site(site).city.clone());
         }
         for city in dirty {
-            let queue: Vec<JobId> = cities.by_city.get(&city).map_or_else(Vec::new, |q| q.iter().map(|&(_, j)| j).collect());
+            let queue: Vec<JobId> =
+                cities.by_city.get(&city).map_or_else(Vec::new, |q| q.iter().map(|&(_, j)| j).collect());
             for (job, pool) in self.easy_pass(pass, &queue) {
                 cities.running_pool.insert(job, pool);
             }
@@ -181,13 +177,7 @@ impl Easy {
                 .filter_map(|&pool| pass.earliest_start(pool, gpus).map(|(at, free)| (at, pool, free)))
                 .min_by_key(|&(at, pool, _)| (at, pool));
             if let Some((shadow_s, pool, free)) = earliest {
-                reservations.insert(
-                    pool,
-                    Reservation {
-                        shadow_s,
-                        extra: free - gpus,
-                    },
-                );
+                reservations.insert(pool, Reservation { shadow_s, extra: free - gpus });
             }
         }
         started
@@ -196,7 +186,12 @@ impl Easy {
 
 /// Starts the job on the first candidate pool (nearest first) that has room
 /// and where starting does not delay that pool's reservation.
-fn try_start(pass: &mut Pass<'_>, job: JobId, candidates: &[PoolId], reservations: &mut BTreeMap<PoolId, Reservation>) -> Option<PoolId> {
+fn try_start(
+    pass: &mut Pass<'_>,
+    job: JobId,
+    candidates: &[PoolId],
+    reservations: &mut BTreeMap<PoolId, Reservation>,
+) -> Option<PoolId> {
     let now_s = pass.now_s();
     let spec = pass.spec(job);
     let gpus = spec.gpus;

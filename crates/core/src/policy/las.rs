@@ -53,11 +53,7 @@ pub struct Las {
 impl Las {
     fn track_start(&mut self, pass: &mut Pass<'_>, job: JobId, pool: PoolId) {
         let live = pass.live(job);
-        let r = Running {
-            pool,
-            level: level(live.attained_gpu_s),
-            gpus: live.spec.gpus,
-        };
+        let r = Running { pool, level: level(live.attained_gpu_s), gpus: live.spec.gpus };
         self.held[pool.0 as usize][r.level] += r.gpus;
         self.running.insert(job, r);
         self.arm(pass, job);
@@ -98,7 +94,13 @@ impl Las {
 
     /// The pool where the job can start by preempting the fewest
     /// accelerators of lower-priority jobs, and those victims.
-    fn victims_for(&self, pass: &Pass<'_>, job: JobId, candidates: &[PoolId], job_level: usize) -> Option<(PoolId, Vec<JobId>)> {
+    fn victims_for(
+        &self,
+        pass: &Pass<'_>,
+        job: JobId,
+        candidates: &[PoolId],
+        job_level: usize,
+    ) -> Option<(PoolId, Vec<JobId>)> {
         let gpus = pass.spec(job).gpus;
         let best_pool = candidates
             .iter()
@@ -114,7 +116,7 @@ impl Las {
             })
             .collect();
         // Lowest priority first: highest queue, then most attained.
-        victims.sort_by(|a, b| (b.0, b.1, b.2).cmp(&(a.0, a.1, a.2)));
+        victims.sort_by_key(|&(level, attained, job, _)| std::cmp::Reverse((level, attained, job)));
         let mut free = pass.free(best_pool);
         let mut chosen = Vec::new();
         for (_, _, victim, g) in victims {

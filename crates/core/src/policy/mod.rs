@@ -127,7 +127,10 @@ pub fn site_allowed(topology: &Topology, restriction: Restriction, job: &JobSpec
 /// Pools the job may ever use, by type, gang size, restriction and budget.
 fn admissible(topology: &Topology, restriction: Restriction, job: &JobSpec, pool: PoolId) -> bool {
     let p = topology.pool(pool);
-    job.accepts(p.accel) && p.count >= job.gpus && site_allowed(topology, restriction, job, p.site) && within_budget(topology, job, pool, job.estimate_s)
+    job.accepts(p.accel)
+        && p.count >= job.gpus
+        && site_allowed(topology, restriction, job, p.site)
+        && within_budget(topology, job, pool, job.estimate_s)
 }
 
 /// Is the estimated cost of `reference_s` of work on `pool` within the job's budget?
@@ -160,10 +163,7 @@ pub(crate) fn never_fits(topology: &Topology, policy: &dyn Policy, job: &JobSpec
             .min()
             .unwrap_or(i64::MAX);
         if cheapest > budget {
-            return Some(Rejection::OverBudget {
-                cheapest_fen: cheapest,
-                budget_fen: budget,
-            });
+            return Some(Rejection::OverBudget { cheapest_fen: cheapest, budget_fen: budget });
         }
     }
     None
@@ -185,15 +185,13 @@ pub(crate) fn first_fit(pass: &Pass<'_>, restriction: Restriction, job: JobId) -
     let spec = pass.spec(job);
     let topology = pass.topology();
     let remaining = pass.live(job).remaining_estimate_s();
-    topology
-        .sites_by_distance(spec.origin)
-        .iter()
-        .flat_map(|&site| topology.site(site).pools.iter().copied())
-        .find(|&pool| {
+    topology.sites_by_distance(spec.origin).iter().flat_map(|&site| topology.site(site).pools.iter().copied()).find(
+        |&pool| {
             let p = topology.pool(pool);
             pass.free(pool) >= spec.gpus
                 && spec.accepts(p.accel)
                 && site_allowed(topology, restriction, spec, p.site)
                 && within_budget(topology, spec, pool, remaining)
-        })
+        },
+    )
 }

@@ -111,7 +111,8 @@ impl Network {
             candidates.sort_unstable_by_key(|c| (c.base, c.pool));
             let w = spec.weights;
             JobPlan {
-                wait_q32: ((w.time as u128 * OBJECTIVE_UNIT as u128) << 32) / (yardstick.time_s as u128 * w.total().max(1) as u128),
+                wait_q32: ((w.time as u128 * OBJECTIVE_UNIT as u128) << 32)
+                    / (yardstick.time_s as u128 * w.total().max(1) as u128),
                 candidates: candidates.into(),
             }
         });
@@ -262,14 +263,17 @@ impl Policy for Network {
             // least twice as soon. Waiting merely to save money, or for a
             // small gain that rests on estimates, leaves accelerators idle
             // while a queue builds, which costs everyone time.
-            let free_completion_s = best_free.map(|(_, i)| candidates[i].run_and_stage_s + self.queue_wait_s(pass, candidates[i].pool));
+            let free_completion_s =
+                best_free.map(|(_, i)| candidates[i].run_and_stage_s + self.queue_wait_s(pass, candidates[i].pool));
             let mut best_busy: Option<(u64, usize)> = None;
             for (i, c) in candidates.iter().enumerate() {
                 let bound = best_busy.or(best_free).map(|(b, _)| b);
                 if bound.is_some_and(|b| c.base >= b) {
                     break;
                 }
-                if pass.free(c.pool) >= gpus || free_completion_s.is_some_and(|f| c.run_and_stage_s * WAIT_SPEEDUP_MIN >= f) {
+                if pass.free(c.pool) >= gpus
+                    || free_completion_s.is_some_and(|f| c.run_and_stage_s * WAIT_SPEEDUP_MIN >= f)
+                {
                     continue;
                 }
                 let Some(running_wait_s) = self.running_wait_s(pass, c.pool, gpus) else {

@@ -19,14 +19,16 @@ pub fn three_sites() -> Arc<Topology> {
             AcceleratorSpec::new("H100", 3.17, 80, 700, false),
         ],
         sites: vec![
-            SiteSpec::new("jinan", "Jinan", SiteLevel::City, vec![PoolSpec::new("A100", 8, 900), PoolSpec::new("V100", 8, 300)]),
+            SiteSpec::new(
+                "jinan",
+                "Jinan",
+                SiteLevel::City,
+                vec![PoolSpec::new("A100", 8, 900), PoolSpec::new("V100", 8, 300)],
+            ),
             SiteSpec::new("qingdao", "Qingdao", SiteLevel::City, vec![PoolSpec::new("H100", 16, 2300)]),
             SiteSpec::new("hub", "Qingyang", SiteLevel::Hub, vec![PoolSpec::new("A100", 32, 500)]),
         ],
-        links: vec![
-            LinkSpec::new("jinan", "qingdao", 100.0, 4.0, 2),
-            LinkSpec::new("jinan", "hub", 10.0, 20.0, 8),
-        ],
+        links: vec![LinkSpec::new("jinan", "qingdao", 100.0, 4.0, 2), LinkSpec::new("jinan", "hub", 10.0, 20.0, 8)],
     };
     Arc::new(spec.build().expect("valid test topology"))
 }
@@ -37,17 +39,21 @@ pub fn scheduler(topology: &Arc<Topology>, policy_name: &str) -> Scheduler {
 
 /// A job from Jinan accepting the given types.
 pub fn job(topology: &Topology, id: u64, gpus: u32, estimate_s: u64, types: &[&str]) -> JobSpec {
-    let mut spec = JobSpec::new(JobId(id), OrgId((id % 3) as u32), OrgKind::Enterprise, topology.site_id("jinan").unwrap(), gpus, estimate_s);
+    let mut spec = JobSpec::new(
+        JobId(id),
+        OrgId((id % 3) as u32),
+        OrgKind::Enterprise,
+        topology.site_id("jinan").unwrap(),
+        gpus,
+        estimate_s,
+    );
     spec.accepted = types.iter().map(|t| topology.accelerator_id(t).expect("known type")).collect();
     spec.oracle_s = Some(estimate_s);
     spec
 }
 
 pub fn with_dataset(mut spec: JobSpec, topology: &Topology, home: &str, size_mb: u64) -> JobSpec {
-    spec.datasets.push(DatasetRef {
-        size_mb,
-        home: topology.site_id(home).unwrap(),
-    });
+    spec.datasets.push(DatasetRef { size_mb, home: topology.site_id(home).unwrap() });
     spec
 }
 

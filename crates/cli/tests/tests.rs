@@ -1,0 +1,195 @@
+//! End-to-end tests of the `suanwang` binary: `simulate` in both output
+//! formats, the report, determinism, every bad-input path, and `topology`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn suanwang(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_suanwang")).args(args).output().expect("binary runs")
+}
+
+fn excerpt() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../sim/tests/data/itp-cluster06-400.csv")
+        .to_string_lossy()
+        .to_string()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("suanwang-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn json_run(extra: &[&str]) -> Value {
+    let trace = excerpt();
+    let mut args = vec!["simulate", "--trace", trace.as_str(), "--format", "json"];
+    args.extend_from_slice(extra);
+    let o = suanwang(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Exactly one JSON object on stdout, and a silent stderr when it is not a terminal.
+    let text = stdout(&o);
+    assert_eq!(text.trim().lines().count(), 1, "{text}");
+    assert_eq!(stderr(&o), "");
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+#[test]
+fn simulate_json_has_every_field_for_every_policy() {
+    let v = json_run(&["--policy", "all", "--seed", "3", "--load", "0.8"]);
+    assert_eq!(v["jobs"], 400);
+    assert_eq!(v["seed"], 3);
+    assert_eq!(v["load"], 0.8);
+    assert!(v["trace"].as_str().unwrap().ends_with("itp-cluster06-400.csv"));
+    let policies = v["policies"].as_array().unwrap();
+    let names: Vec<&str> = policies.iter().map(|p| p["policy"].as_str().unwrap()).collect();
+    assert_eq!(names, ["local", "fifo", "sjf", "fair", "las", "cheapest", "network"]);
+    for p in policies {
+        for key in [
+            "jobs_completed",
+            "mean_jct_s",
+            "p50_jct_s",
+            "p95_jct_s",
+            "p99_jct_s",
+            "mean_wait_s",
+            "makespan_s",
+            "utilization",
+            "compute_cost_fen",
+            "transfer_cost_fen",
+            "transfer_gb",
+            "carbon_kg",
+            "jain_fairness",
+            "preemptions",
+            "wall_ms",
+        ] {
+            assert!(p.get(key).is_some_and(|x| x.is_number()), "{key} missing for {}", p["policy"]);
+        }
+        assert_eq!(p["jobs_completed"], 400);
+    }
+}
+
+#[test]
+fn simulate_is_deterministic_apart_from_wall_time() {
+    let strip = |mut v: Value| {
+        for p in v["policies"].as_array_mut().unwrap() {
+            p.as_object_mut().unwrap().remove("wall_ms");
+        }
+        v
+    };
+    let a = strip(json_run(&["--policy", "network,las,fifo", "--seed", "9"]));
+    let b = strip(json_run(&["--policy", "network,las,fifo", "--seed", "9"]));
+    assert_eq!(a, b);
+    let c = strip(json_run(&["--policy", "network,las,fifo", "--seed", "10"]));
+    assert_ne!(a, c);
+}
+
+#[test]
+fn simulate_defaults_run_the_bundled_trace_as_a_table() {
+    let o = suanwang(&["simulate", "--policy", "fifo,network"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.starts_with("trace itp-cluster01 (1595 jobs) on shandong"), "{text}");
+    assert!(
+        text.contains("mean JCT s")
+            && text.lines().any(|l| l.starts_with("network"))
+            && text.lines().any(|l| l.starts_with("fifo"))
+    );
+}
+
+#[test]
+fn simulate_writes_an_html_report() {
+    let dir = temp_dir("report");
+    let trace = excerpt();
+    let o = suanwang(&["simulate", "--trace", &trace, "--policy", "fifo,network", "--report", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let page = std::fs::read_to_string(dir.join("index.html")).unwrap();
+    assert!(page.starts_with("<!doctype html>"));
+    assert_eq!(page.matches("<svg").count(), 4);
+}
+
+#[test]
+fn other_formats_and_column_maps_run() {
+    let gavel = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../trace/tests/data/gavel.trace");
+    let o = suanwang(&["simulate", "--trace", gavel.to_str().unwrap(), "--policy", "network", "--format", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = temp_dir("csv");
+    let csv = dir.join("jobs.csv");
+    std::fs::write(&csv, "start,secs,n,team\n0,3600,4,a\n60,7200,8,b\n120,600,1,a\n").unwrap();
+    let o = suanwang(&[
+        "simulate",
+        "--trace",
+        csv.to_str().unwrap(),
+        "--trace-format",
+        "csv",
+        "--columns",
+        "submit=start,duration=secs,gpus=n,user=team",
+        "--policy",
+        "network",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["policies"][0]["jobs_completed"], 3);
+}
+
+fn fails_with(args: &[&str], expected: &str) {
+    let o = suanwang(args);
+    assert_eq!(o.status.code(), Some(1), "{args:?} should fail: {}", stdout(&o));
+    let err = stderr(&o);
+    assert!(err.contains(expected), "{args:?}: expected '{expected}' in: {err}");
+    assert_eq!(stdout(&o), "", "nothing on stdout on failure");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_a_failing_exit() {
+    let dir = temp_dir("bad");
+    fails_with(&["simulate", "--policy", "fifo,magic"], "--policy: unknown policy 'magic'");
+    fails_with(
+        &["simulate", "--trace", "/nonexistent.csv", "--trace-format", "itp"],
+        "/nonexistent.csv:0: cannot read",
+    );
+    let bad = dir.join("bad.csv");
+    std::fs::write(&bad, "job_id,submission_time,duration,num_gpu\na,0,100,1\nb,10,ten,1\n").unwrap();
+    fails_with(
+        &["simulate", "--trace", bad.to_str().unwrap()],
+        &format!("{}:3: duration: 'ten' is not a number of seconds", bad.display()),
+    );
+    let topo = dir.join("net.toml");
+    std::fs::write(&topo, "name = \"x\"\n[[accelerator]]\ntype = \"A100\"\nspeed = 1.0\nmemory_gb = 80\npower_w = 400\ndomestic = false\n").unwrap();
+    fails_with(
+        &["simulate", "--topology", topo.to_str().unwrap()],
+        &format!("{}: topology: has no [[site]] entries", topo.display()),
+    );
+    fails_with(&["simulate", "--load=-1"], "--load must be a positive number, got -1");
+    fails_with(&["simulate", "--load", "0"], "--load must be a positive number, got 0");
+    fails_with(&["simulate", "--columns", "submit=a"], "--columns needs --trace-format csv");
+    fails_with(&["simulate", "--trace-format", "csv"], "--trace-format csv needs --columns");
+    fails_with(&["simulate", "--trace-format", "slurm"], "unknown trace format 'slurm'");
+    let empty = dir.join("empty.csv");
+    std::fs::write(&empty, "job_id,submission_time,duration,num_gpu\n").unwrap();
+    fails_with(&["simulate", "--trace", empty.to_str().unwrap()], "the trace has no jobs");
+    // Usage errors are clap's: exit code 2.
+    let o = suanwang(&["simulate", "--format", "xml"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn topology_prints_the_bundled_network() {
+    let o = suanwang(&["topology", "shandong"]);
+    assert!(o.status.success());
+    let text = stdout(&o);
+    assert!(text.starts_with("shandong: 24 sites"), "{text}");
+    assert!(text.contains("jinan-scc") && text.contains("hub-qingyang") && text.contains("Illustrative"));
+    assert!(Path::new(env!("CARGO_BIN_EXE_suanwang")).exists());
+}
