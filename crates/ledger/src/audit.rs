@@ -1,0 +1,163 @@
+//! Write-off (核销) and audit: per-provider settlement statements for a
+//! period, per-programme spend reports, as rows that export to CSV or JSON.
+
+use rusqlite::params;
+use serde::Serialize;
+
+use crate::error::LedgerError;
+use crate::ledger::Ledger;
+use crate::voucher::{self, HoldRecord, Settlement, codes};
+
+/// One settled job on a provider's statement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatementLine {
+    pub job: String,
+    pub org: String,
+    pub site: String,
+    pub accel: String,
+    pub programme: String,
+    pub settled_at: i64,
+    pub accel_seconds: i64,
+    pub card_seconds: i64,
+    pub compute_fen: i64,
+    pub voucher_fen: i64,
+    pub org_fen: i64,
+    pub transfer_fen: i64,
+    pub unbilled_fen: i64,
+}
+
+/// A provider's statement for `[from, to)`: its settled jobs and their totals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Statement {
+    pub provider: String,
+    pub from: i64,
+    pub to: i64,
+    pub lines: Vec<StatementLine>,
+    pub total: StatementLine,
+}
+
+fn corrupt(e: serde_json::Error) -> LedgerError {
+    LedgerError::Corrupt { path: "billing".into(), problem: e.to_string() }
+}
+
+pub fn statement(ledger: &Ledger, provider: &str, from: i64, to: i64) -> Result<Statement, LedgerError> {
+    let mut stmt = ledger.connection().prepare(
+        "SELECT hold, settlement, settled_at FROM billing WHERE provider = ?1 AND state = 'settled' AND settled_at >= ?2 AND settled_at < ?3 ORDER BY settled_at, job",
+    )?;
+    let rows: Vec<(String, String, i64)> =
+        stmt.query_map(params![provider, from, to], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+    let mut total = StatementLine {
+        job: "TOTAL".into(),
+        org: String::new(),
+        site: String::new(),
+        accel: String::new(),
+        programme: String::new(),
+        settled_at: 0,
+        accel_seconds: 0,
+        card_seconds: 0,
+        compute_fen: 0,
+        voucher_fen: 0,
+        org_fen: 0,
+        transfer_fen: 0,
+        unbilled_fen: 0,
+    };
+    let mut lines = Vec::new();
+    for (hold, settlement, settled_at) in rows {
+        let hold: HoldRecord = serde_json::from_str(&hold).map_err(corrupt)?;
+        let s: Settlement = serde_json::from_str(&settlement).map_err(corrupt)?;
+        let line = StatementLine {
+            job: hold.job.clone(),
+            org: s.bill.org.clone(),
+            site: hold.placement.site.clone(),
+            accel: hold.placement.accel.clone(),
+            programme: s.bill.programme.clone().unwrap_or_default(),
+            settled_at,
+            accel_seconds: s.actual.accel_seconds,
+            card_seconds: s.bill.card_seconds,
+            compute_fen: s.bill.compute_fen,
+            voucher_fen: s.bill.subsidy_fen,
+            org_fen: s.bill.org_compute_fen,
+            transfer_fen: s.bill.transfer_fen,
+            unbilled_fen: s.unbilled_fen,
+        };
+        total.accel_seconds += line.accel_seconds;
+        total.card_seconds += line.card_seconds;
+        total.compute_fen += line.compute_fen;
+        total.voucher_fen += line.voucher_fen;
+        total.org_fen += line.org_fen;
+        total.transfer_fen += line.transfer_fen;
+        total.unbilled_fen += line.unbilled_fen;
+        lines.push(line);
+    }
+    Ok(Statement { provider: provider.into(), from, to, lines, total })
+}
+
+/// Where a programme's money is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProgrammeSpend {
+    pub programme: String,
+    pub budget_fen: i64,
+    /// Granted to organisations, net of expiry returns.
+    pub granted_fen: i64,
+    pub returned_fen: i64,
+    /// Subsidy paid for settled jobs.
+    pub spent_fen: i64,
+    /// Subsidy held for running jobs.
+    pub held_fen: i64,
+    /// Still in the programme's pool.
+    pub pool_fen: i64,
+    /// Granted and not yet spent or held.
+    pub vouchers_fen: i64,
+    pub organisations: i64,
+}
+
+pub fn programme_spend(ledger: &Ledger) -> Result<Vec<ProgrammeSpend>, LedgerError> {
+    let sql = ledger.connection();
+    let mut out = Vec::new();
+    for p in voucher::programmes(ledger)? {
+        let pool = voucher::programme_pool(&p.id);
+        let sum = |code: u16, debit: bool| -> Result<i64, LedgerError> {
+            let column = if debit { "debit" } else { "credit" };
+            Ok(sql.query_row(
+                &format!("SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE {column} = ?1 AND code = ?2 AND kind = 0"),
+                params![pool.0.to_be_bytes(), code],
+                |r| r.get(0),
+            )?)
+        };
+        let granted = sum(codes::GRANT, true)?;
+        let returned = sum(codes::EXPIRY_RETURN, false)?;
+        let (held, spent, organisations): (i64, i64, i64) = sql.query_row(
+            "SELECT COALESCE(SUM(held_fen), 0), COALESCE(SUM(posted_fen), 0), COUNT(DISTINCT org) FROM org_year WHERE programme = ?1",
+            [&p.id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let vouchers: i64 = ledger
+            .accounts()
+            .iter()
+            .filter(|a| a.kind == "voucher" && voucher::voucher(&p.id, &a.owner) == a.id)
+            .map(|a| a.available())
+            .sum();
+        out.push(ProgrammeSpend {
+            programme: p.id.clone(),
+            budget_fen: p.budget_fen,
+            granted_fen: granted - returned,
+            returned_fen: returned,
+            spent_fen: spent,
+            held_fen: held,
+            pool_fen: ledger.account(pool).map_or(0, |a| a.available()),
+            vouchers_fen: vouchers,
+            organisations,
+        });
+    }
+    Ok(out)
+}
+
+/// Rows as CSV with a header.
+pub fn to_csv<T: Serialize>(rows: &[T]) -> Result<String, LedgerError> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    for row in rows {
+        writer.serialize(row).map_err(|e| LedgerError::Corrupt { path: "csv".into(), problem: e.to_string() })?;
+    }
+    let bytes = writer.into_inner().map_err(|e| LedgerError::Corrupt { path: "csv".into(), problem: e.to_string() })?;
+    Ok(String::from_utf8(bytes).expect("csv of strings is utf-8"))
+}

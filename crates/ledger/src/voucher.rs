@@ -1,0 +1,940 @@
+//! Compute vouchers (算力券) and compute cards (算力卡) on the ledger.
+//!
+//! Money flows, all in fen, each a ledger transfer with a business code
+//! ([`codes`]):
+//!
+//! ```text
+//! treasury ──fund──▶ programme pool ──grant──▶ voucher(programme, org) ──subsidy──▶ provider revenue
+//! bank ──deposit──▶ org wallet ──org share──▶ provider revenue
+//!                   org wallet ──transfer fee──▶ network revenue        (never subsidised)
+//!                   org wallet ──card purchase──▶ card sales
+//! card mint(type) ──issue──▶ card(org, type) ──redeem──▶ card redeemed(type)   (accelerator-seconds)
+//! voucher(programme, org) ──expiry return──▶ programme pool
+//! ```
+//!
+//! The programme pool, vouchers, wallets and cards cannot be overdrawn, so a
+//! programme can never grant more than its budget and nobody spends what
+//! they do not have. A job's bill is held at admission as linked pending
+//! transfers (card, subsidy, organisation share, transfer fee), posted at
+//! completion for at most what was held, or voided on cancel.
+//!
+//! Rules (from the published city rules in `shared/facts/REGION.md`):
+//! subsidy is a share of the compute bill, in basis points, lower for
+//! non-domestic accelerators; capped per job and per organisation per
+//! calendar year (China time); only eligible organisation kinds, sites and
+//! accelerator types; never between related parties (the organisation runs
+//! the site); never twice for the same job; nothing from an expired voucher,
+//! whose balance a sweep returns to its programme; data-transfer fees are
+//! never subsidised.
+
+use chrono::{FixedOffset, NaiveDate, TimeZone};
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LedgerError, Refusal};
+use crate::ledger::{Batch, Ledger, PendingState};
+use crate::model::{AccountId, NewAccount, NewTransfer, TransferId, TransferKind, Unit, flags};
+
+/// Business codes of voucher transfers.
+pub mod codes {
+    pub const FUND: u16 = 1;
+    pub const GRANT: u16 = 2;
+    pub const DEPOSIT: u16 = 3;
+    pub const SUBSIDY: u16 = 4;
+    pub const ORG_SHARE: u16 = 5;
+    pub const TRANSFER_FEE: u16 = 6;
+    pub const CARD_PURCHASE: u16 = 7;
+    pub const CARD_ISSUE: u16 = 8;
+    pub const CARD_REDEEM: u16 = 9;
+    pub const EXPIRY_RETURN: u16 = 10;
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS orgs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS programmes (
+    id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS billing (
+    job TEXT PRIMARY KEY,
+    org TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    site TEXT NOT NULL,
+    accel TEXT NOT NULL,
+    programme TEXT,
+    year INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    hold TEXT NOT NULL,
+    settlement TEXT,
+    held_at INTEGER NOT NULL,
+    settled_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS billing_provider ON billing(provider, settled_at);
+CREATE TABLE IF NOT EXISTS org_year (
+    programme TEXT NOT NULL,
+    org TEXT NOT NULL,
+    year INTEGER NOT NULL,
+    held_fen INTEGER NOT NULL,
+    posted_fen INTEGER NOT NULL,
+    PRIMARY KEY (programme, org, year)
+);
+";
+
+/// The kinds of organisation a programme can make eligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrgKind {
+    Enterprise,
+    University,
+    Institute,
+}
+
+impl std::str::FromStr for OrgKind {
+    type Err = Refusal;
+    fn from_str(s: &str) -> Result<OrgKind, Refusal> {
+        match s {
+            "enterprise" => Ok(OrgKind::Enterprise),
+            "university" => Ok(OrgKind::University),
+            "institute" => Ok(OrgKind::Institute),
+            _ => Err(invalid("kind", format!("must be enterprise, university or institute, got '{s}'"))),
+        }
+    }
+}
+
+/// A voucher programme as the operator defines it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgrammeSpec {
+    pub id: String,
+    pub name: String,
+    pub budget_fen: i64,
+    /// Valid from this time (inclusive) until `valid_until` (exclusive), unix seconds.
+    pub valid_from: i64,
+    pub valid_until: i64,
+    /// Eligible organisation kinds (at least one).
+    pub kinds: Vec<OrgKind>,
+    /// Eligible sites; empty means all.
+    pub sites: Vec<String>,
+    /// Eligible accelerator types; empty means all.
+    pub accels: Vec<String>,
+    /// Share of the compute bill paid, in basis points (3,000 = 30%).
+    pub rate_bp: i64,
+    /// The rate for non-domestic accelerators.
+    pub foreign_rate_bp: i64,
+    /// Most subsidy one organisation receives per calendar year.
+    pub org_year_cap_fen: i64,
+    /// Most subsidy one job receives.
+    pub job_cap_fen: i64,
+}
+
+/// Where a job runs and at what price: the facts the bill needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub site: String,
+    /// The organisation that runs the site.
+    pub provider: String,
+    pub accel: String,
+    pub domestic: bool,
+    pub price_fen_per_hour: i64,
+}
+
+/// What a job uses: accelerator-seconds (count times seconds) and data-transfer fees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub accel_seconds: i64,
+    pub transfer_fen: i64,
+}
+
+/// The bill of a job, before or after it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bill {
+    pub org: String,
+    pub programme: Option<String>,
+    pub rate_bp: i64,
+    /// Compute at list price for all the accelerator-seconds.
+    pub compute_fen: i64,
+    /// Accelerator-seconds paid with a compute card.
+    pub card_seconds: i64,
+    /// What the voucher pays.
+    pub subsidy_fen: i64,
+    /// The organisation's share of compute.
+    pub org_compute_fen: i64,
+    pub transfer_fen: i64,
+    /// What the organisation pays in all: its compute share plus transfer fees.
+    pub org_total_fen: i64,
+    /// Why the voucher pays nothing or less than the rate, if so.
+    pub notes: Vec<String>,
+}
+
+/// A held job: its bill and the placement and price it was held at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldRecord {
+    pub job: String,
+    pub placement: Placement,
+    pub estimated: Usage,
+    pub bill: Bill,
+    pub year: i32,
+    pub timeout_s: i64,
+}
+
+/// What completion settled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settlement {
+    pub job: String,
+    pub actual: Usage,
+    pub bill: Bill,
+    /// Compute beyond what was held, which is not billed.
+    pub unbilled_fen: i64,
+}
+
+fn invalid(field: &'static str, problem: String) -> Refusal {
+    Refusal::Invalid { field, problem }
+}
+
+fn refused<T>(r: Refusal) -> Result<T, LedgerError> {
+    Err(LedgerError::Refused(r))
+}
+
+/// China Standard Time, for calendar years and dates.
+fn china() -> FixedOffset {
+    FixedOffset::east_opt(8 * 3600).expect("valid offset")
+}
+
+/// The calendar year (China time) of a unix time.
+pub fn year_of(unix_s: i64) -> i32 {
+    use chrono::Datelike;
+    china().timestamp_opt(unix_s, 0).single().map_or(1970, |t| t.year())
+}
+
+/// Midnight China time at the start of `YYYY-MM-DD`, as unix seconds.
+pub fn date_to_unix(date: &str) -> Result<i64, Refusal> {
+    let day = NaiveDate::parse_from_str(date.trim(), "%Y-%m-%d")
+        .map_err(|_| invalid("date", format!("'{date}' is not a date (YYYY-MM-DD)")))?;
+    let midnight = day.and_hms_opt(0, 0, 0).expect("midnight exists");
+    Ok(china().from_local_datetime(&midnight).single().expect("fixed offset").timestamp())
+}
+
+pub fn treasury() -> AccountId {
+    AccountId::derive("treasury")
+}
+pub fn bank() -> AccountId {
+    AccountId::derive("bank")
+}
+pub fn network_revenue() -> AccountId {
+    AccountId::derive("revenue:network")
+}
+pub fn card_sales() -> AccountId {
+    AccountId::derive("card-sales")
+}
+pub fn programme_pool(programme: &str) -> AccountId {
+    AccountId::derive(&format!("programme:{programme}"))
+}
+pub fn voucher(programme: &str, org: &str) -> AccountId {
+    AccountId::derive(&format!("voucher:{programme}:{org}"))
+}
+pub fn wallet(org: &str) -> AccountId {
+    AccountId::derive(&format!("wallet:{org}"))
+}
+pub fn revenue(provider: &str) -> AccountId {
+    AccountId::derive(&format!("revenue:{provider}"))
+}
+pub fn card(org: &str, accel: &str) -> AccountId {
+    AccountId::derive(&format!("card:{org}:{accel}"))
+}
+fn card_mint(accel: &str) -> AccountId {
+    AccountId::derive(&format!("card-mint:{accel}"))
+}
+fn card_redeemed(accel: &str) -> AccountId {
+    AccountId::derive(&format!("card-redeemed:{accel}"))
+}
+
+fn account(id: AccountId, kind: &str, owner: &str, unit: Unit, flags: u32) -> NewAccount {
+    NewAccount { id, kind: kind.into(), owner: owner.into(), unit, flags }
+}
+
+/// Creates accounts that may already exist (same content), refusing conflicts.
+fn ensure_accounts(b: &mut Batch<'_>, accounts: &[NewAccount]) -> Result<(), LedgerError> {
+    for a in accounts {
+        b.create_account(a)?.map_err(LedgerError::Refused)?;
+    }
+    Ok(())
+}
+
+/// Applies transfers that must all succeed (as one linked chain).
+fn transfer_all(b: &mut Batch<'_>, mut transfers: Vec<NewTransfer>) -> Result<(), LedgerError> {
+    let n = transfers.len();
+    for (i, t) in transfers.iter_mut().enumerate() {
+        t.linked = i + 1 < n;
+    }
+    for outcome in b.create_transfers(&transfers)? {
+        if let Err(refusal) = outcome
+            && refusal != Refusal::LinkedEventFailed
+        {
+            return refused(refusal);
+        }
+    }
+    Ok(())
+}
+
+fn positive(field: &'static str, value: i64) -> Result<(), LedgerError> {
+    if value <= 0 {
+        return refused(invalid(field, format!("must be positive, got {value}")));
+    }
+    Ok(())
+}
+
+/// Creates the voucher tables and the system accounts. Idempotent.
+pub fn init(ledger: &mut Ledger, now: i64) -> Result<(), LedgerError> {
+    ledger.write(now, |b| {
+        b.sql().execute_batch(SCHEMA)?;
+        ensure_accounts(
+            b,
+            &[
+                account(treasury(), "treasury", "operator", Unit::Fen, 0),
+                account(bank(), "bank", "outside", Unit::Fen, 0),
+                account(network_revenue(), "revenue", "network", Unit::Fen, 0),
+                account(card_sales(), "card_sales", "operator", Unit::Fen, 0),
+            ],
+        )
+    })
+}
+
+/// Registers an organisation and its wallet. Idempotent for the same content.
+pub fn add_org(ledger: &mut Ledger, now: i64, id: &str, kind: OrgKind, name: &str) -> Result<(), LedgerError> {
+    if id.trim().is_empty() {
+        return refused(invalid("org", "must not be empty".into()));
+    }
+    ledger.write(now, |b| {
+        let kind_text = serde_json::to_value(kind).expect("kind serialises").as_str().unwrap_or_default().to_string();
+        let existing: Option<(String, String)> = b
+            .sql()
+            .query_row("SELECT kind, name FROM orgs WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        match existing {
+            Some((k, n)) if k == kind_text && n == name => return Ok(()),
+            Some(_) => return refused(Refusal::IdReusedWithDifferentContent(id.to_string())),
+            None => {}
+        }
+        b.sql().execute("INSERT INTO orgs (id, kind, name, created_at) VALUES (?1, ?2, ?3, ?4)", params![id, kind_text, name, now])?;
+        ensure_accounts(b, &[account(wallet(id), "wallet", id, Unit::Fen, flags::DEBITS_MUST_NOT_EXCEED_CREDITS)])
+    })
+}
+
+fn org_kind(b: &Batch<'_>, org: &str) -> Result<OrgKind, LedgerError> {
+    let kind: Option<String> = b.sql().query_row("SELECT kind FROM orgs WHERE id = ?1", [org], |r| r.get(0)).optional()?;
+    match kind {
+        Some(k) => Ok(k.parse()?),
+        None => refused(Refusal::NotFound { what: "organisation", id: org.to_string() }),
+    }
+}
+
+fn programme(sql: &rusqlite::Connection, id: &str) -> Result<ProgrammeSpec, LedgerError> {
+    let spec: Option<String> = sql.query_row("SELECT spec FROM programmes WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+    match spec {
+        Some(s) => Ok(serde_json::from_str(&s).map_err(|e| LedgerError::Corrupt { path: "programmes".into(), problem: e.to_string() })?),
+        None => refused(Refusal::NotFound { what: "programme", id: id.to_string() }),
+    }
+}
+
+/// All programmes, by id.
+pub fn programmes(ledger: &Ledger) -> Result<Vec<ProgrammeSpec>, LedgerError> {
+    let mut stmt = ledger.connection().prepare("SELECT spec FROM programmes ORDER BY id")?;
+    let specs: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    specs
+        .iter()
+        .map(|s| serde_json::from_str(s).map_err(|e| LedgerError::Corrupt { path: "programmes".into(), problem: e.to_string() }))
+        .collect()
+}
+
+fn validate_programme(p: &ProgrammeSpec) -> Result<(), LedgerError> {
+    if p.id.trim().is_empty() || p.id.contains(':') {
+        return refused(invalid("id", format!("must be non-empty without ':', got '{}'", p.id)));
+    }
+    positive("budget_fen", p.budget_fen)?;
+    if p.valid_until <= p.valid_from {
+        return refused(invalid("valid_until", "must be after valid_from".into()));
+    }
+    if p.kinds.is_empty() {
+        return refused(invalid("kinds", "must name at least one organisation kind".into()));
+    }
+    for (field, rate) in [("rate_bp", p.rate_bp), ("foreign_rate_bp", p.foreign_rate_bp)] {
+        if !(0..=10_000).contains(&rate) {
+            return refused(invalid(field, format!("must be between 0 and 10000 basis points, got {rate}")));
+        }
+    }
+    positive("org_year_cap_fen", p.org_year_cap_fen)?;
+    positive("job_cap_fen", p.job_cap_fen)?;
+    Ok(())
+}
+
+/// Creates a programme and funds its pool with the budget from the treasury.
+/// The same programme again is accepted; a different one under the same id is refused.
+pub fn create_programme(ledger: &mut Ledger, now: i64, p: &ProgrammeSpec) -> Result<(), LedgerError> {
+    validate_programme(p)?;
+    ledger.write(now, |b| {
+        let text = serde_json::to_string(p).expect("spec serialises");
+        let existing: Option<String> = b.sql().query_row("SELECT spec FROM programmes WHERE id = ?1", [&p.id], |r| r.get(0)).optional()?;
+        match existing {
+            Some(e) if e == text => return Ok(()),
+            Some(_) => return refused(Refusal::IdReusedWithDifferentContent(p.id.clone())),
+            None => {}
+        }
+        b.sql().execute("INSERT INTO programmes (id, spec, created_at) VALUES (?1, ?2, ?3)", params![p.id, text, now])?;
+        let pool = programme_pool(&p.id);
+        ensure_accounts(b, &[account(pool, "programme", &p.id, Unit::Fen, flags::DEBITS_MUST_NOT_EXCEED_CREDITS)])?;
+        transfer_all(b, vec![NewTransfer::posted(TransferId::derive(&format!("fund:{}", p.id)), treasury(), pool, p.budget_fen, codes::FUND)])
+    })
+}
+
+/// Puts an organisation's own money in its wallet.
+pub fn deposit(ledger: &mut Ledger, now: i64, id: TransferId, org: &str, amount_fen: i64) -> Result<(), LedgerError> {
+    positive("amount", amount_fen)?;
+    ledger.write(now, |b| {
+        org_kind(b, org)?;
+        transfer_all(b, vec![NewTransfer::posted(id, bank(), wallet(org), amount_fen, codes::DEPOSIT)])
+    })
+}
+
+/// Grants vouchers of a programme to an organisation, out of the programme's budget.
+pub fn grant(ledger: &mut Ledger, now: i64, id: TransferId, programme_id: &str, org: &str, amount_fen: i64) -> Result<(), LedgerError> {
+    positive("amount", amount_fen)?;
+    ledger.write(now, |b| {
+        let p = programme(b.sql(), programme_id)?;
+        let kind = org_kind(b, org)?;
+        if !p.kinds.contains(&kind) {
+            return refused(Refusal::NotEligible(format!("programme '{programme_id}' does not admit {kind:?} organisations")));
+        }
+        if now >= p.valid_until {
+            return refused(Refusal::VoucherExpired(programme_id.into()));
+        }
+        ensure_accounts(b, &[account(voucher(programme_id, org), "voucher", org, Unit::Fen, flags::DEBITS_MUST_NOT_EXCEED_CREDITS)])?;
+        let pool = programme_pool(programme_id);
+        let t = NewTransfer::posted(id, pool, voucher(programme_id, org), amount_fen, codes::GRANT);
+        match b.create_transfer(&t)? {
+            Ok(_) => Ok(()),
+            Err(Refusal::InsufficientFunds { available, amount, .. }) => {
+                refused(Refusal::ProgrammeExhausted { programme: programme_id.into(), available, amount })
+            }
+            Err(r) => refused(r),
+        }
+    })
+}
+
+/// An organisation buys a compute card: `seconds` accelerator-seconds of
+/// `accel`, paid `price_fen` from its wallet.
+pub fn buy_card(ledger: &mut Ledger, now: i64, id: TransferId, org: &str, accel: &str, seconds: i64, price_fen: i64) -> Result<(), LedgerError> {
+    positive("seconds", seconds)?;
+    positive("price_fen", price_fen)?;
+    if accel.trim().is_empty() {
+        return refused(invalid("accel", "must not be empty".into()));
+    }
+    ledger.write(now, |b| {
+        org_kind(b, org)?;
+        let unit = Unit::AccelSeconds(accel.to_string());
+        ensure_accounts(
+            b,
+            &[
+                account(card_mint(accel), "card_mint", "operator", unit.clone(), 0),
+                account(card_redeemed(accel), "card_redeemed", "operator", unit.clone(), 0),
+                account(card(org, accel), "card", org, unit, flags::DEBITS_MUST_NOT_EXCEED_CREDITS),
+            ],
+        )?;
+        transfer_all(
+            b,
+            vec![
+                NewTransfer::posted(id, wallet(org), card_sales(), price_fen, codes::CARD_PURCHASE),
+                NewTransfer::posted(TransferId::derive(&format!("card-issue:{id}")), card_mint(accel), card(org, accel), seconds, codes::CARD_ISSUE),
+            ],
+        )
+    })
+}
+
+fn ceil_div(a: i128, b: i128) -> i64 {
+    ((a + b - 1) / b) as i64
+}
+
+/// Compute fen for `accel_seconds` at `price_fen_per_hour`, rounded up.
+pub fn compute_fen(accel_seconds: i64, price_fen_per_hour: i64) -> i64 {
+    ceil_div(accel_seconds as i128 * price_fen_per_hour as i128, 3600)
+}
+
+fn validate_usage(usage: &Usage, placement: &Placement) -> Result<(), LedgerError> {
+    if usage.accel_seconds < 0 || usage.accel_seconds > 1_000_000_000_000 {
+        return refused(invalid("accel_seconds", format!("must be between 0 and 10^12, got {}", usage.accel_seconds)));
+    }
+    if usage.transfer_fen < 0 || usage.transfer_fen > 1_000_000_000_000 {
+        return refused(invalid("transfer_fen", format!("must be between 0 and 10^12, got {}", usage.transfer_fen)));
+    }
+    if placement.price_fen_per_hour <= 0 || placement.price_fen_per_hour > 100_000_000 {
+        return refused(invalid("price_fen_per_hour", format!("must be between 1 and 10^8, got {}", placement.price_fen_per_hour)));
+    }
+    Ok(())
+}
+
+fn org_year_used(sql: &rusqlite::Connection, programme: &str, org: &str, year: i32) -> Result<i64, LedgerError> {
+    Ok(sql
+        .query_row(
+            "SELECT held_fen + posted_fen FROM org_year WHERE programme = ?1 AND org = ?2 AND year = ?3",
+            params![programme, org, year],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
+}
+
+fn bump_org_year(sql: &rusqlite::Connection, programme: &str, org: &str, year: i32, held: i64, posted: i64) -> Result<(), LedgerError> {
+    sql.execute(
+        "INSERT INTO org_year (programme, org, year, held_fen, posted_fen) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (programme, org, year) DO UPDATE SET held_fen = held_fen + ?4, posted_fen = posted_fen + ?5",
+        params![programme, org, year, held, posted],
+    )?;
+    Ok(())
+}
+
+/// The bill of a job: card first, then the voucher on what is left, then
+/// the organisation's share. Reserves nothing.
+fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> Result<Bill, LedgerError> {
+    validate_usage(usage, placement)?;
+    let kind = org_kind(b, org)?;
+    let now = b.now();
+    let mut notes = Vec::new();
+    let card_available = b.account(card(org, &placement.accel)).map_or(0, |a| a.available());
+    let card_seconds = usage.accel_seconds.min(card_available.max(0));
+    let compute = compute_fen(usage.accel_seconds, placement.price_fen_per_hour);
+    let payable = compute_fen(usage.accel_seconds - card_seconds, placement.price_fen_per_hour);
+    let mut chosen: Option<(ProgrammeSpec, i64)> = None;
+    if org == placement.provider {
+        notes.push(Refusal::RelatedParty { org: org.into(), site: placement.site.clone() }.to_string());
+    } else {
+        let mut candidates = Vec::new();
+        {
+            let mut stmt = b.sql().prepare_cached("SELECT spec FROM programmes ORDER BY id")?;
+            for spec in stmt.query_map([], |r| r.get::<_, String>(0))? {
+                let p: ProgrammeSpec =
+                    serde_json::from_str(&spec?).map_err(|e| LedgerError::Corrupt { path: "programmes".into(), problem: e.to_string() })?;
+                candidates.push(p);
+            }
+        }
+        for p in candidates {
+            let available = b.account(voucher(&p.id, org)).map_or(0, |a| a.available());
+            if available <= 0 {
+                continue;
+            }
+            let why_not = if now >= p.valid_until {
+                Some(Refusal::VoucherExpired(p.id.clone()).to_string())
+            } else if now < p.valid_from {
+                Some(Refusal::NotYetValid(p.id.clone()).to_string())
+            } else if !p.kinds.contains(&kind) {
+                Some(format!("programme '{}' does not admit {kind:?} organisations", p.id))
+            } else if !p.sites.is_empty() && !p.sites.contains(&placement.site) {
+                Some(format!("programme '{}' does not cover site '{}'", p.id, placement.site))
+            } else if !p.accels.is_empty() && !p.accels.contains(&placement.accel) {
+                Some(format!("programme '{}' does not cover accelerator '{}'", p.id, placement.accel))
+            } else {
+                None
+            };
+            match why_not {
+                Some(note) => notes.push(note),
+                // The voucher that expires first is spent first.
+                None if chosen.as_ref().is_none_or(|(c, _)| (p.valid_until, &p.id) < (c.valid_until, &c.id)) => chosen = Some((p, available)),
+                None => {}
+            }
+        }
+        if chosen.is_none() && notes.is_empty() {
+            notes.push("no voucher balance".into());
+        }
+    }
+    let (programme, rate_bp, subsidy) = match chosen {
+        None => (None, 0, 0),
+        Some((p, available)) => {
+            let rate = if placement.domestic { p.rate_bp } else { p.foreign_rate_bp };
+            let by_rate = (payable as i128 * rate as i128 / 10_000) as i64;
+            let year_left = (p.org_year_cap_fen - org_year_used(b.sql(), &p.id, org, year_of(now))?).max(0);
+            let mut subsidy = by_rate;
+            for (limit, note) in [
+                (p.job_cap_fen, "per-job cap"),
+                (year_left, "yearly cap of the organisation"),
+                (available, "voucher balance"),
+            ] {
+                if limit < subsidy {
+                    subsidy = limit;
+                    notes.push(format!("subsidy limited by the {note} to {limit} fen"));
+                }
+            }
+            (Some(p.id), rate, subsidy)
+        }
+    };
+    let org_compute = payable - subsidy;
+    Ok(Bill {
+        org: org.into(),
+        programme,
+        rate_bp,
+        compute_fen: compute,
+        card_seconds,
+        subsidy_fen: subsidy,
+        org_compute_fen: org_compute,
+        transfer_fen: usage.transfer_fen,
+        org_total_fen: org_compute + usage.transfer_fen,
+        notes,
+    })
+}
+
+/// What the voucher would pay and what the organisation pays. Reserves nothing.
+pub fn quote(ledger: &mut Ledger, now: i64, org: &str, placement: &Placement, usage: &Usage) -> Result<Bill, LedgerError> {
+    // A write transaction that stores nothing: it gives the same view of
+    // the books as a hold would see, and is then rolled back.
+    let mut quoted = None;
+    let outcome = ledger.write(now, |b| {
+        quoted = Some(bill(b, org, placement, usage)?);
+        refused::<()>(Refusal::Invalid { field: "quote", problem: "read only".into() })
+    });
+    match (quoted, outcome) {
+        (Some(bill), _) => Ok(bill),
+        (None, Err(e)) => Err(e),
+        (None, Ok(())) => unreachable!("quote never commits"),
+    }
+}
+
+fn part_id(job: &str, step: &str, part: &str) -> TransferId {
+    TransferId::derive(&format!("job:{job}:{step}:{part}"))
+}
+
+/// The pending parts of a hold: (part, debit, credit, amount, code).
+fn hold_parts(h: &HoldRecord) -> Vec<(&'static str, AccountId, AccountId, i64, u16)> {
+    let org = &h.bill.org;
+    let provider = &h.placement.provider;
+    let mut parts = vec![("card", card(org, &h.placement.accel), card_redeemed(&h.placement.accel), h.bill.card_seconds, codes::CARD_REDEEM)];
+    if let Some(p) = &h.bill.programme {
+        parts.push(("subsidy", voucher(p, org), revenue(provider), h.bill.subsidy_fen, codes::SUBSIDY));
+    }
+    parts.push(("org", wallet(org), revenue(provider), h.bill.org_compute_fen, codes::ORG_SHARE));
+    parts.push(("transfer", wallet(org), network_revenue(), h.bill.transfer_fen, codes::TRANSFER_FEE));
+    parts.into_iter().filter(|p| p.3 > 0).collect()
+}
+
+fn load_hold(sql: &rusqlite::Connection, job: &str) -> Result<Option<(String, HoldRecord, Option<Settlement>)>, LedgerError> {
+    let row: Option<(String, String, Option<String>)> = sql
+        .query_row("SELECT state, hold, settlement FROM billing WHERE job = ?1", [job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let corrupt = |e: serde_json::Error| LedgerError::Corrupt { path: "billing".into(), problem: e.to_string() };
+    Ok(match row {
+        None => None,
+        Some((state, hold, settlement)) => Some((
+            state,
+            serde_json::from_str(&hold).map_err(corrupt)?,
+            settlement.map(|s| serde_json::from_str(&s)).transpose().map_err(corrupt)?,
+        )),
+    })
+}
+
+/// Holds a job's bill at admission: card seconds, voucher share,
+/// organisation share and transfer fee as linked pending transfers that
+/// expire after `timeout_s`. Holding the same job again with the same
+/// content returns the first hold; with different content it is refused.
+pub fn hold(
+    ledger: &mut Ledger,
+    now: i64,
+    job: &str,
+    org: &str,
+    placement: &Placement,
+    estimated: &Usage,
+    timeout_s: i64,
+) -> Result<HoldRecord, LedgerError> {
+    if job.trim().is_empty() {
+        return refused(invalid("job", "must not be empty".into()));
+    }
+    if timeout_s < 0 {
+        return refused(Refusal::TimeoutMustNotBeNegative(timeout_s));
+    }
+    ledger.write(now, |b| {
+        if let Some((_, existing, _)) = load_hold(b.sql(), job)? {
+            let same = existing.bill.org == org && existing.placement == *placement && existing.estimated == *estimated && existing.timeout_s == timeout_s;
+            return if same { Ok(existing) } else { refused(Refusal::IdReusedWithDifferentContent(job.to_string())) };
+        }
+        let bill = bill(b, org, placement, estimated)?;
+        ensure_accounts(b, &[account(revenue(&placement.provider), "revenue", &placement.provider, Unit::Fen, 0)])?;
+        let record = HoldRecord { job: job.into(), placement: placement.clone(), estimated: *estimated, bill, year: year_of(now), timeout_s };
+        let transfers = hold_parts(&record)
+            .into_iter()
+            .map(|(part, debit, credit, amount, code)| NewTransfer {
+                id: part_id(job, "hold", part),
+                debit,
+                credit,
+                amount,
+                kind: TransferKind::Pending { timeout_s },
+                linked: false,
+                code,
+                memo: job.into(),
+            })
+            .collect();
+        transfer_all(b, transfers)?;
+        if let Some(p) = &record.bill.programme {
+            bump_org_year(b.sql(), p, org, record.year, record.bill.subsidy_fen, 0)?;
+        }
+        b.sql().execute(
+            "INSERT INTO billing (job, org, provider, site, accel, programme, year, state, hold, held_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'held', ?8, ?9)",
+            params![
+                job,
+                org,
+                placement.provider,
+                placement.site,
+                placement.accel,
+                record.bill.programme,
+                record.year,
+                serde_json::to_string(&record).expect("hold serialises"),
+                now
+            ],
+        )?;
+        Ok(record)
+    })
+}
+
+/// Settles a held job with its actual usage: posts at most what was held
+/// and releases the rest. Settling again with the same usage returns the
+/// first settlement; with other usage it is refused: the same usage is
+/// never billed or subsidised twice.
+pub fn settle(ledger: &mut Ledger, now: i64, job: &str, actual: &Usage) -> Result<Settlement, LedgerError> {
+    ledger.write(now, |b| {
+        let Some((state, hold, settled)) = load_hold(b.sql(), job)? else {
+            return refused(Refusal::NotFound { what: "job", id: job.into() });
+        };
+        match (state.as_str(), settled) {
+            ("held", _) => {}
+            ("settled", Some(s)) if s.actual == *actual => return Ok(s),
+            ("settled", _) => return refused(Refusal::AlreadySettled(job.into())),
+            (other, _) => return refused(Refusal::NotHeld { job: job.into(), state: other.into() }),
+        }
+        validate_usage(actual, &hold.placement)?;
+        let h = &hold.bill;
+        let price = hold.placement.price_fen_per_hour;
+        let card_seconds = actual.accel_seconds.min(h.card_seconds);
+        let payable = compute_fen(actual.accel_seconds - card_seconds, price);
+        let subsidy = ((payable as i128 * h.rate_bp as i128 / 10_000) as i64).min(h.subsidy_fen);
+        let org_compute = (payable - subsidy).min(h.org_compute_fen);
+        let transfer_fen = actual.transfer_fen.min(h.transfer_fen);
+        let unbilled = (payable - subsidy - org_compute) + (actual.transfer_fen - transfer_fen);
+        let bill = Bill {
+            org: h.org.clone(),
+            programme: h.programme.clone(),
+            rate_bp: h.rate_bp,
+            compute_fen: compute_fen(actual.accel_seconds, price),
+            card_seconds,
+            subsidy_fen: subsidy,
+            org_compute_fen: org_compute,
+            transfer_fen,
+            org_total_fen: org_compute + transfer_fen,
+            notes: Vec::new(),
+        };
+        let posted = |part: &str| match part {
+            "card" => card_seconds,
+            "subsidy" => subsidy,
+            "org" => org_compute,
+            _ => transfer_fen,
+        };
+        let transfers = hold_parts(&hold)
+            .into_iter()
+            .map(|(part, _, _, _, code)| {
+                let pending = part_id(job, "hold", part);
+                let amount = posted(part);
+                NewTransfer {
+                    id: part_id(job, "settle", part),
+                    debit: AccountId(0),
+                    credit: AccountId(0),
+                    // Posting 0 would mean "all": release a part that is not used.
+                    amount: if amount > 0 { amount } else { 0 },
+                    kind: if amount > 0 { TransferKind::PostPending { pending } } else { TransferKind::VoidPending { pending } },
+                    linked: false,
+                    code,
+                    memo: job.into(),
+                }
+            })
+            .collect();
+        transfer_all(b, transfers)?;
+        if let Some(p) = &h.programme {
+            bump_org_year(b.sql(), p, &h.org, hold.year, -h.subsidy_fen, subsidy)?;
+        }
+        let settlement = Settlement { job: job.into(), actual: *actual, bill, unbilled_fen: unbilled };
+        b.sql().execute(
+            "UPDATE billing SET state = 'settled', settlement = ?2, settled_at = ?3 WHERE job = ?1",
+            params![job, serde_json::to_string(&settlement).expect("settlement serialises"), now],
+        )?;
+        Ok(settlement)
+    })
+}
+
+/// Releases a held job's bill (cancelled, or the provider failed it).
+/// Releasing a released job again is accepted.
+pub fn release(ledger: &mut Ledger, now: i64, job: &str) -> Result<(), LedgerError> {
+    ledger.write(now, |b| {
+        let Some((state, hold, _)) = load_hold(b.sql(), job)? else {
+            return refused(Refusal::NotFound { what: "job", id: job.into() });
+        };
+        match state.as_str() {
+            "held" => {}
+            "released" => return Ok(()),
+            other => return refused(Refusal::NotHeld { job: job.into(), state: other.into() }),
+        }
+        let transfers = hold_parts(&hold)
+            .into_iter()
+            .map(|(part, _, _, _, code)| NewTransfer {
+                id: part_id(job, "release", part),
+                debit: AccountId(0),
+                credit: AccountId(0),
+                amount: 0,
+                kind: TransferKind::VoidPending { pending: part_id(job, "hold", part) },
+                linked: false,
+                code,
+                memo: job.into(),
+            })
+            .collect();
+        transfer_all(b, transfers)?;
+        if let Some(p) = &hold.bill.programme {
+            bump_org_year(b.sql(), p, &hold.bill.org, hold.year, -hold.bill.subsidy_fen, 0)?;
+        }
+        b.sql().execute("UPDATE billing SET state = 'released', settled_at = ?2 WHERE job = ?1", params![job, now])?;
+        Ok(())
+    })
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SweepReport {
+    pub holds_expired: usize,
+    /// (programme, organisation, fen returned to the programme).
+    pub returned: Vec<(String, String, i64)>,
+}
+
+/// Expires holds past their timeout, and returns the unused balance of
+/// every expired voucher to its programme.
+pub fn sweep(ledger: &mut Ledger, now: i64) -> Result<SweepReport, LedgerError> {
+    ledger.write(now, |b| {
+        let mut report = SweepReport { holds_expired: b.expire_pending()?, returned: Vec::new() };
+        let held: Vec<String> = {
+            let mut stmt = b.sql().prepare("SELECT job FROM billing WHERE state = 'held' ORDER BY job")?;
+            stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+        };
+        for job in held {
+            let (_, hold, _) = load_hold(b.sql(), &job)?.expect("listed job");
+            let expired = hold_parts(&hold).first().is_some_and(|(part, ..)| {
+                pending_state(b, part_id(&job, "hold", part)).is_ok_and(|s| s == Some(PendingState::Expired))
+            });
+            if expired {
+                if let Some(p) = &hold.bill.programme {
+                    bump_org_year(b.sql(), p, &hold.bill.org, hold.year, -hold.bill.subsidy_fen, 0)?;
+                }
+                b.sql().execute("UPDATE billing SET state = 'expired', settled_at = ?2 WHERE job = ?1", params![job, now])?;
+            }
+        }
+        let vouchers: Vec<(String, String)> = {
+            let mut stmt = b.sql().prepare(
+                "SELECT p.id, o.id FROM programmes p JOIN orgs o ORDER BY p.id, o.id",
+            )?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
+        };
+        for (p, org) in vouchers {
+            let spec = programme(b.sql(), &p)?;
+            if now < spec.valid_until {
+                continue;
+            }
+            let Some(v) = b.account(voucher(&p, &org)) else { continue };
+            let available = v.available();
+            if available <= 0 {
+                continue;
+            }
+            // The id names the voucher's state, so each return happens once.
+            let id = TransferId::derive(&format!("expiry:{p}:{org}:{}", v.debits_posted));
+            transfer_all(b, vec![NewTransfer::posted(id, voucher(&p, &org), programme_pool(&p), available, codes::EXPIRY_RETURN)])?;
+            report.returned.push((p, org, available));
+        }
+        Ok(report)
+    })
+}
+
+fn pending_state(b: &Batch<'_>, id: TransferId) -> Result<Option<PendingState>, LedgerError> {
+    let state: Option<i64> = b.sql().query_row("SELECT state FROM pending WHERE id = ?1", [id.0.to_be_bytes()], |r| r.get(0)).optional()?;
+    Ok(state.map(|s| match s {
+        1 => PendingState::Posted,
+        2 => PendingState::Voided,
+        3 => PendingState::Expired,
+        _ => PendingState::Pending,
+    }))
+}
+
+/// Opens a ledger file with the voucher tables and system accounts ready.
+pub fn open(path: impl AsRef<std::path::Path>, now: i64) -> Result<Ledger, LedgerError> {
+    let mut ledger = Ledger::open(path)?;
+    init(&mut ledger, now)?;
+    Ok(ledger)
+}
+
+/// Checks the voucher rules over the whole history, on top of [`crate::verify`]:
+/// every programme's pool received exactly its budget, no organisation's
+/// subsidy in a year exceeds the cap, the per-year counters match the jobs,
+/// every job's subsidy was posted at most once, and held jobs still hold.
+pub fn verify(ledger: &Ledger) -> Result<Vec<String>, LedgerError> {
+    let sql = ledger.connection();
+    let mut problems = Vec::new();
+    for p in programmes(ledger)? {
+        let funded: i64 = sql.query_row(
+            "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE credit = ?1 AND code = ?2",
+            params![programme_pool(&p.id).0.to_be_bytes(), codes::FUND],
+            |r| r.get(0),
+        )?;
+        if funded != p.budget_fen {
+            problems.push(format!("programme {}: funded {funded} fen, budget {}", p.id, p.budget_fen));
+        }
+        let mut stmt = sql.prepare("SELECT org, year, held_fen, posted_fen FROM org_year WHERE programme = ?1")?;
+        let rows: Vec<(String, i32, i64, i64)> = stmt.query_map([&p.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<Result<_, _>>()?;
+        for (org, year, held, posted) in rows {
+            if held + posted > p.org_year_cap_fen {
+                problems.push(format!("programme {}: {org} in {year} has {} fen, cap {}", p.id, held + posted, p.org_year_cap_fen));
+            }
+            let (mut want_held, mut want_posted) = (0, 0);
+            let mut jobs = sql.prepare("SELECT state, hold, settlement FROM billing WHERE programme = ?1 AND org = ?2 AND year = ?3")?;
+            let rows: Vec<(String, String, Option<String>)> =
+                jobs.query_map(params![p.id, org, year], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+            for (state, hold, settlement) in rows {
+                let hold: HoldRecord = serde_json::from_str(&hold).map_err(|e| LedgerError::Corrupt { path: "billing".into(), problem: e.to_string() })?;
+                match state.as_str() {
+                    "held" => want_held += hold.bill.subsidy_fen,
+                    "settled" => {
+                        let s: Settlement = serde_json::from_str(settlement.as_deref().unwrap_or("null"))
+                            .map_err(|e| LedgerError::Corrupt { path: "billing".into(), problem: e.to_string() })?;
+                        want_posted += s.bill.subsidy_fen;
+                    }
+                    _ => {}
+                }
+            }
+            if (held, posted) != (want_held, want_posted) {
+                problems.push(format!("programme {}: {org} in {year}: counters ({held}, {posted}) but jobs say ({want_held}, {want_posted})", p.id));
+            }
+        }
+    }
+    let twice: Vec<String> = {
+        let mut stmt = sql.prepare(
+            "SELECT memo FROM transfers WHERE code = ?1 AND kind = 2 GROUP BY memo HAVING COUNT(*) > 1",
+        )?;
+        stmt.query_map([codes::SUBSIDY], |r| r.get(0))?.collect::<Result<_, _>>()?
+    };
+    for job in twice {
+        problems.push(format!("job {job}: subsidy posted more than once"));
+    }
+    let held: Vec<String> = {
+        let mut stmt = sql.prepare("SELECT job FROM billing WHERE state = 'held'")?;
+        stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+    };
+    for job in held {
+        let (_, hold, _) = load_hold(sql, &job)?.expect("listed job");
+        for (part, ..) in hold_parts(&hold) {
+            if ledger.pending_state(part_id(&job, "hold", part))? != Some(PendingState::Pending) {
+                problems.push(format!("job {job}: held, but its {part} hold is not pending"));
+            }
+        }
+    }
+    Ok(problems)
+}
