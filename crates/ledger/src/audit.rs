@@ -44,8 +44,9 @@ pub fn statement(ledger: &Ledger, provider: &str, from: i64, to: i64) -> Result<
     let mut stmt = ledger.connection().prepare(
         "SELECT hold, settlement, settled_at FROM billing WHERE provider = ?1 AND state = 'settled' AND settled_at >= ?2 AND settled_at < ?3 ORDER BY settled_at, job",
     )?;
-    let rows: Vec<(String, String, i64)> =
-        stmt.query_map(params![provider, from, to], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+    let rows: Vec<(String, String, i64)> = stmt
+        .query_map(params![provider, from, to], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
     let mut total = StatementLine {
         job: "TOTAL".into(),
         org: String::new(),
@@ -119,7 +120,9 @@ pub fn programme_spend(ledger: &Ledger) -> Result<Vec<ProgrammeSpend>, LedgerErr
         let sum = |code: u16, debit: bool| -> Result<i64, LedgerError> {
             let column = if debit { "debit" } else { "credit" };
             Ok(sql.query_row(
-                &format!("SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE {column} = ?1 AND code = ?2 AND kind = 0"),
+                &format!(
+                    "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE {column} = ?1 AND code = ?2 AND kind = 0"
+                ),
                 params![pool.0.to_be_bytes(), code],
                 |r| r.get(0),
             )?)

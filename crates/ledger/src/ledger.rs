@@ -150,8 +150,11 @@ pub(crate) fn apply_recorded(
             );
             (a, 0)
         }
-        TransferKind::PostPending { pending: p } | TransferKind::VoidPending { pending: p } | TransferKind::ExpirePending { pending: p } => {
-            let record = pending.get_mut(&p).ok_or_else(|| format!("transfer {} resolves unknown pending {p}", t.id))?;
+        TransferKind::PostPending { pending: p }
+        | TransferKind::VoidPending { pending: p }
+        | TransferKind::ExpirePending { pending: p } => {
+            let record =
+                pending.get_mut(&p).ok_or_else(|| format!("transfer {} resolves unknown pending {p}", t.id))?;
             if record.state != PendingState::Pending {
                 return Err(format!("transfer {} resolves pending {p} twice", t.id));
             }
@@ -319,8 +322,10 @@ impl Ledger {
         if let Some(h) = head {
             head_bytes.copy_from_slice(&h[..32]);
         }
-        let next_account_seq: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM accounts", [], |r| r.get(0))?;
-        let next_transfer_seq: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM transfers", [], |r| r.get(0))?;
+        let next_account_seq: i64 =
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM accounts", [], |r| r.get(0))?;
+        let next_transfer_seq: i64 =
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM transfers", [], |r| r.get(0))?;
         Ok(Ledger {
             conn,
             path: path.display().to_string(),
@@ -371,7 +376,11 @@ impl Ledger {
 
     /// Runs `f` in one atomic, durable transaction. If `f` fails nothing of
     /// it is stored; if it succeeds, everything is, with one journal entry.
-    pub fn write<T>(&mut self, now: i64, f: impl FnOnce(&mut Batch<'_>) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
+    pub fn write<T>(
+        &mut self,
+        now: i64,
+        f: impl FnOnce(&mut Batch<'_>) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut batch = Batch {
             tx: &tx,
@@ -400,7 +409,11 @@ impl Ledger {
     }
 
     /// Creates accounts in one transaction; one outcome per account.
-    pub fn create_accounts(&mut self, now: i64, accounts: &[NewAccount]) -> Result<Vec<Result<Account, Refusal>>, LedgerError> {
+    pub fn create_accounts(
+        &mut self,
+        now: i64,
+        accounts: &[NewAccount],
+    ) -> Result<Vec<Result<Account, Refusal>>, LedgerError> {
         self.write(now, |b| accounts.iter().map(|a| b.create_account(a)).collect())
     }
 
@@ -481,14 +494,24 @@ impl Batch<'_> {
             return Ok(Err(Refusal::IdMustNotBeZero));
         }
         if let Some(existing) = self.account(a.id) {
-            let same = existing.kind == a.kind && existing.owner == a.owner && existing.unit == a.unit && existing.flags == a.flags;
-            return Ok(if same { Ok(existing.clone()) } else { Err(Refusal::IdReusedWithDifferentContent(a.id.to_string())) });
+            let same = existing.kind == a.kind
+                && existing.owner == a.owner
+                && existing.unit == a.unit
+                && existing.flags == a.flags;
+            return Ok(if same {
+                Ok(existing.clone())
+            } else {
+                Err(Refusal::IdReusedWithDifferentContent(a.id.to_string()))
+            });
         }
         if a.kind.trim().is_empty() {
             return Ok(Err(Refusal::Invalid { field: "kind", problem: "must not be empty".into() }));
         }
         if a.flags & !flags::ALL != 0 || a.flags == flags::ALL {
-            return Ok(Err(Refusal::Invalid { field: "flags", problem: format!("{} is not a valid combination", a.flags) }));
+            return Ok(Err(Refusal::Invalid {
+                field: "flags",
+                problem: format!("{} is not a valid combination", a.flags),
+            }));
         }
         let account = Account {
             id: a.id,
@@ -515,7 +538,10 @@ impl Batch<'_> {
     }
 
     /// Applies transfers in order; linked chains succeed or fail as one.
-    pub fn create_transfers(&mut self, transfers: &[NewTransfer]) -> Result<Vec<Result<Transfer, Refusal>>, LedgerError> {
+    pub fn create_transfers(
+        &mut self,
+        transfers: &[NewTransfer],
+    ) -> Result<Vec<Result<Transfer, Refusal>>, LedgerError> {
         let mut results = Vec::with_capacity(transfers.len());
         let mut start = 0;
         while start < transfers.len() {
@@ -599,9 +625,17 @@ impl Batch<'_> {
         if t.id.0 == 0 {
             return Ok(Err(Refusal::IdMustNotBeZero));
         }
-        let existing = self.tx.prepare_cached("SELECT * FROM transfers WHERE id = ?1")?.query_row([blob(t.id.0)], read_transfer).optional()?;
+        let existing = self
+            .tx
+            .prepare_cached("SELECT * FROM transfers WHERE id = ?1")?
+            .query_row([blob(t.id.0)], read_transfer)
+            .optional()?;
         if let Some(existing) = existing {
-            return Ok(if existing.matches(t) { Ok(existing) } else { Err(Refusal::IdReusedWithDifferentContent(t.id.to_string())) });
+            return Ok(if existing.matches(t) {
+                Ok(existing)
+            } else {
+                Err(Refusal::IdReusedWithDifferentContent(t.id.to_string()))
+            });
         }
         let refused: Option<(Vec<u8>, String, String)> = self
             .tx
@@ -662,7 +696,10 @@ impl Batch<'_> {
         };
         if let Some(pending_id) = t.kind.pending_id() {
             if matches!(t.kind, TransferKind::ExpirePending { .. }) {
-                return Ok(Err(Refusal::Invalid { field: "kind", problem: "expiry is written by the ledger only".into() }));
+                return Ok(Err(Refusal::Invalid {
+                    field: "kind",
+                    problem: "expiry is written by the ledger only".into(),
+                }));
             }
             let Some(p) = self.pending_record(pending_id)? else {
                 return Ok(Err(Refusal::PendingNotFound(pending_id)));
@@ -681,7 +718,9 @@ impl Batch<'_> {
             }
             let amount = match t.kind {
                 TransferKind::PostPending { .. } if t.amount == 0 => p.amount,
-                TransferKind::PostPending { .. } if t.amount < 0 => return Ok(Err(Refusal::AmountMustBePositive(t.amount))),
+                TransferKind::PostPending { .. } if t.amount < 0 => {
+                    return Ok(Err(Refusal::AmountMustBePositive(t.amount)));
+                }
                 TransferKind::PostPending { .. } if t.amount > p.amount => {
                     return Ok(Err(Refusal::ExceedsPendingAmount { held: p.amount, amount: t.amount }));
                 }
@@ -710,13 +749,19 @@ impl Batch<'_> {
         }
         let pending = matches!(t.kind, TransferKind::Pending { .. });
         let overflows = if pending {
-            debit.debits_pending.checked_add(t.amount).is_none() || credit.credits_pending.checked_add(t.amount).is_none()
+            debit.debits_pending.checked_add(t.amount).is_none()
+                || credit.credits_pending.checked_add(t.amount).is_none()
         } else {
             debit.debits_posted.checked_add(t.amount).is_none() || credit.credits_posted.checked_add(t.amount).is_none()
         };
         // Totals of pending and posted are added together in balance checks.
-        let sums_overflow = debit.debits_posted.checked_add(debit.debits_pending).and_then(|x| x.checked_add(t.amount)).is_none()
-            || credit.credits_posted.checked_add(credit.credits_pending).and_then(|x| x.checked_add(t.amount)).is_none();
+        let sums_overflow =
+            debit.debits_posted.checked_add(debit.debits_pending).and_then(|x| x.checked_add(t.amount)).is_none()
+                || credit
+                    .credits_posted
+                    .checked_add(credit.credits_pending)
+                    .and_then(|x| x.checked_add(t.amount))
+                    .is_none();
         if overflows || sums_overflow {
             return Ok(Err(Refusal::Overflow));
         }
@@ -727,7 +772,8 @@ impl Batch<'_> {
             }
         }
         if credit.has(flags::CREDITS_MUST_NOT_EXCEED_DEBITS)
-            && credit.credits_posted.saturating_add(credit.credits_pending).saturating_add(t.amount) > credit.debits_posted
+            && credit.credits_posted.saturating_add(credit.credits_pending).saturating_add(t.amount)
+                > credit.debits_posted
         {
             return Ok(Err(Refusal::ExceedsDebits { account: credit.id }));
         }
@@ -775,7 +821,9 @@ impl Batch<'_> {
                     .prepare_cached("INSERT INTO pending (id, debit, credit, amount, expires_at, state) VALUES (?1, ?2, ?3, ?4, ?5, 0)")?
                     .execute(params![blob(t.id.0), blob(t.debit.0), blob(t.credit.0), t.amount, record.expires_at])?;
             }
-            TransferKind::PostPending { pending: p } | TransferKind::VoidPending { pending: p } | TransferKind::ExpirePending { pending: p } => {
+            TransferKind::PostPending { pending: p }
+            | TransferKind::VoidPending { pending: p }
+            | TransferKind::ExpirePending { pending: p } => {
                 self.tx
                     .prepare_cached("UPDATE pending SET state = ?2 WHERE id = ?1")?
                     .execute(params![blob(p.0), pending[&p].state as i64])?;
@@ -833,7 +881,13 @@ impl Batch<'_> {
             "UPDATE accounts SET debits_pending = ?2, debits_posted = ?3, credits_pending = ?4, credits_posted = ?5 WHERE id = ?1",
         )?;
         for a in self.overlay.values() {
-            stmt.execute(params![blob(a.id.0), a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted])?;
+            stmt.execute(params![
+                blob(a.id.0),
+                a.debits_pending,
+                a.debits_posted,
+                a.credits_pending,
+                a.credits_posted
+            ])?;
         }
         if self.account_bytes.is_empty() && self.transfer_bytes.is_empty() {
             return Ok(None);
@@ -891,7 +945,9 @@ pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, LedgerError> {
     let mut expected_account = 1i64;
     let mut expected_transfer = 1i64;
     let journal: Vec<(i64, i64, i64, i64, Vec<u8>)> = {
-        let mut stmt = conn.prepare("SELECT accounts_from, accounts_to, transfers_from, transfers_to, hash FROM journal ORDER BY seq")?;
+        let mut stmt = conn.prepare(
+            "SELECT accounts_from, accounts_to, transfers_from, transfers_to, hash FROM journal ORDER BY seq",
+        )?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
         rows.collect::<Result<_, _>>()?
     };
@@ -929,10 +985,13 @@ pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, LedgerError> {
                 if a.unit != t.unit {
                     return Err(corrupt(format!("transfer {} moves {} on an account of {}", t.id, t.unit, a.unit)));
                 }
-                if a.has(flags::DEBITS_MUST_NOT_EXCEED_CREDITS) && a.debits_posted + a.debits_pending > a.credits_posted {
+                if a.has(flags::DEBITS_MUST_NOT_EXCEED_CREDITS) && a.debits_posted + a.debits_pending > a.credits_posted
+                {
                     return Err(corrupt(format!("account {id} overdrawn after transfer {}", t.id)));
                 }
-                if a.has(flags::CREDITS_MUST_NOT_EXCEED_DEBITS) && a.credits_posted + a.credits_pending > a.debits_posted {
+                if a.has(flags::CREDITS_MUST_NOT_EXCEED_DEBITS)
+                    && a.credits_posted + a.credits_pending > a.debits_posted
+                {
                     return Err(corrupt(format!("account {id} over-credited after transfer {}", t.id)));
                 }
             }
@@ -956,7 +1015,14 @@ pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, LedgerError> {
         {
             return Err(corrupt(format!(
                 "account {id}: stored totals ({}, {}, {}, {}) differ from the replay ({}, {}, {}, {})",
-                a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted, r.debits_pending, r.debits_posted, r.credits_pending, r.credits_posted
+                a.debits_pending,
+                a.debits_posted,
+                a.credits_pending,
+                a.credits_posted,
+                r.debits_pending,
+                r.debits_posted,
+                r.credits_pending,
+                r.credits_posted
             )));
         }
     }
@@ -981,5 +1047,11 @@ pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, LedgerError> {
     if stored_open as u64 != open {
         return Err(corrupt(format!("{stored_open} pending transfers stored open, {open} by the replay")));
     }
-    Ok(VerifyReport { journal_entries: entries, accounts: stored.len() as u64, transfers, open_pending: open, totals: report_totals })
+    Ok(VerifyReport {
+        journal_entries: entries,
+        accounts: stored.len() as u64,
+        transfers,
+        open_pending: open,
+        totals: report_totals,
+    })
 }

@@ -182,9 +182,9 @@ impl TransferKind {
 
     pub fn pending_id(&self) -> Option<TransferId> {
         match self {
-            TransferKind::PostPending { pending } | TransferKind::VoidPending { pending } | TransferKind::ExpirePending { pending } => {
-                Some(*pending)
-            }
+            TransferKind::PostPending { pending }
+            | TransferKind::VoidPending { pending }
+            | TransferKind::ExpirePending { pending } => Some(*pending),
             _ => None,
         }
     }
@@ -227,16 +227,7 @@ pub struct NewTransfer {
 
 impl NewTransfer {
     pub fn posted(id: TransferId, debit: AccountId, credit: AccountId, amount: i64, code: u16) -> NewTransfer {
-        NewTransfer {
-            id,
-            debit,
-            credit,
-            amount,
-            kind: TransferKind::Posted,
-            linked: false,
-            code,
-            memo: String::new(),
-        }
+        NewTransfer { id, debit, credit, amount, kind: TransferKind::Posted, linked: false, code, memo: String::new() }
     }
 }
 
@@ -273,6 +264,12 @@ impl Transfer {
             TransferKind::VoidPending { .. } => t.amount == 0 || t.amount == self.amount,
             _ => t.amount == self.amount,
         };
-        self.id == t.id && accounts_match && amount_matches && self.kind == t.kind && self.linked == t.linked && self.code == t.code && self.memo == t.memo
+        self.id == t.id
+            && accounts_match
+            && amount_matches
+            && self.kind == t.kind
+            && self.linked == t.linked
+            && self.code == t.code
+            && self.memo == t.memo
     }
 }

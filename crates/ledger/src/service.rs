@@ -21,7 +21,11 @@ type TransferOutcomes = Vec<Result<Transfer, Refusal>>;
 type Job = Box<dyn FnOnce(&mut Ledger) + Send>;
 
 enum Request {
-    Transfers { now: i64, transfers: Vec<NewTransfer>, reply: Sender<Result<TransferOutcomes, String>> },
+    Transfers {
+        now: i64,
+        transfers: Vec<NewTransfer>,
+        reply: Sender<Result<TransferOutcomes, String>>,
+    },
     /// Runs alone on the writer thread (account creation, vouchers, queries).
     Run(Job),
 }
@@ -84,7 +88,11 @@ impl LedgerClient {
         answer.recv().map_err(|_| LedgerError::WriterGone)
     }
 
-    pub fn create_accounts(&self, now: i64, accounts: Vec<NewAccount>) -> Result<Vec<Result<crate::Account, Refusal>>, LedgerError> {
+    pub fn create_accounts(
+        &self,
+        now: i64,
+        accounts: Vec<NewAccount>,
+    ) -> Result<Vec<Result<crate::Account, Refusal>>, LedgerError> {
         self.with(move |ledger| ledger.create_accounts(now, &accounts))?
     }
 }

@@ -320,13 +320,17 @@ pub fn add_org(ledger: &mut Ledger, now: i64, id: &str, kind: OrgKind, name: &st
             Some(_) => return refused(Refusal::IdReusedWithDifferentContent(id.to_string())),
             None => {}
         }
-        b.sql().execute("INSERT INTO orgs (id, kind, name, created_at) VALUES (?1, ?2, ?3, ?4)", params![id, kind_text, name, now])?;
+        b.sql().execute(
+            "INSERT INTO orgs (id, kind, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id, kind_text, name, now],
+        )?;
         ensure_accounts(b, &[account(wallet(id), "wallet", id, Unit::Fen, flags::DEBITS_MUST_NOT_EXCEED_CREDITS)])
     })
 }
 
 fn org_kind(b: &Batch<'_>, org: &str) -> Result<OrgKind, LedgerError> {
-    let kind: Option<String> = b.sql().query_row("SELECT kind FROM orgs WHERE id = ?1", [org], |r| r.get(0)).optional()?;
+    let kind: Option<String> =
+        b.sql().query_row("SELECT kind FROM orgs WHERE id = ?1", [org], |r| r.get(0)).optional()?;
     match kind {
         Some(k) => Ok(k.parse()?),
         None => refused(Refusal::NotFound { what: "organisation", id: org.to_string() }),
@@ -334,9 +338,11 @@ fn org_kind(b: &Batch<'_>, org: &str) -> Result<OrgKind, LedgerError> {
 }
 
 fn programme(sql: &rusqlite::Connection, id: &str) -> Result<ProgrammeSpec, LedgerError> {
-    let spec: Option<String> = sql.query_row("SELECT spec FROM programmes WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+    let spec: Option<String> =
+        sql.query_row("SELECT spec FROM programmes WHERE id = ?1", [id], |r| r.get(0)).optional()?;
     match spec {
-        Some(s) => Ok(serde_json::from_str(&s).map_err(|e| LedgerError::Corrupt { path: "programmes".into(), problem: e.to_string() })?),
+        Some(s) => Ok(serde_json::from_str(&s)
+            .map_err(|e| LedgerError::Corrupt { path: "programmes".into(), problem: e.to_string() })?),
         None => refused(Refusal::NotFound { what: "programme", id: id.to_string() }),
     }
 }
@@ -347,7 +353,10 @@ pub fn programmes(ledger: &Ledger) -> Result<Vec<ProgrammeSpec>, LedgerError> {
     let specs: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
     specs
         .iter()
-        .map(|s| serde_json::from_str(s).map_err(|e| LedgerError::Corrupt { path: "programmes".into(), problem: e.to_string() }))
+        .map(|s| {
+            serde_json::from_str(s)
+                .map_err(|e| LedgerError::Corrupt { path: "programmes".into(), problem: e.to_string() })
+        })
         .collect()
 }
 
@@ -378,16 +387,27 @@ pub fn create_programme(ledger: &mut Ledger, now: i64, p: &ProgrammeSpec) -> Res
     validate_programme(p)?;
     ledger.write(now, |b| {
         let text = serde_json::to_string(p).expect("spec serialises");
-        let existing: Option<String> = b.sql().query_row("SELECT spec FROM programmes WHERE id = ?1", [&p.id], |r| r.get(0)).optional()?;
+        let existing: Option<String> =
+            b.sql().query_row("SELECT spec FROM programmes WHERE id = ?1", [&p.id], |r| r.get(0)).optional()?;
         match existing {
             Some(e) if e == text => return Ok(()),
             Some(_) => return refused(Refusal::IdReusedWithDifferentContent(p.id.clone())),
             None => {}
         }
-        b.sql().execute("INSERT INTO programmes (id, spec, created_at) VALUES (?1, ?2, ?3)", params![p.id, text, now])?;
+        b.sql()
+            .execute("INSERT INTO programmes (id, spec, created_at) VALUES (?1, ?2, ?3)", params![p.id, text, now])?;
         let pool = programme_pool(&p.id);
         ensure_accounts(b, &[account(pool, "programme", &p.id, Unit::Fen, flags::DEBITS_MUST_NOT_EXCEED_CREDITS)])?;
-        transfer_all(b, vec![NewTransfer::posted(TransferId::derive(&format!("fund:{}", p.id)), treasury(), pool, p.budget_fen, codes::FUND)])
+        transfer_all(
+            b,
+            vec![NewTransfer::posted(
+                TransferId::derive(&format!("fund:{}", p.id)),
+                treasury(),
+                pool,
+                p.budget_fen,
+                codes::FUND,
+            )],
+        )
     })
 }
 
@@ -401,18 +421,30 @@ pub fn deposit(ledger: &mut Ledger, now: i64, id: TransferId, org: &str, amount_
 }
 
 /// Grants vouchers of a programme to an organisation, out of the programme's budget.
-pub fn grant(ledger: &mut Ledger, now: i64, id: TransferId, programme_id: &str, org: &str, amount_fen: i64) -> Result<(), LedgerError> {
+pub fn grant(
+    ledger: &mut Ledger,
+    now: i64,
+    id: TransferId,
+    programme_id: &str,
+    org: &str,
+    amount_fen: i64,
+) -> Result<(), LedgerError> {
     positive("amount", amount_fen)?;
     ledger.write(now, |b| {
         let p = programme(b.sql(), programme_id)?;
         let kind = org_kind(b, org)?;
         if !p.kinds.contains(&kind) {
-            return refused(Refusal::NotEligible(format!("programme '{programme_id}' does not admit {kind:?} organisations")));
+            return refused(Refusal::NotEligible(format!(
+                "programme '{programme_id}' does not admit {kind:?} organisations"
+            )));
         }
         if now >= p.valid_until {
             return refused(Refusal::VoucherExpired(programme_id.into()));
         }
-        ensure_accounts(b, &[account(voucher(programme_id, org), "voucher", org, Unit::Fen, flags::DEBITS_MUST_NOT_EXCEED_CREDITS)])?;
+        ensure_accounts(
+            b,
+            &[account(voucher(programme_id, org), "voucher", org, Unit::Fen, flags::DEBITS_MUST_NOT_EXCEED_CREDITS)],
+        )?;
         let pool = programme_pool(programme_id);
         let t = NewTransfer::posted(id, pool, voucher(programme_id, org), amount_fen, codes::GRANT);
         match b.create_transfer(&t)? {
@@ -427,7 +459,15 @@ pub fn grant(ledger: &mut Ledger, now: i64, id: TransferId, programme_id: &str, 
 
 /// An organisation buys a compute card: `seconds` accelerator-seconds of
 /// `accel`, paid `price_fen` from its wallet.
-pub fn buy_card(ledger: &mut Ledger, now: i64, id: TransferId, org: &str, accel: &str, seconds: i64, price_fen: i64) -> Result<(), LedgerError> {
+pub fn buy_card(
+    ledger: &mut Ledger,
+    now: i64,
+    id: TransferId,
+    org: &str,
+    accel: &str,
+    seconds: i64,
+    price_fen: i64,
+) -> Result<(), LedgerError> {
     positive("seconds", seconds)?;
     positive("price_fen", price_fen)?;
     if accel.trim().is_empty() {
@@ -448,7 +488,13 @@ pub fn buy_card(ledger: &mut Ledger, now: i64, id: TransferId, org: &str, accel:
             b,
             vec![
                 NewTransfer::posted(id, wallet(org), card_sales(), price_fen, codes::CARD_PURCHASE),
-                NewTransfer::posted(TransferId::derive(&format!("card-issue:{id}")), card_mint(accel), card(org, accel), seconds, codes::CARD_ISSUE),
+                NewTransfer::posted(
+                    TransferId::derive(&format!("card-issue:{id}")),
+                    card_mint(accel),
+                    card(org, accel),
+                    seconds,
+                    codes::CARD_ISSUE,
+                ),
             ],
         )
     })
@@ -471,7 +517,10 @@ fn validate_usage(usage: &Usage, placement: &Placement) -> Result<(), LedgerErro
         return refused(invalid("transfer_fen", format!("must be between 0 and 10^12, got {}", usage.transfer_fen)));
     }
     if placement.price_fen_per_hour <= 0 || placement.price_fen_per_hour > 100_000_000 {
-        return refused(invalid("price_fen_per_hour", format!("must be between 1 and 10^8, got {}", placement.price_fen_per_hour)));
+        return refused(invalid(
+            "price_fen_per_hour",
+            format!("must be between 1 and 10^8, got {}", placement.price_fen_per_hour),
+        ));
     }
     Ok(())
 }
@@ -487,7 +536,14 @@ fn org_year_used(sql: &rusqlite::Connection, programme: &str, org: &str, year: i
         .unwrap_or(0))
 }
 
-fn bump_org_year(sql: &rusqlite::Connection, programme: &str, org: &str, year: i32, held: i64, posted: i64) -> Result<(), LedgerError> {
+fn bump_org_year(
+    sql: &rusqlite::Connection,
+    programme: &str,
+    org: &str,
+    year: i32,
+    held: i64,
+    posted: i64,
+) -> Result<(), LedgerError> {
     sql.execute(
         "INSERT INTO org_year (programme, org, year, held_fen, posted_fen) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (programme, org, year) DO UPDATE SET held_fen = held_fen + ?4, posted_fen = posted_fen + ?5",
@@ -515,8 +571,8 @@ fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> Resul
         {
             let mut stmt = b.sql().prepare_cached("SELECT spec FROM programmes ORDER BY id")?;
             for spec in stmt.query_map([], |r| r.get::<_, String>(0))? {
-                let p: ProgrammeSpec =
-                    serde_json::from_str(&spec?).map_err(|e| LedgerError::Corrupt { path: "programmes".into(), problem: e.to_string() })?;
+                let p: ProgrammeSpec = serde_json::from_str(&spec?)
+                    .map_err(|e| LedgerError::Corrupt { path: "programmes".into(), problem: e.to_string() })?;
                 candidates.push(p);
             }
         }
@@ -541,7 +597,9 @@ fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> Resul
             match why_not {
                 Some(note) => notes.push(note),
                 // The voucher that expires first is spent first.
-                None if chosen.as_ref().is_none_or(|(c, _)| (p.valid_until, &p.id) < (c.valid_until, &c.id)) => chosen = Some((p, available)),
+                None if chosen.as_ref().is_none_or(|(c, _)| (p.valid_until, &p.id) < (c.valid_until, &c.id)) => {
+                    chosen = Some((p, available))
+                }
                 None => {}
             }
         }
@@ -585,7 +643,13 @@ fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> Resul
 }
 
 /// What the voucher would pay and what the organisation pays. Reserves nothing.
-pub fn quote(ledger: &mut Ledger, now: i64, org: &str, placement: &Placement, usage: &Usage) -> Result<Bill, LedgerError> {
+pub fn quote(
+    ledger: &mut Ledger,
+    now: i64,
+    org: &str,
+    placement: &Placement,
+    usage: &Usage,
+) -> Result<Bill, LedgerError> {
     // A write transaction that stores nothing: it gives the same view of
     // the books as a hold would see, and is then rolled back.
     let mut quoted = None;
@@ -608,7 +672,13 @@ fn part_id(job: &str, step: &str, part: &str) -> TransferId {
 fn hold_parts(h: &HoldRecord) -> Vec<(&'static str, AccountId, AccountId, i64, u16)> {
     let org = &h.bill.org;
     let provider = &h.placement.provider;
-    let mut parts = vec![("card", card(org, &h.placement.accel), card_redeemed(&h.placement.accel), h.bill.card_seconds, codes::CARD_REDEEM)];
+    let mut parts = vec![(
+        "card",
+        card(org, &h.placement.accel),
+        card_redeemed(&h.placement.accel),
+        h.bill.card_seconds,
+        codes::CARD_REDEEM,
+    )];
     if let Some(p) = &h.bill.programme {
         parts.push(("subsidy", voucher(p, org), revenue(provider), h.bill.subsidy_fen, codes::SUBSIDY));
     }
@@ -617,9 +687,14 @@ fn hold_parts(h: &HoldRecord) -> Vec<(&'static str, AccountId, AccountId, i64, u
     parts.into_iter().filter(|p| p.3 > 0).collect()
 }
 
-fn load_hold(sql: &rusqlite::Connection, job: &str) -> Result<Option<(String, HoldRecord, Option<Settlement>)>, LedgerError> {
+fn load_hold(
+    sql: &rusqlite::Connection,
+    job: &str,
+) -> Result<Option<(String, HoldRecord, Option<Settlement>)>, LedgerError> {
     let row: Option<(String, String, Option<String>)> = sql
-        .query_row("SELECT state, hold, settlement FROM billing WHERE job = ?1", [job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row("SELECT state, hold, settlement FROM billing WHERE job = ?1", [job], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
     let corrupt = |e: serde_json::Error| LedgerError::Corrupt { path: "billing".into(), problem: e.to_string() };
     Ok(match row {
@@ -747,7 +822,11 @@ pub fn settle(ledger: &mut Ledger, now: i64, job: &str, actual: &Usage) -> Resul
                     credit: AccountId(0),
                     // Posting 0 would mean "all": release a part that is not used.
                     amount: if amount > 0 { amount } else { 0 },
-                    kind: if amount > 0 { TransferKind::PostPending { pending } } else { TransferKind::VoidPending { pending } },
+                    kind: if amount > 0 {
+                        TransferKind::PostPending { pending }
+                    } else {
+                        TransferKind::VoidPending { pending }
+                    },
                     linked: false,
                     code,
                     memo: job.into(),
@@ -827,13 +906,14 @@ pub fn sweep(ledger: &mut Ledger, now: i64) -> Result<SweepReport, LedgerError> 
                 if let Some(p) = &hold.bill.programme {
                     bump_org_year(b.sql(), p, &hold.bill.org, hold.year, -hold.bill.subsidy_fen, 0)?;
                 }
-                b.sql().execute("UPDATE billing SET state = 'expired', settled_at = ?2 WHERE job = ?1", params![job, now])?;
+                b.sql().execute(
+                    "UPDATE billing SET state = 'expired', settled_at = ?2 WHERE job = ?1",
+                    params![job, now],
+                )?;
             }
         }
         let vouchers: Vec<(String, String)> = {
-            let mut stmt = b.sql().prepare(
-                "SELECT p.id, o.id FROM programmes p JOIN orgs o ORDER BY p.id, o.id",
-            )?;
+            let mut stmt = b.sql().prepare("SELECT p.id, o.id FROM programmes p JOIN orgs o ORDER BY p.id, o.id")?;
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
         };
         for (p, org) in vouchers {
@@ -848,7 +928,10 @@ pub fn sweep(ledger: &mut Ledger, now: i64) -> Result<SweepReport, LedgerError> 
             }
             // The id names the voucher's state, so each return happens once.
             let id = TransferId::derive(&format!("expiry:{p}:{org}:{}", v.debits_posted));
-            transfer_all(b, vec![NewTransfer::posted(id, voucher(&p, &org), programme_pool(&p), available, codes::EXPIRY_RETURN)])?;
+            transfer_all(
+                b,
+                vec![NewTransfer::posted(id, voucher(&p, &org), programme_pool(&p), available, codes::EXPIRY_RETURN)],
+            )?;
             report.returned.push((p, org, available));
         }
         Ok(report)
@@ -856,7 +939,8 @@ pub fn sweep(ledger: &mut Ledger, now: i64) -> Result<SweepReport, LedgerError> 
 }
 
 fn pending_state(b: &Batch<'_>, id: TransferId) -> Result<Option<PendingState>, LedgerError> {
-    let state: Option<i64> = b.sql().query_row("SELECT state FROM pending WHERE id = ?1", [id.0.to_be_bytes()], |r| r.get(0)).optional()?;
+    let state: Option<i64> =
+        b.sql().query_row("SELECT state FROM pending WHERE id = ?1", [id.0.to_be_bytes()], |r| r.get(0)).optional()?;
     Ok(state.map(|s| match s {
         1 => PendingState::Posted,
         2 => PendingState::Voided,
@@ -889,17 +973,27 @@ pub fn verify(ledger: &Ledger) -> Result<Vec<String>, LedgerError> {
             problems.push(format!("programme {}: funded {funded} fen, budget {}", p.id, p.budget_fen));
         }
         let mut stmt = sql.prepare("SELECT org, year, held_fen, posted_fen FROM org_year WHERE programme = ?1")?;
-        let rows: Vec<(String, i32, i64, i64)> = stmt.query_map([&p.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<Result<_, _>>()?;
+        let rows: Vec<(String, i32, i64, i64)> =
+            stmt.query_map([&p.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<Result<_, _>>()?;
         for (org, year, held, posted) in rows {
             if held + posted > p.org_year_cap_fen {
-                problems.push(format!("programme {}: {org} in {year} has {} fen, cap {}", p.id, held + posted, p.org_year_cap_fen));
+                problems.push(format!(
+                    "programme {}: {org} in {year} has {} fen, cap {}",
+                    p.id,
+                    held + posted,
+                    p.org_year_cap_fen
+                ));
             }
             let (mut want_held, mut want_posted) = (0, 0);
-            let mut jobs = sql.prepare("SELECT state, hold, settlement FROM billing WHERE programme = ?1 AND org = ?2 AND year = ?3")?;
-            let rows: Vec<(String, String, Option<String>)> =
-                jobs.query_map(params![p.id, org, year], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+            let mut jobs = sql.prepare(
+                "SELECT state, hold, settlement FROM billing WHERE programme = ?1 AND org = ?2 AND year = ?3",
+            )?;
+            let rows: Vec<(String, String, Option<String>)> = jobs
+                .query_map(params![p.id, org, year], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
             for (state, hold, settlement) in rows {
-                let hold: HoldRecord = serde_json::from_str(&hold).map_err(|e| LedgerError::Corrupt { path: "billing".into(), problem: e.to_string() })?;
+                let hold: HoldRecord = serde_json::from_str(&hold)
+                    .map_err(|e| LedgerError::Corrupt { path: "billing".into(), problem: e.to_string() })?;
                 match state.as_str() {
                     "held" => want_held += hold.bill.subsidy_fen,
                     "settled" => {
@@ -916,9 +1010,8 @@ pub fn verify(ledger: &Ledger) -> Result<Vec<String>, LedgerError> {
         }
     }
     let twice: Vec<String> = {
-        let mut stmt = sql.prepare(
-            "SELECT memo FROM transfers WHERE code = ?1 AND kind = 2 GROUP BY memo HAVING COUNT(*) > 1",
-        )?;
+        let mut stmt =
+            sql.prepare("SELECT memo FROM transfers WHERE code = ?1 AND kind = 2 GROUP BY memo HAVING COUNT(*) > 1")?;
         stmt.query_map([codes::SUBSIDY], |r| r.get(0))?.collect::<Result<_, _>>()?
     };
     for job in twice {

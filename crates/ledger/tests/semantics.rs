@@ -1,0 +1,203 @@
+//! Transfer rules one by one, persistence, and what `verify` catches.
+
+use suanwang_ledger::ledger::PendingState;
+use suanwang_ledger::{
+    AccountId, Ledger, NewAccount, NewTransfer, Refusal, TransferId, TransferKind, Unit, flags, verify,
+};
+
+use crate::temp_db;
+
+const SOURCE: AccountId = AccountId(1);
+const WALLET: AccountId = AccountId(2);
+const SHOP: AccountId = AccountId(3);
+const CARD: AccountId = AccountId(4);
+
+fn books() -> (std::path::PathBuf, Ledger) {
+    let path = temp_db("semantics");
+    let mut ledger = Ledger::open(&path).unwrap();
+    let account = |id, kind: &str, unit, flags| NewAccount { id, kind: kind.into(), owner: "o".into(), unit, flags };
+    for outcome in ledger
+        .create_accounts(
+            0,
+            &[
+                account(SOURCE, "source", Unit::Fen, 0),
+                account(WALLET, "wallet", Unit::Fen, flags::DEBITS_MUST_NOT_EXCEED_CREDITS),
+                account(SHOP, "shop", Unit::Fen, 0),
+                account(CARD, "card", Unit::AccelSeconds("H100".into()), 0),
+            ],
+        )
+        .unwrap()
+    {
+        outcome.unwrap();
+    }
+    ledger.create_transfers(1, &[NewTransfer::posted(TransferId(1), SOURCE, WALLET, 1_000, 0)]).unwrap()[0]
+        .as_ref()
+        .unwrap();
+    (path, ledger)
+}
+
+fn one(ledger: &mut Ledger, now: i64, t: NewTransfer) -> Result<i64, Refusal> {
+    ledger.create_transfers(now, &[t]).unwrap().remove(0).map(|t| t.amount)
+}
+
+fn pending(id: u128, amount: i64, timeout_s: i64) -> NewTransfer {
+    NewTransfer {
+        kind: TransferKind::Pending { timeout_s },
+        ..NewTransfer::posted(TransferId(id), WALLET, SHOP, amount, 0)
+    }
+}
+
+fn post(id: u128, pending: u128, amount: i64) -> NewTransfer {
+    NewTransfer {
+        kind: TransferKind::PostPending { pending: TransferId(pending) },
+        ..NewTransfer::posted(TransferId(id), AccountId(0), AccountId(0), amount, 0)
+    }
+}
+
+#[test]
+fn no_overdraft_and_clear_refusals() {
+    let (_, mut l) = books();
+    assert_eq!(
+        one(&mut l, 2, NewTransfer::posted(TransferId(10), WALLET, SHOP, 1_001, 0)),
+        Err(Refusal::InsufficientFunds { account: WALLET, available: 1_000, amount: 1_001 })
+    );
+    assert_eq!(
+        one(&mut l, 2, NewTransfer::posted(TransferId(11), WALLET, SHOP, 0, 0)).unwrap_err().code(),
+        "amount_must_be_positive"
+    );
+    assert_eq!(
+        one(&mut l, 2, NewTransfer::posted(TransferId(12), WALLET, SHOP, -5, 0)).unwrap_err().code(),
+        "amount_must_be_positive"
+    );
+    assert_eq!(
+        one(&mut l, 2, NewTransfer::posted(TransferId(13), WALLET, WALLET, 5, 0)).unwrap_err().code(),
+        "accounts_must_be_different"
+    );
+    assert_eq!(
+        one(&mut l, 2, NewTransfer::posted(TransferId(14), WALLET, CARD, 5, 0)).unwrap_err().code(),
+        "units_must_match"
+    );
+    assert_eq!(
+        one(&mut l, 2, NewTransfer::posted(TransferId(15), AccountId(99), SHOP, 5, 0)).unwrap_err().code(),
+        "debit_account_not_found"
+    );
+    assert_eq!(
+        one(&mut l, 2, NewTransfer::posted(TransferId(0), WALLET, SHOP, 5, 0)).unwrap_err().code(),
+        "id_must_not_be_zero"
+    );
+    // The source has 1,000 of debits already.
+    assert_eq!(
+        one(&mut l, 2, NewTransfer::posted(TransferId(16), SOURCE, SHOP, i64::MAX - 1_000, 0)),
+        Ok(i64::MAX - 1_000)
+    );
+    assert_eq!(one(&mut l, 2, NewTransfer::posted(TransferId(17), SOURCE, SHOP, 1, 0)).unwrap_err().code(), "overflow");
+    assert_eq!(l.account(WALLET).unwrap().balance(), 1_000);
+}
+
+#[test]
+fn repeating_an_id_returns_the_original_outcome() {
+    let (_, mut l) = books();
+    let pay = NewTransfer::posted(TransferId(20), WALLET, SHOP, 300, 7);
+    assert_eq!(one(&mut l, 2, pay.clone()), Ok(300));
+    assert_eq!(one(&mut l, 3, pay.clone()), Ok(300));
+    assert_eq!(l.account(WALLET).unwrap().balance(), 700, "applied once");
+    let other = NewTransfer { amount: 301, ..pay };
+    assert_eq!(one(&mut l, 3, other).unwrap_err().code(), "id_reused_with_different_content");
+    // A refusal is an outcome too: the same request is refused again, even
+    // though the wallet could now pay.
+    let too_much = NewTransfer::posted(TransferId(21), WALLET, SHOP, 800, 0);
+    assert_eq!(one(&mut l, 4, too_much.clone()).unwrap_err().code(), "insufficient_funds");
+    one(&mut l, 5, NewTransfer::posted(TransferId(22), SOURCE, WALLET, 500, 0)).unwrap();
+    let again = one(&mut l, 6, too_much).unwrap_err();
+    assert_eq!((again.code(), again.to_string().contains("700 available")), ("insufficient_funds", true));
+}
+
+#[test]
+fn holds_post_in_part_void_and_expire() {
+    let (path, mut l) = books();
+    assert_eq!(one(&mut l, 10, pending(30, 400, 0)), Ok(400));
+    assert_eq!(l.account(WALLET).unwrap().available(), 600);
+    assert_eq!(one(&mut l, 11, post(31, 30, 500)).unwrap_err().code(), "exceeds_pending_amount");
+    // Id 31 was refused: that id keeps its outcome, so a new request needs a new id.
+    assert_eq!(one(&mut l, 11, post(31, 30, 250)).unwrap_err().code(), "id_reused_with_different_content");
+    assert_eq!(one(&mut l, 11, post(33, 30, 250)), Ok(250));
+    let w = l.account(WALLET).unwrap();
+    assert_eq!((w.debits_pending, w.debits_posted, w.available()), (0, 250, 750));
+    assert_eq!(one(&mut l, 12, post(32, 30, 10)).unwrap_err().code(), "pending_transfer_already_posted");
+    assert_eq!(l.pending_state(TransferId(30)).unwrap(), Some(PendingState::Posted));
+
+    one(&mut l, 20, pending(40, 100, 0)).unwrap();
+    let void = NewTransfer { kind: TransferKind::VoidPending { pending: TransferId(40) }, ..post(41, 40, 0) };
+    assert_eq!(one(&mut l, 21, void), Ok(100));
+    assert_eq!(one(&mut l, 21, post(42, 40, 0)).unwrap_err().code(), "pending_transfer_already_voided");
+
+    one(&mut l, 30, pending(50, 100, 60)).unwrap();
+    assert_eq!(l.expire_pending(89).unwrap(), 0);
+    assert_eq!(one(&mut l, 90, post(51, 50, 0)).unwrap_err().code(), "pending_transfer_expired");
+    assert_eq!(l.expire_pending(90).unwrap(), 1);
+    assert_eq!(l.pending_state(TransferId(50)).unwrap(), Some(PendingState::Expired));
+    assert_eq!(l.account(WALLET).unwrap().available(), 750);
+    assert_eq!(one(&mut l, 91, post(52, 99, 0)).unwrap_err().code(), "pending_transfer_not_found");
+    drop(l);
+    let report = verify(&path).unwrap();
+    assert_eq!(report.open_pending, 0);
+    assert_eq!(report.transfers, 7);
+}
+
+#[test]
+fn linked_transfers_succeed_or_fail_together() {
+    let (_, mut l) = books();
+    let chain = |id: u128, second: i64| {
+        vec![
+            NewTransfer { linked: true, ..NewTransfer::posted(TransferId(id), WALLET, SHOP, 100, 0) },
+            NewTransfer::posted(TransferId(id + 1), WALLET, SHOP, second, 0),
+        ]
+    };
+    let out = l.create_transfers(5, &chain(60, 5_000)).unwrap();
+    assert_eq!(out[0].as_ref().unwrap_err().code(), "linked_event_failed");
+    assert_eq!(out[1].as_ref().unwrap_err().code(), "insufficient_funds");
+    assert_eq!(l.account(WALLET).unwrap().balance(), 1_000, "nothing of the chain applied");
+    assert!(l.transfer(TransferId(60)).unwrap().is_none());
+    let out = l.create_transfers(6, &chain(70, 50)).unwrap();
+    assert!(out.iter().all(|o| o.is_ok()));
+    assert_eq!(l.account(WALLET).unwrap().balance(), 850);
+    let open = vec![NewTransfer { linked: true, ..NewTransfer::posted(TransferId(80), WALLET, SHOP, 1, 0) }];
+    assert_eq!(l.create_transfers(7, &open).unwrap()[0].as_ref().unwrap_err().code(), "linked_chain_open");
+}
+
+#[test]
+fn everything_survives_a_reopen() {
+    let (path, mut l) = books();
+    one(&mut l, 5, pending(90, 100, 1000)).unwrap();
+    drop(l);
+    let mut l = Ledger::open(&path).unwrap();
+    assert_eq!(l.account(WALLET).unwrap().available(), 900);
+    assert_eq!(one(&mut l, 6, post(91, 90, 0)), Ok(100));
+    assert_eq!(l.transfers_of(WALLET).unwrap().len(), 3);
+    let account =
+        NewAccount { id: WALLET, kind: "wallet".into(), owner: "someone else".into(), unit: Unit::Fen, flags: 0 };
+    assert_eq!(
+        l.create_accounts(7, &[account]).unwrap()[0].as_ref().unwrap_err().code(),
+        "id_reused_with_different_content"
+    );
+}
+
+#[test]
+fn verify_catches_tampering_and_a_broken_chain() {
+    let (path, mut l) = books();
+    one(&mut l, 2, NewTransfer::posted(TransferId(100), WALLET, SHOP, 10, 0)).unwrap();
+    drop(l);
+    verify(&path).unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute("UPDATE transfers SET amount = 9 WHERE seq = 2", []).unwrap();
+    let err = verify(&path).unwrap_err().to_string();
+    assert!(err.contains("differ from the replay") || err.contains("hash chain broken"), "{err}");
+    raw.execute("UPDATE transfers SET amount = 10 WHERE seq = 2", []).unwrap();
+    verify(&path).unwrap();
+    raw.execute("UPDATE accounts SET credits_posted = credits_posted + 1 WHERE seq = 3", []).unwrap();
+    assert!(verify(&path).unwrap_err().to_string().contains("stored totals"));
+    raw.execute("UPDATE accounts SET credits_posted = credits_posted - 1 WHERE seq = 3", []).unwrap();
+    raw.execute("UPDATE transfers SET memo = 'forged' WHERE seq = 1", []).unwrap();
+    assert!(verify(&path).unwrap_err().to_string().contains("hash chain broken"));
+    assert!(verify(temp_db("missing")).unwrap_err().to_string().contains("no such file"));
+}

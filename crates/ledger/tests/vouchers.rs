@@ -1,0 +1,287 @@
+//! Voucher programmes, grants, caps, cards and the job billing flow, with
+//! the rules of the published city programmes.
+
+use suanwang_ledger::audit;
+use suanwang_ledger::voucher::{self, OrgKind, Placement, ProgrammeSpec, Usage, date_to_unix};
+use suanwang_ledger::{Ledger, LedgerError, TransferId, verify};
+
+use crate::temp_db;
+
+fn day(date: &str) -> i64 {
+    date_to_unix(date).unwrap()
+}
+
+fn programme() -> ProgrammeSpec {
+    ProgrammeSpec {
+        id: "sd-2026".into(),
+        name: "Shandong compute vouchers 2026".into(),
+        budget_fen: 1_000_000,
+        valid_from: day("2026-01-01"),
+        valid_until: day("2027-01-01"),
+        kinds: vec![OrgKind::Enterprise, OrgKind::University],
+        sites: vec![],
+        accels: vec![],
+        rate_bp: 3_000,
+        foreign_rate_bp: 2_000,
+        org_year_cap_fen: 300_000,
+        job_cap_fen: 100_000,
+    }
+}
+
+/// acme (enterprise, 500,000 fen of vouchers, 1,000,000 of its own money),
+/// sdu (university), cas (institute), jinan-icc-co (runs a site).
+fn books() -> (std::path::PathBuf, Ledger, i64) {
+    let path = temp_db("vouchers");
+    let now = day("2026-03-01");
+    let mut l = voucher::open(&path, now).unwrap();
+    voucher::add_org(&mut l, now, "acme", OrgKind::Enterprise, "Acme AI").unwrap();
+    voucher::add_org(&mut l, now, "sdu", OrgKind::University, "Shandong University").unwrap();
+    voucher::add_org(&mut l, now, "cas", OrgKind::Institute, "An institute").unwrap();
+    voucher::add_org(&mut l, now, "jinan-icc-co", OrgKind::Enterprise, "Jinan ICC").unwrap();
+    voucher::create_programme(&mut l, now, &programme()).unwrap();
+    voucher::grant(&mut l, now, TransferId(1), "sd-2026", "acme", 500_000).unwrap();
+    voucher::deposit(&mut l, now, TransferId(2), "acme", 1_000_000).unwrap();
+    (path, l, now)
+}
+
+fn site(accel: &str, domestic: bool) -> Placement {
+    Placement {
+        site: "jinan-icc".into(),
+        provider: "jinan-icc-co".into(),
+        accel: accel.into(),
+        domestic,
+        price_fen_per_hour: 1_000,
+    }
+}
+
+fn code(e: LedgerError) -> &'static str {
+    e.code()
+}
+
+fn hours(h: i64) -> Usage {
+    Usage { accel_seconds: h * 3600, transfer_fen: 0 }
+}
+
+#[test]
+fn grants_come_out_of_the_budget_and_never_exceed_it() {
+    let (_, mut l, now) = books();
+    voucher::grant(&mut l, now, TransferId(10), "sd-2026", "sdu", 400_000).unwrap();
+    let err = voucher::grant(&mut l, now, TransferId(11), "sd-2026", "sdu", 100_001).unwrap_err();
+    assert_eq!(err.to_string(), "programme 'sd-2026' is exhausted: 100000 fen left, 100001 wanted");
+    assert_eq!(code(voucher::grant(&mut l, now, TransferId(12), "sd-2026", "cas", 10).unwrap_err()), "not_eligible");
+    assert_eq!(code(voucher::grant(&mut l, now, TransferId(13), "sd-2026", "nobody", 10).unwrap_err()), "not_found");
+    assert_eq!(code(voucher::grant(&mut l, now, TransferId(14), "nope", "sdu", 10).unwrap_err()), "not_found");
+    assert_eq!(
+        code(voucher::grant(&mut l, now, TransferId(15), "sd-2026", "sdu", -1).unwrap_err()),
+        "invalid_argument"
+    );
+    assert_eq!(
+        code(voucher::grant(&mut l, day("2027-01-02"), TransferId(16), "sd-2026", "sdu", 1).unwrap_err()),
+        "voucher_expired"
+    );
+    // The same grant again is the same grant, not another one.
+    voucher::grant(&mut l, now, TransferId(10), "sd-2026", "sdu", 400_000).unwrap();
+    assert_eq!(l.account(voucher::programme_pool("sd-2026")).unwrap().available(), 100_000);
+    let mut changed = programme();
+    changed.budget_fen = 5;
+    assert_eq!(code(voucher::create_programme(&mut l, now, &changed).unwrap_err()), "id_reused_with_different_content");
+    assert!(voucher::verify(&l).unwrap().is_empty());
+}
+
+#[test]
+fn the_quote_applies_rate_caps_and_rules() {
+    let (_, mut l, now) = books();
+    // 10 accelerator-hours at 10 yuan: 10,000 fen; 30% domestic.
+    let q = voucher::quote(&mut l, now, "acme", &site("Ascend910B", true), &hours(10)).unwrap();
+    assert_eq!(
+        (q.compute_fen, q.subsidy_fen, q.org_total_fen, q.programme.as_deref()),
+        (10_000, 3_000, 7_000, Some("sd-2026"))
+    );
+    // 20% for non-domestic accelerators.
+    let q = voucher::quote(&mut l, now, "acme", &site("H100", false), &hours(10)).unwrap();
+    assert_eq!(q.subsidy_fen, 2_000);
+    // The per-job cap.
+    let q = voucher::quote(&mut l, now, "acme", &site("Ascend910B", true), &hours(1_000)).unwrap();
+    assert_eq!((q.subsidy_fen, q.org_compute_fen), (100_000, 900_000));
+    assert!(q.notes.iter().any(|n| n.contains("per-job cap")), "{:?}", q.notes);
+    // Transfer fees are paid in full, never subsidised.
+    let q = voucher::quote(
+        &mut l,
+        now,
+        "acme",
+        &site("Ascend910B", true),
+        &Usage { accel_seconds: 36_000, transfer_fen: 500 },
+    )
+    .unwrap();
+    assert_eq!((q.subsidy_fen, q.transfer_fen, q.org_total_fen), (3_000, 500, 7_500));
+    // Related parties: the organisation runs the site.
+    voucher::grant(&mut l, now, TransferId(20), "sd-2026", "jinan-icc-co", 1_000).unwrap();
+    let q = voucher::quote(&mut l, now, "jinan-icc-co", &site("Ascend910B", true), &hours(10)).unwrap();
+    assert_eq!(q.subsidy_fen, 0);
+    assert!(q.notes[0].contains("related parties"), "{:?}", q.notes);
+    // An expired voucher pays nothing; nor does one not yet valid.
+    let q = voucher::quote(&mut l, day("2027-02-01"), "acme", &site("Ascend910B", true), &hours(10)).unwrap();
+    assert_eq!(q.subsidy_fen, 0);
+    assert!(q.notes[0].contains("expired"));
+    // A quote reserves nothing.
+    assert_eq!(l.account(voucher::voucher("sd-2026", "acme")).unwrap().available(), 500_000);
+    assert_eq!(
+        code(
+            voucher::quote(&mut l, now, "acme", &site("A100", false), &Usage { accel_seconds: -1, transfer_fen: 0 })
+                .unwrap_err()
+        ),
+        "invalid_argument"
+    );
+}
+
+#[test]
+fn hold_settle_and_release() {
+    let (path, mut l, now) = books();
+    let placement = site("Ascend910B", true);
+    let est = Usage { accel_seconds: 36_000, transfer_fen: 400 };
+    let hold = voucher::hold(&mut l, now, "job-1", "acme", &placement, &est, 86_400).unwrap();
+    assert_eq!((hold.bill.subsidy_fen, hold.bill.org_total_fen), (3_000, 7_400));
+    assert_eq!(l.account(voucher::voucher("sd-2026", "acme")).unwrap().available(), 497_000);
+    assert_eq!(l.account(voucher::wallet("acme")).unwrap().available(), 992_600);
+    // Holding again is the same hold; differently is refused.
+    assert_eq!(voucher::hold(&mut l, now, "job-1", "acme", &placement, &est, 86_400).unwrap(), hold);
+    assert_eq!(
+        code(voucher::hold(&mut l, now, "job-1", "acme", &placement, &hours(1), 86_400).unwrap_err()),
+        "id_reused_with_different_content"
+    );
+
+    // It ran 6 of the 10 hours estimated and moved less data.
+    let actual = Usage { accel_seconds: 21_600, transfer_fen: 100 };
+    let s = voucher::settle(&mut l, now + 30_000, "job-1", &actual).unwrap();
+    assert_eq!(
+        (s.bill.compute_fen, s.bill.subsidy_fen, s.bill.org_compute_fen, s.bill.transfer_fen),
+        (6_000, 1_800, 4_200, 100)
+    );
+    assert_eq!(l.account(voucher::voucher("sd-2026", "acme")).unwrap().available(), 498_200);
+    assert_eq!(l.account(voucher::wallet("acme")).unwrap().available(), 995_700);
+    assert_eq!(l.account(voucher::revenue("jinan-icc-co")).unwrap().balance(), 6_000);
+    assert_eq!(l.account(voucher::network_revenue()).unwrap().balance(), 100);
+    // Settling again with the same usage changes nothing; other usage is refused.
+    assert_eq!(voucher::settle(&mut l, now + 30_001, "job-1", &actual).unwrap(), s);
+    assert_eq!(code(voucher::settle(&mut l, now + 30_001, "job-1", &hours(6)).unwrap_err()), "already_settled");
+    assert_eq!(code(voucher::release(&mut l, now, "job-1").unwrap_err()), "not_held");
+
+    // A job that ran longer than held is billed at most the hold.
+    voucher::hold(&mut l, now, "job-2", "acme", &placement, &hours(1), 86_400).unwrap();
+    let s = voucher::settle(&mut l, now + 10_000, "job-2", &hours(2)).unwrap();
+    assert_eq!((s.bill.subsidy_fen, s.bill.org_compute_fen, s.unbilled_fen), (300, 700, 1_000));
+
+    // Release gives everything back.
+    voucher::hold(&mut l, now, "job-3", "acme", &placement, &hours(10), 86_400).unwrap();
+    voucher::release(&mut l, now + 5, "job-3").unwrap();
+    voucher::release(&mut l, now + 6, "job-3").unwrap();
+    assert_eq!(code(voucher::settle(&mut l, now + 7, "job-3", &hours(1)).unwrap_err()), "not_held");
+    assert_eq!(code(voucher::settle(&mut l, now + 7, "job-404", &hours(1)).unwrap_err()), "not_found");
+    assert!(voucher::verify(&l).unwrap().is_empty());
+    drop(l);
+    verify(&path).unwrap();
+}
+
+#[test]
+fn a_hold_the_organisation_cannot_pay_stores_nothing() {
+    let (_, mut l, now) = books();
+    voucher::grant(&mut l, now, TransferId(30), "sd-2026", "sdu", 10_000).unwrap();
+    let before = l.accounts();
+    let err = voucher::hold(&mut l, now, "job-poor", "sdu", &site("Ascend910B", true), &hours(10), 3600).unwrap_err();
+    assert_eq!(code(err), "insufficient_funds");
+    assert_eq!(l.accounts(), before);
+    assert_eq!(code(voucher::settle(&mut l, now, "job-poor", &hours(1)).unwrap_err()), "not_found");
+}
+
+#[test]
+fn the_yearly_cap_of_an_organisation_holds_across_jobs() {
+    let (_, mut l, now) = books();
+    let placement = site("Ascend910B", true);
+    voucher::deposit(&mut l, now, TransferId(50), "acme", 2_000_000).unwrap();
+    // Each job: 400 hours = 400,000 fen, 30% = 120,000, capped at 100,000 per job.
+    let mut subsidies = Vec::new();
+    for i in 0..4 {
+        let job = format!("big-{i}");
+        let h = voucher::hold(&mut l, now, &job, "acme", &placement, &hours(400), 86_400).unwrap();
+        subsidies.push(h.bill.subsidy_fen);
+        voucher::settle(&mut l, now + 100, &job, &hours(400)).unwrap();
+    }
+    assert_eq!(subsidies, vec![100_000, 100_000, 100_000, 0]);
+    // A new year brings a new cap.
+    let next_year = day("2027-01-01") - 1;
+    assert_eq!(voucher::year_of(next_year), 2026);
+    assert!(voucher::verify(&l).unwrap().is_empty());
+}
+
+#[test]
+fn compute_cards_pay_accelerator_seconds_of_their_type_first() {
+    let (_, mut l, now) = books();
+    voucher::buy_card(&mut l, now, TransferId(40), "acme", "H100", 4 * 3600, 20_000).unwrap();
+    assert_eq!(l.account(voucher::wallet("acme")).unwrap().available(), 980_000);
+    let h = voucher::hold(&mut l, now, "card-job", "acme", &site("H100", false), &hours(10), 86_400).unwrap();
+    // 4 hours from the card, 6 hours in fen with 20% subsidy.
+    assert_eq!((h.bill.card_seconds, h.bill.subsidy_fen, h.bill.org_compute_fen), (14_400, 1_200, 4_800));
+    let q = voucher::quote(&mut l, now, "acme", &site("A100", false), &hours(1)).unwrap();
+    assert_eq!(q.card_seconds, 0, "a card pays only its own type");
+    let s = voucher::settle(&mut l, now + 10, "card-job", &hours(3)).unwrap();
+    assert_eq!((s.bill.card_seconds, s.bill.subsidy_fen, s.bill.org_compute_fen), (10_800, 0, 0));
+    assert_eq!(l.account(voucher::card("acme", "H100")).unwrap().available(), 3_600);
+    assert_eq!(
+        code(voucher::buy_card(&mut l, now, TransferId(41), "acme", "H100", 3600, 2_000_000).unwrap_err()),
+        "insufficient_funds"
+    );
+}
+
+#[test]
+fn expiry_returns_unused_vouchers_and_expires_stale_holds() {
+    let (_, mut l, now) = books();
+    voucher::hold(&mut l, now, "stale", "acme", &site("Ascend910B", true), &hours(10), 3600).unwrap();
+    let report = voucher::sweep(&mut l, now + 3600).unwrap();
+    // Two parts held: the voucher's share and the organisation's.
+    assert_eq!((report.holds_expired, report.returned.len()), (2, 0));
+    assert_eq!(code(voucher::settle(&mut l, now + 3601, "stale", &hours(1)).unwrap_err()), "not_held");
+    assert_eq!(l.account(voucher::voucher("sd-2026", "acme")).unwrap().available(), 500_000);
+    let after = day("2027-01-01");
+    let report = voucher::sweep(&mut l, after).unwrap();
+    assert_eq!(report.returned, vec![("sd-2026".to_string(), "acme".to_string(), 500_000)]);
+    assert_eq!(voucher::sweep(&mut l, after + 1).unwrap().returned, vec![], "returned once");
+    assert_eq!(l.account(voucher::programme_pool("sd-2026")).unwrap().available(), 1_000_000);
+    let spend = audit::programme_spend(&l).unwrap();
+    assert_eq!((spend[0].granted_fen, spend[0].returned_fen, spend[0].pool_fen), (0, 500_000, 1_000_000));
+    assert!(voucher::verify(&l).unwrap().is_empty());
+}
+
+#[test]
+fn statements_and_spend_reports_add_up() {
+    let (_, mut l, now) = books();
+    let placement = site("Ascend910B", true);
+    for (i, h) in [2, 5, 7].iter().enumerate() {
+        let job = format!("s-{i}");
+        voucher::hold(&mut l, now, &job, "acme", &placement, &hours(*h), 86_400).unwrap();
+        voucher::settle(&mut l, now + 100 * (i as i64 + 1), &job, &hours(*h)).unwrap();
+    }
+    voucher::hold(&mut l, now, "running", "acme", &placement, &hours(1), 86_400).unwrap();
+    let st = audit::statement(&l, "jinan-icc-co", now, now + 1_000).unwrap();
+    assert_eq!(st.lines.len(), 3);
+    assert_eq!((st.total.compute_fen, st.total.voucher_fen, st.total.org_fen), (14_000, 4_200, 9_800));
+    assert_eq!(st.total.voucher_fen + st.total.org_fen, l.account(voucher::revenue("jinan-icc-co")).unwrap().balance());
+    let partial = audit::statement(&l, "jinan-icc-co", now + 150, now + 1_000).unwrap();
+    assert_eq!(partial.lines.len(), 2);
+    let csv = audit::to_csv(&st.lines).unwrap();
+    let mut rows = csv.lines();
+    assert_eq!(
+        rows.next().unwrap(),
+        "job,org,site,accel,programme,settled_at,accel_seconds,card_seconds,compute_fen,voucher_fen,org_fen,transfer_fen,unbilled_fen"
+    );
+    assert_eq!(
+        rows.next().unwrap(),
+        format!("s-0,acme,jinan-icc,Ascend910B,sd-2026,{},7200,0,2000,600,1400,0,0", now + 100)
+    );
+    let spend = &audit::programme_spend(&l).unwrap()[0];
+    assert_eq!(
+        (spend.budget_fen, spend.granted_fen, spend.spent_fen, spend.held_fen),
+        (1_000_000, 500_000, 4_200, 300)
+    );
+    assert_eq!(spend.pool_fen + spend.granted_fen, spend.budget_fen);
+    assert_eq!(spend.spent_fen + spend.held_fen + spend.vouchers_fen, spend.granted_fen);
+}
