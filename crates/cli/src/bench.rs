@@ -41,6 +41,20 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Ledger throughput: batches of transfers, and single transfers from many clients.
+    Ledger {
+        /// Folder for the benchmark's database files (deleted afterwards).
+        #[arg(long, default_value = "target/bench-ledger")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 200)]
+        batches: usize,
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 300)]
+        per_client: usize,
+    },
     /// A replicated trace of a million jobs on a network of hundreds of sites.
     Scale {
         #[arg(long, default_value = "../shared/traces/microsoft_itp_2021/raw/cluster04.csv")]
@@ -68,6 +82,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Itp { dir, policy, load, seed } => itp(&dir, &policy, load, seed),
         BenchCommand::Scale { trace, jobs, sites, policy, load, seed } => {
             scale(&trace, jobs, sites, &policy, load, seed)
+        }
+        BenchCommand::Ledger { dir, batches, batch_size, clients, per_client } => {
+            crate::bench_ledger::run(&dir, batches, batch_size, clients, per_client)
         }
     }
 }

@@ -4,6 +4,8 @@
 //! failed command (bad input file, unknown policy...), 2 bad usage (clap).
 
 mod bench;
+mod bench_ledger;
+mod ledger_cmd;
 mod simulate;
 mod table;
 
@@ -26,6 +28,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Validate a topology file and print a summary of it.
     Topology(simulate::TopologyArgs),
+    /// The voucher ledger: programmes, grants, cards, job billing, audit, verify.
+    Ledger(ledger_cmd::LedgerArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,5 +48,6 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate(args) => simulate::simulate(args),
         Command::Bench(args) => bench::bench(args),
         Command::Topology(args) => simulate::topology(args),
+        Command::Ledger(args) => ledger_cmd::run(args),
     }
 }

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::error::LedgerError;
 use crate::ledger::Ledger;
-use crate::voucher::{self, HoldRecord, Settlement, codes};
+use crate::voucher::{self, HoldRecord, Settlement};
 
 /// One settled job on a provider's statement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -117,18 +117,10 @@ pub fn programme_spend(ledger: &Ledger) -> Result<Vec<ProgrammeSpend>, LedgerErr
     let mut out = Vec::new();
     for p in voucher::programmes(ledger)? {
         let pool = voucher::programme_pool(&p.id);
-        let sum = |code: u16, debit: bool| -> Result<i64, LedgerError> {
-            let column = if debit { "debit" } else { "credit" };
-            Ok(sql.query_row(
-                &format!(
-                    "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE {column} = ?1 AND code = ?2 AND kind = 0"
-                ),
-                params![pool.0.to_be_bytes(), code],
-                |r| r.get(0),
-            )?)
-        };
-        let granted = sum(codes::GRANT, true)?;
-        let returned = sum(codes::EXPIRY_RETURN, false)?;
+        // The pool is debited only by grants, and credited by its funding
+        // and by expiry returns: its totals tell both without a scan.
+        let (granted, returned) =
+            ledger.account(pool).map_or((0, 0), |a| (a.debits_posted, a.credits_posted - p.budget_fen));
         let (held, spent, organisations): (i64, i64, i64) = sql.query_row(
             "SELECT COALESCE(SUM(held_fen), 0), COALESCE(SUM(posted_fen), 0), COUNT(DISTINCT org) FROM org_year WHERE programme = ?1",
             [&p.id],

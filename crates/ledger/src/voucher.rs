@@ -964,11 +964,7 @@ pub fn verify(ledger: &Ledger) -> Result<Vec<String>, LedgerError> {
     let sql = ledger.connection();
     let mut problems = Vec::new();
     for p in programmes(ledger)? {
-        let funded: i64 = sql.query_row(
-            "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE credit = ?1 AND code = ?2",
-            params![programme_pool(&p.id).0.to_be_bytes(), codes::FUND],
-            |r| r.get(0),
-        )?;
+        let funded = ledger.transfer(TransferId::derive(&format!("fund:{}", p.id)))?.map_or(0, |t| t.amount);
         if funded != p.budget_fen {
             problems.push(format!("programme {}: funded {funded} fen, budget {}", p.id, p.budget_fen));
         }

@@ -1,0 +1,154 @@
+//! `suanwang bench ledger`: durable transfer throughput, in batches and
+//! from many concurrent clients with group commit, against the targets of
+//! the voucher issue (100,000 transfers/s in batches of 1,000; 2,000 single
+//! transfers/s from 64 clients). Every figure is for commits that returned,
+//! i.e. are on disk (`synchronous=FULL`).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use suanwang_ledger::service::LedgerService;
+use suanwang_ledger::{AccountId, Ledger, NewAccount, NewTransfer, TransferId, Unit};
+
+use crate::table;
+
+const ACCOUNTS: u64 = 10_000;
+
+fn books(path: &Path) -> anyhow::Result<Ledger> {
+    let _ = std::fs::remove_file(path);
+    let mut ledger = Ledger::open(path)?;
+    let accounts: Vec<NewAccount> = (0..ACCOUNTS)
+        .map(|i| NewAccount {
+            id: AccountId(1 + i as u128),
+            kind: "bench".into(),
+            owner: format!("o{i}"),
+            unit: Unit::Fen,
+            flags: 0,
+        })
+        .collect();
+    for outcome in ledger.create_accounts(0, &accounts)? {
+        outcome.map_err(|r| anyhow::anyhow!("{r}"))?;
+    }
+    Ok(ledger)
+}
+
+/// A deterministic pair of different accounts for transfer `n`.
+fn pair(n: u64) -> (AccountId, AccountId) {
+    let a = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % ACCOUNTS;
+    let b = (a + 1 + n % (ACCOUNTS - 1)) % ACCOUNTS;
+    (AccountId(1 + a as u128), AccountId(1 + b as u128))
+}
+
+fn transfer(n: u64) -> NewTransfer {
+    let (debit, credit) = pair(n);
+    NewTransfer::posted(TransferId(1_000_000 + n as u128), debit, credit, 1 + (n % 1000) as i64, 1)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+pub fn run(dir: &Path, batches: usize, batch_size: usize, clients: usize, per_client: usize) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("--dir {}", dir.display()))?;
+    let mut rows = Vec::new();
+
+    // 1. Batches of `batch_size`, one commit each.
+    let path = dir.join("batches.db");
+    let mut ledger = books(&path)?;
+    let started = Instant::now();
+    for b in 0..batches {
+        let batch: Vec<NewTransfer> = (0..batch_size).map(|i| transfer((b * batch_size + i) as u64)).collect();
+        let outcomes = ledger.create_transfers(1, &batch)?;
+        anyhow::ensure!(outcomes.iter().all(|o| o.is_ok()), "a benchmark transfer was refused");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let n = batches * batch_size;
+    rows.push(vec![
+        format!("batches of {batch_size}"),
+        n.to_string(),
+        format!("{seconds:.2}"),
+        format!("{:.0}", n as f64 / seconds),
+        "-".into(),
+        "-".into(),
+    ]);
+    drop(ledger);
+    let verified = Instant::now();
+    let report = suanwang_ledger::verify(&path)?;
+    anyhow::ensure!(report.transfers as usize == n, "verify counted {} transfers", report.transfers);
+    let verify_s = verified.elapsed().as_secs_f64();
+
+    // 2. Single transfers, each its own commit, one client: the fsync rate.
+    let path = dir.join("singles.db");
+    let mut ledger = books(&path)?;
+    let singles = 300;
+    let started = Instant::now();
+    for i in 0..singles {
+        ledger.create_transfers(1, &[transfer(i)])?.remove(0).map_err(|r| anyhow::anyhow!("{r}"))?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    rows.push(vec![
+        "single, 1 client, no grouping".into(),
+        singles.to_string(),
+        format!("{seconds:.2}"),
+        format!("{:.0}", singles as f64 / seconds),
+        "-".into(),
+        "-".into(),
+    ]);
+    drop(ledger);
+
+    // 3. Single transfers from many clients through group commit.
+    let path = dir.join("clients.db");
+    let service = LedgerService::start(books(&path)?);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let client = service.client();
+            let next = next.clone();
+            std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+                let mut latencies = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    let t = transfer(next.fetch_add(1, Ordering::Relaxed));
+                    let sent = Instant::now();
+                    client.create_transfers(1, vec![t])?.remove(0).map_err(|r| anyhow::anyhow!("{r}"))?;
+                    latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for t in threads {
+        latencies.extend(t.join().map_err(|_| anyhow::anyhow!("client panicked"))??);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    drop(service);
+    latencies.sort_by(f64::total_cmp);
+    let n = clients * per_client;
+    rows.push(vec![
+        format!("single, {clients} clients, group commit"),
+        n.to_string(),
+        format!("{seconds:.2}"),
+        format!("{:.0}", n as f64 / seconds),
+        format!("{:.2}", percentile(&latencies, 0.5)),
+        format!("{:.2}", percentile(&latencies, 0.99)),
+    ]);
+    suanwang_ledger::verify(&path)?;
+    print!(
+        "{}",
+        table::render(
+            &["workload (durable, synchronous=FULL)", "transfers", "seconds", "transfers/s", "p50 ms", "p99 ms"],
+            &rows
+        )
+    );
+    println!("verify of {} transfers: {verify_s:.2} s", batches * batch_size);
+    for name in ["batches.db", "singles.db", "clients.db"] {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(dir.join(format!("{name}{suffix}")));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,533 @@
+//! `suanwang ledger`: the voucher ledger from the command line.
+//!
+//! Every command works on one database file (`--db`, or `SUANWANG_DB`).
+//! Time is `--now` (unix seconds or `YYYY-MM-DD`), else the system clock:
+//! the library never reads a clock, the command line does.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+use suanwang_ledger::audit;
+use suanwang_ledger::voucher::{self, OrgKind, Placement, ProgrammeSpec, Usage};
+use suanwang_ledger::{AccountId, Ledger, LedgerError, NewTransfer, TransferId, TransferKind};
+
+use crate::table;
+
+#[derive(Debug, Args)]
+pub struct LedgerArgs {
+    /// The ledger database file.
+    #[arg(long, env = "SUANWANG_DB", default_value = "suanwang.db", global = true)]
+    pub db: PathBuf,
+    /// The time of the operation: unix seconds or YYYY-MM-DD (China time). Default: now.
+    #[arg(long, global = true)]
+    pub now: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: LedgerCommand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Create the database, its tables and system accounts (idempotent).
+    Init,
+    /// Register an organisation (enterprise, university or institute) and its wallet.
+    Org {
+        id: String,
+        #[arg(long)]
+        kind: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Create a voucher programme and fund it with its budget.
+    Programme(ProgrammeArgs),
+    /// List programmes.
+    Programmes,
+    /// Put an organisation's own money in its wallet.
+    Deposit {
+        org: String,
+        amount_fen: i64,
+        /// Client-chosen transfer id (hex): repeating it is safe.
+        #[arg(long)]
+        id: String,
+    },
+    /// Grant vouchers of a programme to an organisation.
+    Grant {
+        programme: String,
+        org: String,
+        amount_fen: i64,
+        #[arg(long)]
+        id: String,
+    },
+    /// Sell a compute card: prepaid accelerator-hours of one type.
+    Card {
+        org: String,
+        #[arg(long)]
+        accel: String,
+        #[arg(long)]
+        hours: i64,
+        #[arg(long)]
+        price_fen: i64,
+        #[arg(long)]
+        id: String,
+    },
+    /// What the voucher would pay for a job and what the organisation pays.
+    Quote {
+        org: String,
+        #[command(flatten)]
+        job: JobPlacement,
+    },
+    /// Hold a job's bill at admission.
+    Hold {
+        job: String,
+        org: String,
+        #[command(flatten)]
+        placement: JobPlacement,
+        /// Seconds before the hold expires on its own.
+        #[arg(long, default_value_t = 7 * 86_400)]
+        timeout_s: i64,
+    },
+    /// Settle a held job with its actual usage.
+    Settle {
+        job: String,
+        #[arg(long)]
+        accel_seconds: i64,
+        #[arg(long, default_value_t = 0)]
+        transfer_fen: i64,
+    },
+    /// Release a held job's bill (cancel, provider fault).
+    Release { job: String },
+    /// Expire stale holds and return expired vouchers to their programmes.
+    Sweep,
+    /// Accounts and their balances.
+    Accounts,
+    /// A raw transfer between two accounts, by id (hex).
+    Transfer {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        debit: String,
+        #[arg(long)]
+        credit: String,
+        #[arg(long)]
+        amount: i64,
+        /// Hold instead of posting, expiring after this many seconds (0: never).
+        #[arg(long)]
+        pending_timeout_s: Option<i64>,
+        #[arg(long, default_value_t = 0)]
+        code: u16,
+    },
+    /// A provider's settlement statement (write-off) for [from, to).
+    Statement {
+        provider: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Table)]
+        format: ExportFormat,
+    },
+    /// Per-programme spend report.
+    Report {
+        #[arg(long, value_enum, default_value_t = ExportFormat::Table)]
+        format: ExportFormat,
+    },
+    /// Replay the whole journal and check every balance and rule.
+    Verify {
+        /// The database to verify (default: --db).
+        db: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ProgrammeArgs {
+    #[arg(long)]
+    pub id: String,
+    #[arg(long, default_value = "")]
+    pub name: String,
+    #[arg(long)]
+    pub budget_fen: i64,
+    #[arg(long)]
+    pub from: String,
+    #[arg(long)]
+    pub until: String,
+    /// Eligible organisation kinds, comma-separated.
+    #[arg(long, default_value = "enterprise,university,institute")]
+    pub kinds: String,
+    /// Eligible sites, comma-separated (default: all).
+    #[arg(long, default_value = "")]
+    pub sites: String,
+    /// Eligible accelerator types, comma-separated (default: all).
+    #[arg(long, default_value = "")]
+    pub accels: String,
+    #[arg(long, default_value_t = 3_000)]
+    pub rate_bp: i64,
+    #[arg(long, default_value_t = 2_000)]
+    pub foreign_rate_bp: i64,
+    #[arg(long)]
+    pub org_year_cap_fen: i64,
+    #[arg(long)]
+    pub job_cap_fen: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct JobPlacement {
+    #[arg(long)]
+    pub site: String,
+    #[arg(long)]
+    pub accel: String,
+    #[arg(long)]
+    pub accel_seconds: i64,
+    #[arg(long, default_value_t = 0)]
+    pub transfer_fen: i64,
+    /// The topology that gives the site's provider and price.
+    #[arg(long, default_value = "shandong")]
+    pub topology: String,
+}
+
+fn parse_time(text: &str) -> anyhow::Result<i64> {
+    if let Ok(seconds) = text.trim().parse::<i64>() {
+        return Ok(seconds);
+    }
+    voucher::date_to_unix(text).map_err(|e| anyhow!("{e}"))
+}
+
+fn now(args: &LedgerArgs) -> anyhow::Result<i64> {
+    match &args.now {
+        Some(text) => parse_time(text).context("--now"),
+        None => Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64),
+    }
+}
+
+fn transfer_id(text: &str) -> anyhow::Result<TransferId> {
+    text.parse().map_err(|e: String| anyhow!("--id: {e}"))
+}
+
+/// An account by hex id or by voucher name (`wallet:ORG`, `voucher:PROGRAMME:ORG`, ...).
+fn account_id(text: &str) -> anyhow::Result<AccountId> {
+    if text.contains(':') || !text.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Ok(AccountId::derive(text));
+    }
+    text.parse().map_err(|e: String| anyhow!(e))
+}
+
+fn placement(job: &JobPlacement) -> anyhow::Result<(Placement, Usage)> {
+    let topology = suanwang_topology::load(&job.topology)?;
+    let site_id = topology
+        .site_id(&job.site)
+        .ok_or_else(|| anyhow!("--site: no site '{}' in topology {}", job.site, topology.name))?;
+    let site = topology.site(site_id);
+    let accel_id = topology
+        .accelerator_id(&job.accel)
+        .ok_or_else(|| anyhow!("--accel: unknown accelerator type '{}'", job.accel))?;
+    let pool = site
+        .pools
+        .iter()
+        .map(|&p| topology.pool(p))
+        .find(|p| p.accel == accel_id)
+        .ok_or_else(|| anyhow!("--accel: site '{}' has no {} pool", job.site, job.accel))?;
+    Ok((
+        Placement {
+            site: site.key.clone(),
+            provider: site.provider.clone(),
+            accel: job.accel.clone(),
+            domestic: topology.accelerator(accel_id).domestic,
+            price_fen_per_hour: pool.price_fen_per_hour,
+        },
+        Usage { accel_seconds: job.accel_seconds, transfer_fen: job.transfer_fen },
+    ))
+}
+
+fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(value)?);
+    } else {
+        print!("{}", text());
+    }
+    Ok(())
+}
+
+fn export<T: Serialize>(format: ExportFormat, rows: &[T], table: impl FnOnce() -> String) -> anyhow::Result<()> {
+    match format {
+        ExportFormat::Table => print!("{}", table()),
+        ExportFormat::Csv => print!("{}", audit::to_csv(rows)?),
+        ExportFormat::Json => println!("{}", serde_json::to_string(rows)?),
+    }
+    Ok(())
+}
+
+fn list(text: &str) -> Vec<String> {
+    text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+/// A refusal becomes `[code] message`, so scripts can match the code.
+fn refused(e: LedgerError) -> anyhow::Error {
+    anyhow!("[{}] {e}", e.code())
+}
+
+fn bill_text(bill: &voucher::Bill) -> String {
+    let mut out = table::render(
+        &[
+            "compute fen",
+            "card s",
+            "voucher fen",
+            "org compute fen",
+            "transfer fen",
+            "org total fen",
+            "programme",
+            "rate bp",
+        ],
+        &[vec![
+            bill.compute_fen.to_string(),
+            bill.card_seconds.to_string(),
+            bill.subsidy_fen.to_string(),
+            bill.org_compute_fen.to_string(),
+            bill.transfer_fen.to_string(),
+            bill.org_total_fen.to_string(),
+            bill.programme.clone().unwrap_or_else(|| "-".into()),
+            bill.rate_bp.to_string(),
+        ]],
+    );
+    for note in &bill.notes {
+        out.push_str(&format!("note: {note}\n"));
+    }
+    out
+}
+
+pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
+    if let LedgerCommand::Verify { db } = &args.command {
+        let path = db.clone().unwrap_or_else(|| args.db.clone());
+        let report = suanwang_ledger::verify(&path).map_err(refused)?;
+        let ledger = Ledger::open(&path).map_err(refused)?;
+        let problems = voucher::verify(&ledger).map_err(refused)?;
+        if !problems.is_empty() {
+            bail!("{}: voucher rules broken:\n{}", path.display(), problems.join("\n"));
+        }
+        return print(args.json, &report, || {
+            let totals: Vec<String> = report
+                .totals
+                .iter()
+                .map(|(u, posted, pending)| format!("{u}: {posted} posted, {pending} pending"))
+                .collect();
+            format!(
+                "{}: ok: {} journal entries, {} accounts, {} transfers, {} holds open; debits equal credits ({})\n",
+                path.display(),
+                report.journal_entries,
+                report.accounts,
+                report.transfers,
+                report.open_pending,
+                totals.join("; ")
+            )
+        });
+    }
+    let now = now(&args)?;
+    let mut ledger =
+        voucher::open(&args.db, now).map_err(refused).with_context(|| format!("--db {}", args.db.display()))?;
+    let l = &mut ledger;
+    let ok =
+        |what: String| print(args.json, &serde_json::json!({"ok": true, "what": what.clone()}), || format!("{what}\n"));
+    match args.command {
+        LedgerCommand::Init => ok(format!("ledger ready in {}", args.db.display())),
+        LedgerCommand::Org { id, kind, name } => {
+            let kind: OrgKind = kind.parse().map_err(|e| anyhow!("--kind: {e}"))?;
+            voucher::add_org(l, now, &id, kind, &name).map_err(refused)?;
+            ok(format!("organisation {id} registered"))
+        }
+        LedgerCommand::Programme(p) => {
+            let kinds = list(&p.kinds)
+                .iter()
+                .map(|k| k.parse::<OrgKind>().map_err(|e| anyhow!("--kinds: {e}")))
+                .collect::<anyhow::Result<_>>()?;
+            let spec = ProgrammeSpec {
+                id: p.id.clone(),
+                name: p.name,
+                budget_fen: p.budget_fen,
+                valid_from: parse_time(&p.from).context("--from")?,
+                valid_until: parse_time(&p.until).context("--until")?,
+                kinds,
+                sites: list(&p.sites),
+                accels: list(&p.accels),
+                rate_bp: p.rate_bp,
+                foreign_rate_bp: p.foreign_rate_bp,
+                org_year_cap_fen: p.org_year_cap_fen,
+                job_cap_fen: p.job_cap_fen,
+            };
+            voucher::create_programme(l, now, &spec).map_err(refused)?;
+            ok(format!("programme {} created with {} fen", spec.id, spec.budget_fen))
+        }
+        LedgerCommand::Programmes => {
+            let all = voucher::programmes(l).map_err(refused)?;
+            print(args.json, &all, || {
+                let rows: Vec<Vec<String>> = all
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.id.clone(),
+                            p.budget_fen.to_string(),
+                            p.rate_bp.to_string(),
+                            p.foreign_rate_bp.to_string(),
+                            p.org_year_cap_fen.to_string(),
+                            p.job_cap_fen.to_string(),
+                        ]
+                    })
+                    .collect();
+                table::render(&["programme", "budget fen", "rate bp", "foreign bp", "org/year cap", "job cap"], &rows)
+            })
+        }
+        LedgerCommand::Deposit { org, amount_fen, id } => {
+            voucher::deposit(l, now, transfer_id(&id)?, &org, amount_fen).map_err(refused)?;
+            ok(format!("{amount_fen} fen deposited for {org}"))
+        }
+        LedgerCommand::Grant { programme, org, amount_fen, id } => {
+            voucher::grant(l, now, transfer_id(&id)?, &programme, &org, amount_fen).map_err(refused)?;
+            ok(format!("{amount_fen} fen of {programme} granted to {org}"))
+        }
+        LedgerCommand::Card { org, accel, hours, price_fen, id } => {
+            let seconds = hours.checked_mul(3600).ok_or_else(|| anyhow!("--hours: too large"))?;
+            voucher::buy_card(l, now, transfer_id(&id)?, &org, &accel, seconds, price_fen).map_err(refused)?;
+            ok(format!("card of {hours} {accel}-hours sold to {org}"))
+        }
+        LedgerCommand::Quote { org, job } => {
+            let (placement, usage) = placement(&job)?;
+            let bill = voucher::quote(l, now, &org, &placement, &usage).map_err(refused)?;
+            print(args.json, &bill, || bill_text(&bill))
+        }
+        LedgerCommand::Hold { job, org, placement: p, timeout_s } => {
+            let (placement, usage) = placement(&p)?;
+            let hold = voucher::hold(l, now, &job, &org, &placement, &usage, timeout_s).map_err(refused)?;
+            print(args.json, &hold, || bill_text(&hold.bill))
+        }
+        LedgerCommand::Settle { job, accel_seconds, transfer_fen } => {
+            let s = voucher::settle(l, now, &job, &Usage { accel_seconds, transfer_fen }).map_err(refused)?;
+            print(args.json, &s, || bill_text(&s.bill))
+        }
+        LedgerCommand::Release { job } => {
+            voucher::release(l, now, &job).map_err(refused)?;
+            ok(format!("job {job} released"))
+        }
+        LedgerCommand::Sweep => {
+            let report = voucher::sweep(l, now).map_err(refused)?;
+            print(args.json, &report, || {
+                let mut out = format!("{} holds expired\n", report.holds_expired);
+                for (p, org, fen) in &report.returned {
+                    out.push_str(&format!("{fen} fen of {p} returned from {org}\n"));
+                }
+                out
+            })
+        }
+        LedgerCommand::Accounts => {
+            let accounts = l.accounts();
+            print(args.json, &accounts, || {
+                let rows: Vec<Vec<String>> = accounts
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.id.to_string(),
+                            a.kind.clone(),
+                            a.owner.clone(),
+                            a.unit.to_string(),
+                            a.balance().to_string(),
+                            a.debits_pending.to_string(),
+                            a.available().to_string(),
+                        ]
+                    })
+                    .collect();
+                table::render(&["id", "kind", "owner", "unit", "balance", "held", "available"], &rows)
+            })
+        }
+        LedgerCommand::Transfer { id, debit, credit, amount, pending_timeout_s, code } => {
+            let t = NewTransfer {
+                id: transfer_id(&id)?,
+                debit: account_id(&debit)?,
+                credit: account_id(&credit)?,
+                amount,
+                kind: match pending_timeout_s {
+                    Some(timeout_s) => TransferKind::Pending { timeout_s },
+                    None => TransferKind::Posted,
+                },
+                linked: false,
+                code,
+                memo: String::new(),
+            };
+            let outcome = l.create_transfers(now, &[t]).map_err(refused)?.remove(0);
+            let done = outcome.map_err(|r| refused(LedgerError::Refused(r)))?;
+            print(args.json, &done, || format!("transfer {} of {} {} done\n", done.id, done.amount, done.unit))
+        }
+        LedgerCommand::Statement { provider, from, to, format } => {
+            let st =
+                audit::statement(l, &provider, parse_time(&from).context("--from")?, parse_time(&to).context("--to")?)
+                    .map_err(refused)?;
+            let mut rows = st.lines.clone();
+            rows.push(st.total.clone());
+            export(format, &rows, || {
+                let body: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.job.clone(),
+                            r.org.clone(),
+                            r.site.clone(),
+                            r.accel.clone(),
+                            r.accel_seconds.to_string(),
+                            r.card_seconds.to_string(),
+                            r.compute_fen.to_string(),
+                            r.voucher_fen.to_string(),
+                            r.org_fen.to_string(),
+                            r.transfer_fen.to_string(),
+                        ]
+                    })
+                    .collect();
+                table::render(
+                    &[
+                        "job",
+                        "org",
+                        "site",
+                        "accel",
+                        "accel s",
+                        "card s",
+                        "compute fen",
+                        "voucher fen",
+                        "org fen",
+                        "transfer fen",
+                    ],
+                    &body,
+                )
+            })
+        }
+        LedgerCommand::Report { format } => {
+            let rows = audit::programme_spend(l).map_err(refused)?;
+            export(format, &rows, || {
+                let body: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.programme.clone(),
+                            r.budget_fen.to_string(),
+                            r.granted_fen.to_string(),
+                            r.spent_fen.to_string(),
+                            r.held_fen.to_string(),
+                            r.returned_fen.to_string(),
+                            r.pool_fen.to_string(),
+                            r.vouchers_fen.to_string(),
+                        ]
+                    })
+                    .collect();
+                table::render(
+                    &["programme", "budget", "granted", "spent", "held", "returned", "pool", "in vouchers"],
+                    &body,
+                )
+            })
+        }
+        LedgerCommand::Verify { .. } => unreachable!("handled above"),
+    }
+}
