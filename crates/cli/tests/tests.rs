@@ -211,24 +211,61 @@ fn ledger_voucher_flow_from_the_command_line() {
     let db = temp_dir("ledger").join("books.db");
     ledger_ok(&db, &["init"]);
     ledger_ok(&db, &["org", "acme", "--kind", "enterprise", "--name", "Acme AI"]);
-    ledger_ok(&db, &[
-        "programme", "--id", "sd-2026", "--budget-fen", "1000000", "--from", "2026-01-01", "--until", "2027-01-01",
-        "--kinds", "enterprise,university", "--org-year-cap-fen", "300000", "--job-cap-fen", "100000",
-    ]);
+    ledger_ok(
+        &db,
+        &[
+            "programme",
+            "--id",
+            "sd-2026",
+            "--budget-fen",
+            "1000000",
+            "--from",
+            "2026-01-01",
+            "--until",
+            "2027-01-01",
+            "--kinds",
+            "enterprise,university",
+            "--org-year-cap-fen",
+            "300000",
+            "--job-cap-fen",
+            "100000",
+        ],
+    );
     ledger_ok(&db, &["deposit", "acme", "100000", "--id", "a1"]);
     ledger_ok(&db, &["grant", "sd-2026", "acme", "50000", "--id", "a2"]);
     // Repeating a transfer id is safe.
     ledger_ok(&db, &["grant", "sd-2026", "acme", "50000", "--id", "a2"]);
-    let quote: Value = serde_json::from_str(&ledger_ok(&db, &[
-        "--json", "quote", "acme", "--site", "jinan-icc", "--accel", "Ascend910B", "--accel-seconds", "36000",
-    ]))
+    let quote: Value = serde_json::from_str(&ledger_ok(
+        &db,
+        &["--json", "quote", "acme", "--site", "jinan-icc", "--accel", "Ascend910B", "--accel-seconds", "36000"],
+    ))
     .unwrap();
     // 10 hours at 6.50 yuan: 6,500 fen, 30% domestic.
     assert_eq!((quote["compute_fen"].as_i64(), quote["subsidy_fen"].as_i64()), (Some(6500), Some(1950)));
-    ledger_ok(&db, &["hold", "job-1", "acme", "--site", "jinan-icc", "--accel", "Ascend910B", "--accel-seconds", "36000", "--transfer-fen", "300"]);
-    let settled: Value = serde_json::from_str(&ledger_ok(&db, &["--json", "settle", "job-1", "--accel-seconds", "18000", "--transfer-fen", "300"])).unwrap();
+    ledger_ok(
+        &db,
+        &[
+            "hold",
+            "job-1",
+            "acme",
+            "--site",
+            "jinan-icc",
+            "--accel",
+            "Ascend910B",
+            "--accel-seconds",
+            "36000",
+            "--transfer-fen",
+            "300",
+        ],
+    );
+    let settled: Value = serde_json::from_str(&ledger_ok(
+        &db,
+        &["--json", "settle", "job-1", "--accel-seconds", "18000", "--transfer-fen", "300"],
+    ))
+    .unwrap();
     assert_eq!(settled["bill"]["subsidy_fen"].as_i64(), Some(975));
-    let csv = ledger_ok(&db, &["statement", "jinan-icc-co", "--from", "2026-01-01", "--to", "2027-01-01", "--format", "csv"]);
+    let csv =
+        ledger_ok(&db, &["statement", "jinan-icc-co", "--from", "2026-01-01", "--to", "2027-01-01", "--format", "csv"]);
     assert!(csv.starts_with("job,org,site,accel,programme,settled_at,accel_seconds"), "{csv}");
     assert!(csv.contains("job-1,acme,jinan-icc,Ascend910B,sd-2026,"));
     let report: Value = serde_json::from_str(&ledger_ok(&db, &["report", "--format", "json"])).unwrap();
@@ -252,11 +289,51 @@ fn ledger_refusals_name_their_code_and_change_nothing() {
     fails(&["org", "x", "--kind", "club"], "must be enterprise, university or institute");
     fails(&["deposit", "acme", "10", "--id", "xyz"], "--id: transfer id must be hex digits");
     fails(&["deposit", "nobody", "10", "--id", "1"], "[not_found] organisation 'nobody' not found");
-    fails(&["deposit", "acme", "--id", "1", "--", "-10"], "[invalid_argument] invalid amount: must be positive, got -10");
-    ledger_ok(&db, &["programme", "--id", "p", "--budget-fen", "100", "--from", "2026-01-01", "--until", "2027-01-01", "--org-year-cap-fen", "100", "--job-cap-fen", "100"]);
+    fails(
+        &["deposit", "acme", "--id", "1", "--", "-10"],
+        "[invalid_argument] invalid amount: must be positive, got -10",
+    );
+    ledger_ok(
+        &db,
+        &[
+            "programme",
+            "--id",
+            "p",
+            "--budget-fen",
+            "100",
+            "--from",
+            "2026-01-01",
+            "--until",
+            "2027-01-01",
+            "--org-year-cap-fen",
+            "100",
+            "--job-cap-fen",
+            "100",
+        ],
+    );
     fails(&["grant", "p", "acme", "101", "--id", "2"], "[programme_exhausted]");
-    fails(&["programme", "--id", "q", "--budget-fen", "100", "--from", "2027-01-01", "--until", "2026-01-01", "--org-year-cap-fen", "1", "--job-cap-fen", "1"], "valid_until");
-    fails(&["quote", "acme", "--site", "atlantis", "--accel", "H100", "--accel-seconds", "10"], "--site: no site 'atlantis'");
+    fails(
+        &[
+            "programme",
+            "--id",
+            "q",
+            "--budget-fen",
+            "100",
+            "--from",
+            "2027-01-01",
+            "--until",
+            "2026-01-01",
+            "--org-year-cap-fen",
+            "1",
+            "--job-cap-fen",
+            "1",
+        ],
+        "valid_until",
+    );
+    fails(
+        &["quote", "acme", "--site", "atlantis", "--accel", "H100", "--accel-seconds", "10"],
+        "--site: no site 'atlantis'",
+    );
     fails(&["settle", "ghost", "--accel-seconds", "10"], "[not_found] job 'ghost' not found");
     let o = suanwang(&["ledger", "--db", db.to_str().unwrap(), "--now", "someday", "init"]);
     assert_eq!(o.status.code(), Some(1));

@@ -285,3 +285,94 @@ fn statements_and_spend_reports_add_up() {
     assert_eq!(spend.pool_fen + spend.granted_fen, spend.budget_fen);
     assert_eq!(spend.spent_fen + spend.held_fen + spend.vouchers_fen, spend.granted_fen);
 }
+
+mod random {
+    //! Random sequences of voucher operations; after every step no programme
+    //! is over budget, no cap is exceeded, nothing is overdrawn, and
+    //! repeating any earlier operation changes nothing.
+
+    use proptest::prelude::*;
+    use suanwang_ledger::TransferId;
+    use suanwang_ledger::voucher::{self, Usage};
+
+    use super::{books, site};
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Grant(u8, i64),
+        Hold(u8, u8, i64, bool),
+        Settle(u8, i64),
+        Release(u8),
+        Sweep(i64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..2, 1i64..400_000).prop_map(|(o, a)| Op::Grant(o, a)),
+            (0u8..12, 0u8..2, 0i64..2_000_000, any::<bool>()).prop_map(|(j, o, s, d)| Op::Hold(j, o, s, d)),
+            (0u8..12, 0i64..2_000_000).prop_map(|(j, s)| Op::Settle(j, s)),
+            (0u8..12).prop_map(Op::Release),
+            (0i64..200_000).prop_map(Op::Sweep),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        #[test]
+        fn budgets_caps_and_idempotency_hold(ops in proptest::collection::vec(op(), 1..30)) {
+            let (_, mut l, start) = books();
+            let orgs = ["acme", "sdu"];
+            let mut now = start;
+            let mut next_id = 1_000u128;
+            let mut done: Vec<(Op, String)> = Vec::new();
+            for op in ops {
+                let outcome = match &op {
+                    Op::Grant(o, amount) => {
+                        next_id += 1;
+                        voucher::grant(&mut l, now, TransferId(next_id), "sd-2026", orgs[*o as usize], *amount).map(|_| String::new())
+                    }
+                    Op::Hold(job, o, seconds, domestic) => voucher::hold(
+                        &mut l, now, &format!("j{job}"), orgs[*o as usize], &site("Ascend910B", *domestic),
+                        &Usage { accel_seconds: *seconds, transfer_fen: 10 }, 50_000,
+                    ).map(|h| format!("{:?}", h.bill)),
+                    Op::Settle(job, seconds) => voucher::settle(&mut l, now, &format!("j{job}"), &Usage { accel_seconds: *seconds, transfer_fen: 10 })
+                        .map(|s| format!("{:?}", s.bill)),
+                    Op::Release(job) => voucher::release(&mut l, now, &format!("j{job}")).map(|_| String::new()),
+                    Op::Sweep(dt) => {
+                        now += dt;
+                        voucher::sweep(&mut l, now).map(|_| String::new())
+                    }
+                };
+                if let Ok(text) = &outcome
+                    && matches!(op, Op::Hold(..) | Op::Settle(..))
+                {
+                    done.push((op.clone(), text.clone()));
+                }
+                let pool = l.account(voucher::programme_pool("sd-2026")).unwrap();
+                // Never granted more than the budget (plus what expiry returned).
+                prop_assert!(pool.available() >= 0 && pool.debits_posted <= pool.credits_posted);
+                for a in l.accounts() {
+                    if a.kind != "treasury" && a.kind != "bank" && a.kind != "card_mint" {
+                        prop_assert!(a.debits_posted + a.debits_pending <= a.credits_posted || a.kind == "revenue", "{} overdrawn", a.kind);
+                    }
+                }
+                let problems = voucher::verify(&l).unwrap();
+                prop_assert!(problems.is_empty(), "{:?}", problems);
+            }
+            // Repeating a successful hold or settle returns the same bill.
+            for (op, text) in done {
+                let again = match &op {
+                    Op::Hold(job, o, seconds, domestic) => voucher::hold(
+                        &mut l, now, &format!("j{job}"), orgs[*o as usize], &site("Ascend910B", *domestic),
+                        &Usage { accel_seconds: *seconds, transfer_fen: 10 }, 50_000,
+                    ).map(|h| format!("{:?}", h.bill)),
+                    Op::Settle(job, seconds) => voucher::settle(&mut l, now, &format!("j{job}"), &Usage { accel_seconds: *seconds, transfer_fen: 10 })
+                        .map(|s| format!("{:?}", s.bill)),
+                    _ => unreachable!(),
+                };
+                prop_assert_eq!(again.unwrap(), text);
+            }
+        }
+    }
+}
