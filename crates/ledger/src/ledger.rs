@@ -393,7 +393,9 @@ impl Ledger {
             tx: &tx,
             base: &self.accounts,
             overlay: HashMap::new(),
-            undo: None,
+            undo: Vec::new(),
+            savepoints: 0,
+            in_chain: false,
             now,
             accounts_from: self.next_account_seq,
             next_account_seq: self.next_account_seq,
@@ -439,10 +441,15 @@ impl Ledger {
     }
 }
 
-/// Undo information for a linked chain in progress.
-struct ChainUndo {
+/// What to restore if an atomic block (a linked chain, or a caller's
+/// [`Batch::atomic`]) fails: the accounts as they were before the block
+/// first touched them, and the batch's counters.
+struct Undo {
     accounts: Vec<(AccountId, Option<Account>)>,
+    touched: std::collections::HashSet<AccountId>,
+    next_account_seq: i64,
     next_transfer_seq: i64,
+    account_bytes: usize,
     transfer_bytes: usize,
 }
 
@@ -451,7 +458,10 @@ pub struct Batch<'a> {
     tx: &'a rusqlite::Transaction<'a>,
     base: &'a HashMap<AccountId, Account>,
     overlay: HashMap<AccountId, Account>,
-    undo: Option<ChainUndo>,
+    /// Open atomic blocks, innermost last.
+    undo: Vec<Undo>,
+    savepoints: u32,
+    in_chain: bool,
     now: i64,
     accounts_from: i64,
     next_account_seq: i64,
@@ -484,16 +494,82 @@ impl Batch<'_> {
     fn account_mut(&mut self, id: AccountId) -> Option<&mut Account> {
         if !self.overlay.contains_key(&id) {
             let account = self.base.get(&id)?.clone();
-            if let Some(undo) = &mut self.undo {
-                undo.accounts.push((id, None));
-            }
+            self.remember(id);
             self.overlay.insert(id, account);
-        } else if let Some(undo) = &mut self.undo
-            && !undo.accounts.iter().any(|(a, _)| *a == id)
+        } else {
+            self.remember(id);
+        }
+        self.overlay.get_mut(&id)
+    }
+
+    /// Records an account's overlay state before the innermost block changes it.
+    fn remember(&mut self, id: AccountId) {
+        if let Some(undo) = self.undo.last_mut()
+            && undo.touched.insert(id)
         {
             undo.accounts.push((id, self.overlay.get(&id).cloned()));
         }
-        self.overlay.get_mut(&id)
+    }
+
+    fn begin(&mut self) -> Result<(), LedgerError> {
+        self.savepoints += 1;
+        self.tx.execute_batch(&format!("SAVEPOINT sp{}", self.savepoints))?;
+        self.undo.push(Undo {
+            accounts: Vec::new(),
+            touched: Default::default(),
+            next_account_seq: self.next_account_seq,
+            next_transfer_seq: self.next_transfer_seq,
+            account_bytes: self.account_bytes.len(),
+            transfer_bytes: self.transfer_bytes.len(),
+        });
+        Ok(())
+    }
+
+    fn end(&mut self, keep: bool) -> Result<(), LedgerError> {
+        let undo = self.undo.pop().expect("an open block");
+        let name = format!("sp{}", self.savepoints);
+        self.savepoints -= 1;
+        if keep {
+            self.tx.execute_batch(&format!("RELEASE {name}"))?;
+            // The enclosing block must be able to undo this one's changes too.
+            if let Some(outer) = self.undo.last_mut() {
+                for (id, before) in undo.accounts {
+                    if outer.touched.insert(id) {
+                        outer.accounts.push((id, before));
+                    }
+                }
+            }
+            return Ok(());
+        }
+        self.tx.execute_batch(&format!("ROLLBACK TO {name}; RELEASE {name}"))?;
+        for (id, before) in undo.accounts.into_iter().rev() {
+            match before {
+                Some(account) => self.overlay.insert(id, account),
+                None => self.overlay.remove(&id),
+            };
+        }
+        self.next_account_seq = undo.next_account_seq;
+        self.next_transfer_seq = undo.next_transfer_seq;
+        self.account_bytes.truncate(undo.account_bytes);
+        self.transfer_bytes.truncate(undo.transfer_bytes);
+        Ok(())
+    }
+
+    /// Runs `f` as one unit inside this transaction: if it fails, everything
+    /// it did (rows, account totals, journal bytes) is undone and the rest of
+    /// the batch goes on. Blocks nest.
+    pub fn atomic<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
+        self.begin()?;
+        match f(self) {
+            Ok(value) => {
+                self.end(true)?;
+                Ok(value)
+            }
+            Err(e) => {
+                self.end(false)?;
+                Err(e)
+            }
+        }
     }
 
     pub fn create_account(&mut self, a: &NewAccount) -> Result<Result<Account, Refusal>, LedgerError> {
@@ -571,12 +647,8 @@ impl Batch<'_> {
     }
 
     fn create_chain(&mut self, chain: &[NewTransfer]) -> Result<Vec<Result<Transfer, Refusal>>, LedgerError> {
-        self.tx.execute_batch("SAVEPOINT chain")?;
-        self.undo = Some(ChainUndo {
-            accounts: Vec::new(),
-            next_transfer_seq: self.next_transfer_seq,
-            transfer_bytes: self.transfer_bytes.len(),
-        });
+        self.begin()?;
+        self.in_chain = true;
         let mut results = Vec::with_capacity(chain.len());
         let mut failed = None;
         for (i, t) in chain.iter().enumerate() {
@@ -587,26 +659,19 @@ impl Batch<'_> {
                     break;
                 }
                 Err(e) => {
-                    self.undo = None;
+                    self.in_chain = false;
+                    self.end(false)?;
                     return Err(e);
                 }
             }
         }
-        let undo = self.undo.take().expect("chain undo");
+        self.in_chain = false;
         let Some((at, refusal)) = failed else {
-            self.tx.execute_batch("RELEASE chain")?;
+            self.end(true)?;
             return Ok(results);
         };
         // Roll the whole chain back, in the store and in memory.
-        self.tx.execute_batch("ROLLBACK TO chain; RELEASE chain")?;
-        for (id, before) in undo.accounts.into_iter().rev() {
-            match before {
-                Some(account) => self.overlay.insert(id, account),
-                None => self.overlay.remove(&id),
-            };
-        }
-        self.next_transfer_seq = undo.next_transfer_seq;
-        self.transfer_bytes.truncate(undo.transfer_bytes);
+        self.end(false)?;
         let outcomes: Vec<Result<Transfer, Refusal>> =
             (0..chain.len()).map(|i| Err(if i == at { refusal.clone() } else { Refusal::LinkedEventFailed })).collect();
         for (t, outcome) in chain.iter().zip(&outcomes) {
@@ -659,7 +724,9 @@ impl Batch<'_> {
         let transfer = match self.check(t)? {
             Ok(transfer) => transfer,
             Err(refusal) => {
-                if self.undo.is_none() {
+                // Inside a chain, the chain records its members' outcomes
+                // once it has rolled back.
+                if !self.in_chain {
                     self.record_refusal(t, &refusal)?;
                 }
                 return Ok(Err(refusal));

@@ -306,10 +306,16 @@ pub fn init(ledger: &mut Ledger, now: i64) -> Result<(), LedgerError> {
 
 /// Registers an organisation and its wallet. Idempotent for the same content.
 pub fn add_org(ledger: &mut Ledger, now: i64, id: &str, kind: OrgKind, name: &str) -> Result<(), LedgerError> {
+    ledger.write(now, |b| add_org_in(b, id, kind, name))
+}
+
+/// [`add_org`] inside a caller's transaction.
+pub fn add_org_in(b: &mut Batch<'_>, id: &str, kind: OrgKind, name: &str) -> Result<(), LedgerError> {
     if id.trim().is_empty() {
         return refused(invalid("org", "must not be empty".into()));
     }
-    ledger.write(now, |b| {
+    let now = b.now();
+    b.atomic(|b| {
         let kind_text = serde_json::to_value(kind).expect("kind serialises").as_str().unwrap_or_default().to_string();
         let existing: Option<(String, String)> = b
             .sql()
@@ -553,8 +559,8 @@ fn bump_org_year(
 }
 
 /// The bill of a job: card first, then the voucher on what is left, then
-/// the organisation's share. Reserves nothing.
-fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> Result<Bill, LedgerError> {
+/// the organisation's share. Reserves nothing (it only reads).
+pub fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> Result<Bill, LedgerError> {
     validate_usage(usage, placement)?;
     let kind = org_kind(b, org)?;
     let now = b.now();
@@ -720,13 +726,26 @@ pub fn hold(
     estimated: &Usage,
     timeout_s: i64,
 ) -> Result<HoldRecord, LedgerError> {
+    ledger.write(now, |b| hold_in(b, job, org, placement, estimated, timeout_s))
+}
+
+/// [`hold`] inside a caller's transaction, as one atomic block.
+pub fn hold_in(
+    b: &mut Batch<'_>,
+    job: &str,
+    org: &str,
+    placement: &Placement,
+    estimated: &Usage,
+    timeout_s: i64,
+) -> Result<HoldRecord, LedgerError> {
     if job.trim().is_empty() {
         return refused(invalid("job", "must not be empty".into()));
     }
     if timeout_s < 0 {
         return refused(Refusal::TimeoutMustNotBeNegative(timeout_s));
     }
-    ledger.write(now, |b| {
+    let now = b.now();
+    b.atomic(|b| {
         if let Some((_, existing, _)) = load_hold(b.sql(), job)? {
             let same = existing.bill.org == org && existing.placement == *placement && existing.estimated == *estimated && existing.timeout_s == timeout_s;
             return if same { Ok(existing) } else { refused(Refusal::IdReusedWithDifferentContent(job.to_string())) };
@@ -774,7 +793,13 @@ pub fn hold(
 /// first settlement; with other usage it is refused: the same usage is
 /// never billed or subsidised twice.
 pub fn settle(ledger: &mut Ledger, now: i64, job: &str, actual: &Usage) -> Result<Settlement, LedgerError> {
-    ledger.write(now, |b| {
+    ledger.write(now, |b| settle_in(b, job, actual))
+}
+
+/// [`settle`] inside a caller's transaction, as one atomic block.
+pub fn settle_in(b: &mut Batch<'_>, job: &str, actual: &Usage) -> Result<Settlement, LedgerError> {
+    let now = b.now();
+    b.atomic(|b| {
         let Some((state, hold, settled)) = load_hold(b.sql(), job)? else {
             return refused(Refusal::NotFound { what: "job", id: job.into() });
         };
@@ -849,7 +874,13 @@ pub fn settle(ledger: &mut Ledger, now: i64, job: &str, actual: &Usage) -> Resul
 /// Releases a held job's bill (cancelled, or the provider failed it).
 /// Releasing a released job again is accepted.
 pub fn release(ledger: &mut Ledger, now: i64, job: &str) -> Result<(), LedgerError> {
-    ledger.write(now, |b| {
+    ledger.write(now, |b| release_in(b, job))
+}
+
+/// [`release`] inside a caller's transaction, as one atomic block.
+pub fn release_in(b: &mut Batch<'_>, job: &str) -> Result<(), LedgerError> {
+    let now = b.now();
+    b.atomic(|b| {
         let Some((state, hold, _)) = load_hold(b.sql(), job)? else {
             return refused(Refusal::NotFound { what: "job", id: job.into() });
         };
