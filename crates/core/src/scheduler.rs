@@ -335,6 +335,56 @@ impl Scheduler {
         Ok(out)
     }
 
+    /// Takes back a job that was running when the driver last stopped (a
+    /// server restart): it is running `attempt` on `pool` since `started_s`,
+    /// with `done_ref_s` of reference work done in earlier attempts.
+    pub fn adopt(&mut self, now_s: u64, spec: JobSpec, attempt: u32, pool: PoolId, started_s: u64) -> Result<(), CoreError> {
+        self.advance(now_s)?;
+        spec.validate(&self.topology)?;
+        if self.state.jobs.contains_key(&spec.id) {
+            return Err(CoreError::DuplicateJob(spec.id.0));
+        }
+        let pool_spec = self.topology.pools.get(pool.0 as usize).ok_or(CoreError::UnknownSite(u32::MAX))?;
+        let state = &self.state.pools[pool.0 as usize];
+        if !spec.accepts(pool_spec.accel) || state.free < spec.gpus || attempt == 0 {
+            return Err(CoreError::InvalidJob(InvalidJob {
+                job: spec.id.0,
+                field: "pool",
+                problem: format!("cannot adopt attempt {attempt} on pool {}: wrong type or no room", pool.0),
+            }));
+        }
+        let estimate = estimate::estimate(&self.topology, &spec, pool, spec.estimate_s);
+        let run = RunInfo {
+            attempt,
+            pool,
+            started_s,
+            compute_from_s: started_s + estimate.transfer_s,
+            est_end_s: started_s + estimate.occupancy_s(),
+            speed_milli: pool_spec.speed_milli,
+        };
+        let (id, gpus, org) = (spec.id, spec.gpus, spec.org);
+        let mut live = LiveJob {
+            spec,
+            submit_s: started_s,
+            enqueued_s: started_s,
+            attempts: attempt,
+            attained_gpu_s: 0,
+            done_ref_s: 0,
+            key: (0, 0),
+            run: Some(run),
+            timer_s: None,
+        };
+        live.key = self.policy.key_for(&live, now_s);
+        self.state.jobs.insert(id, live);
+        let state = &mut self.state.pools[pool.0 as usize];
+        state.free -= gpus;
+        state.running.insert((run.est_end_s, id));
+        *self.state.org_running_gpus.entry(org).or_insert(0) += gpus as u64;
+        self.state.refresh_max_free(&self.topology, pool_spec.accel);
+        self.after_step();
+        Ok(())
+    }
+
     /// Every site, filtered with a reason or scored, for a job that may or
     /// may not have been submitted. Reserves nothing.
     pub fn explain(&self, now_s: u64, job: &JobSpec) -> Explanation {

@@ -49,6 +49,8 @@ struct CityQueues {
     running_pool: HashMap<JobId, PoolId>,
     ended_pools: Vec<PoolId>,
     sites_up: Vec<SiteId>,
+    /// An attempt this policy did not start ended (adopted after a restart).
+    all_dirty: bool,
 }
 
 impl Easy {
@@ -110,10 +112,11 @@ impl Policy for Easy {
     }
 
     fn attempt_ended(&mut self, job: JobId) {
-        if let Some(cities) = &mut self.cities
-            && let Some(pool) = cities.running_pool.remove(&job)
-        {
-            cities.ended_pools.push(pool);
+        if let Some(cities) = &mut self.cities {
+            match cities.running_pool.remove(&job) {
+                Some(pool) => cities.ended_pools.push(pool),
+                None => cities.all_dirty = true,
+            }
         }
     }
 
@@ -136,6 +139,9 @@ impl Policy for Easy {
         }
         for site in cities.sites_up.drain(..) {
             dirty.insert(topology.site(site).city.clone());
+        }
+        if std::mem::take(&mut cities.all_dirty) {
+            dirty.extend(cities.by_city.keys().cloned());
         }
         for city in dirty {
             let queue: Vec<JobId> =

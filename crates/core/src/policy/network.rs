@@ -175,11 +175,16 @@ impl Policy for Network {
     }
 
     fn attempt_ended(&mut self, job: JobId) {
-        if let Some(pool) = self.running_pool.remove(&job)
-            && let Some(valid) = self.curve_valid.get_mut(pool.0 as usize)
-        {
-            *valid = false;
-            self.freed_before[pool.0 as usize] = self.pass_number + 1;
+        match self.running_pool.remove(&job) {
+            Some(pool) if (pool.0 as usize) < self.curve_valid.len() => {
+                self.curve_valid[pool.0 as usize] = false;
+                self.freed_before[pool.0 as usize] = self.pass_number + 1;
+            }
+            // Not started by this policy (adopted after a restart): forget every cache.
+            _ => {
+                self.curve_valid.iter_mut().for_each(|v| *v = false);
+                self.freed_before.iter_mut().for_each(|f| *f = self.pass_number + 1);
+            }
         }
     }
 
