@@ -23,9 +23,6 @@ pub struct LedgerArgs {
     /// The time of the operation: unix seconds or YYYY-MM-DD (China time). Default: now.
     #[arg(long, global = true)]
     pub now: Option<String>,
-    /// Print JSON instead of tables.
-    #[arg(long, global = true)]
-    pub json: bool,
     #[command(subcommand)]
     pub command: LedgerCommand,
 }
@@ -304,7 +301,7 @@ fn bill_text(bill: &voucher::Bill) -> String {
     out
 }
 
-pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
+pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
     if let LedgerCommand::Verify { db } = &args.command {
         let path = db.clone().unwrap_or_else(|| args.db.clone());
         let report = suanwang_ledger::verify(&path).map_err(refused)?;
@@ -313,7 +310,7 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
         if !problems.is_empty() {
             bail!("{}: voucher rules broken:\n{}", path.display(), problems.join("\n"));
         }
-        return print(args.json, &report, || {
+        return print(json, &report, || {
             let totals: Vec<String> = report
                 .totals
                 .iter()
@@ -334,8 +331,7 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
     let mut ledger =
         voucher::open(&args.db, now).map_err(refused).with_context(|| format!("--db {}", args.db.display()))?;
     let l = &mut ledger;
-    let ok =
-        |what: String| print(args.json, &serde_json::json!({"ok": true, "what": what.clone()}), || format!("{what}\n"));
+    let ok = |what: String| print(json, &serde_json::json!({"ok": true, "what": what.clone()}), || format!("{what}\n"));
     match args.command {
         LedgerCommand::Init => ok(format!("ledger ready in {}", args.db.display())),
         LedgerCommand::Org { id, kind, name } => {
@@ -367,7 +363,7 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
         }
         LedgerCommand::Programmes => {
             let all = voucher::programmes(l).map_err(refused)?;
-            print(args.json, &all, || {
+            print(json, &all, || {
                 let rows: Vec<Vec<String>> = all
                     .iter()
                     .map(|p| {
@@ -400,16 +396,16 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
         LedgerCommand::Quote { org, job } => {
             let (placement, usage) = placement(&job)?;
             let bill = voucher::quote(l, now, &org, &placement, &usage).map_err(refused)?;
-            print(args.json, &bill, || bill_text(&bill))
+            print(json, &bill, || bill_text(&bill))
         }
         LedgerCommand::Hold { job, org, placement: p, timeout_s } => {
             let (placement, usage) = placement(&p)?;
             let hold = voucher::hold(l, now, &job, &org, &placement, &usage, timeout_s).map_err(refused)?;
-            print(args.json, &hold, || bill_text(&hold.bill))
+            print(json, &hold, || bill_text(&hold.bill))
         }
         LedgerCommand::Settle { job, accel_seconds, transfer_fen } => {
             let s = voucher::settle(l, now, &job, &Usage { accel_seconds, transfer_fen }).map_err(refused)?;
-            print(args.json, &s, || bill_text(&s.bill))
+            print(json, &s, || bill_text(&s.bill))
         }
         LedgerCommand::Release { job } => {
             voucher::release(l, now, &job).map_err(refused)?;
@@ -417,7 +413,7 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
         }
         LedgerCommand::Sweep => {
             let report = voucher::sweep(l, now).map_err(refused)?;
-            print(args.json, &report, || {
+            print(json, &report, || {
                 let mut out = format!("{} holds expired\n", report.holds_expired);
                 for (p, org, fen) in &report.returned {
                     out.push_str(&format!("{fen} fen of {p} returned from {org}\n"));
@@ -427,7 +423,7 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
         }
         LedgerCommand::Accounts => {
             let accounts = l.accounts();
-            print(args.json, &accounts, || {
+            print(json, &accounts, || {
                 let rows: Vec<Vec<String>> = accounts
                     .iter()
                     .map(|a| {
@@ -461,7 +457,7 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
             };
             let outcome = l.create_transfers(now, &[t]).map_err(refused)?.remove(0);
             let done = outcome.map_err(|r| refused(LedgerError::Refused(r)))?;
-            print(args.json, &done, || format!("transfer {} of {} {} done\n", done.id, done.amount, done.unit))
+            print(json, &done, || format!("transfer {} of {} {} done\n", done.id, done.amount, done.unit))
         }
         LedgerCommand::Statement { provider, from, to, format } => {
             let st =

@@ -6,6 +6,7 @@
 mod bench;
 mod bench_ledger;
 mod ledger_cmd;
+mod platform;
 mod simulate;
 mod table;
 
@@ -16,6 +17,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "suanwang", version, about = "suanwang (算网): a compute-network scheduler")]
 struct Cli {
+    #[command(flatten)]
+    connection: platform::Connection,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,6 +33,16 @@ enum Command {
     Topology(simulate::TopologyArgs),
     /// The voucher ledger: programmes, grants, cards, job billing, audit, verify.
     Ledger(ledger_cmd::LedgerArgs),
+    /// Run the server and one local agent per site: a whole installation on this machine.
+    Up(platform::UpArgs),
+    /// Run the control-plane server.
+    Serve(platform::ServeArgs),
+    /// Run a site agent.
+    Agent(platform::AgentArgs),
+    /// Bootstrap tokens and organisations on the database file.
+    Admin(platform::AdminArgs),
+    #[command(flatten)]
+    Client(platform::ClientCommand),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +61,11 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate(args) => simulate::simulate(args),
         Command::Bench(args) => bench::bench(args),
         Command::Topology(args) => simulate::topology(args),
-        Command::Ledger(args) => ledger_cmd::run(args),
+        Command::Ledger(args) => ledger_cmd::run(args, cli.connection.json),
+        Command::Up(args) => platform::up(args),
+        Command::Serve(args) => platform::serve(args),
+        Command::Agent(args) => platform::agent(args),
+        Command::Admin(args) => platform::admin(args),
+        Command::Client(command) => platform::client(&cli.connection, command),
     }
 }

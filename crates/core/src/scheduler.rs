@@ -338,7 +338,14 @@ impl Scheduler {
     /// Takes back a job that was running when the driver last stopped (a
     /// server restart): it is running `attempt` on `pool` since `started_s`,
     /// with `done_ref_s` of reference work done in earlier attempts.
-    pub fn adopt(&mut self, now_s: u64, spec: JobSpec, attempt: u32, pool: PoolId, started_s: u64) -> Result<(), CoreError> {
+    pub fn adopt(
+        &mut self,
+        now_s: u64,
+        spec: JobSpec,
+        attempt: u32,
+        pool: PoolId,
+        started_s: u64,
+    ) -> Result<(), CoreError> {
         self.advance(now_s)?;
         spec.validate(&self.topology)?;
         if self.state.jobs.contains_key(&spec.id) {

@@ -297,6 +297,8 @@ pub struct Ledger {
     path: String,
     accounts: HashMap<AccountId, Account>,
     head: [u8; 32],
+    /// The journal entry the caches reflect.
+    journal_seq: i64,
     next_account_seq: i64,
     next_transfer_seq: i64,
 }
@@ -315,32 +317,53 @@ impl Ledger {
         }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        let mut ledger = Ledger {
+            conn,
+            path: path.display().to_string(),
+            accounts: HashMap::new(),
+            head: [0; 32],
+            journal_seq: -1,
+            next_account_seq: 1,
+            next_transfer_seq: 1,
+        };
+        ledger.refresh()?;
+        Ok(ledger)
+    }
+
+    /// The last journal entry in the file: (seq, hash).
+    fn journal_head(conn: &Connection) -> Result<(i64, [u8; 32]), LedgerError> {
+        let head: Option<(i64, Vec<u8>)> = conn
+            .query_row("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(match head {
+            Some((seq, h)) => {
+                let mut bytes = [0u8; 32];
+                bytes.copy_from_slice(&h[..32]);
+                (seq, bytes)
+            }
+            None => (0, [0; 32]),
+        })
+    }
+
+    /// Reloads the caches from the file.
+    fn refresh(&mut self) -> Result<(), LedgerError> {
         let mut accounts = HashMap::new();
         {
-            let mut stmt = conn.prepare("SELECT * FROM accounts")?;
+            let mut stmt = self.conn.prepare("SELECT * FROM accounts")?;
             for account in stmt.query_map([], read_account)? {
                 let account = account?;
                 accounts.insert(account.id, account);
             }
         }
-        let head: Option<Vec<u8>> =
-            conn.query_row("SELECT hash FROM journal ORDER BY seq DESC LIMIT 1", [], |r| r.get(0)).optional()?;
-        let mut head_bytes = [0u8; 32];
-        if let Some(h) = head {
-            head_bytes.copy_from_slice(&h[..32]);
-        }
-        let next_account_seq: i64 =
-            conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM accounts", [], |r| r.get(0))?;
-        let next_transfer_seq: i64 =
-            conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM transfers", [], |r| r.get(0))?;
-        Ok(Ledger {
-            conn,
-            path: path.display().to_string(),
-            accounts,
-            head: head_bytes,
-            next_account_seq,
-            next_transfer_seq,
-        })
+        let (journal_seq, head) = Self::journal_head(&self.conn)?;
+        self.accounts = accounts;
+        self.journal_seq = journal_seq;
+        self.head = head;
+        self.next_account_seq =
+            self.conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM accounts", [], |r| r.get(0))?;
+        self.next_transfer_seq =
+            self.conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM transfers", [], |r| r.get(0))?;
+        Ok(())
     }
 
     pub fn path(&self) -> &str {
@@ -388,7 +411,17 @@ impl Ledger {
         now: i64,
         f: impl FnOnce(&mut Batch<'_>) -> Result<T, LedgerError>,
     ) -> Result<T, LedgerError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Another process (an administration command) may have written since
+        // our last commit. Under the write lock, check the journal head; if
+        // it moved, reload the caches and take the lock again.
+        let tx = loop {
+            let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if Self::journal_head(&tx)?.0 == self.journal_seq {
+                break tx;
+            }
+            drop(tx);
+            self.refresh()?;
+        };
         let mut batch = Batch {
             tx: &tx,
             base: &self.accounts,
@@ -410,6 +443,8 @@ impl Ledger {
         tx.commit()?;
         if let Some(head) = head {
             self.head = head;
+            self.journal_seq += 1;
+            debug_assert_eq!(Self::journal_head(&self.conn).map(|(s, _)| s).unwrap_or(-1), self.journal_seq);
         }
         self.next_account_seq = next_account_seq;
         self.next_transfer_seq = next_transfer_seq;
@@ -558,7 +593,7 @@ impl Batch<'_> {
     /// Runs `f` as one unit inside this transaction: if it fails, everything
     /// it did (rows, account totals, journal bytes) is undone and the rest of
     /// the batch goes on. Blocks nest.
-    pub fn atomic<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
+    pub fn atomic<T, E: From<LedgerError>>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, E>) -> Result<T, E> {
         self.begin()?;
         match f(self) {
             Ok(value) => {

@@ -201,3 +201,21 @@ fn verify_catches_tampering_and_a_broken_chain() {
     assert!(verify(&path).unwrap_err().to_string().contains("hash chain broken"));
     assert!(verify(temp_db("missing")).unwrap_err().to_string().contains("no such file"));
 }
+
+#[test]
+fn another_writer_on_the_same_file_is_picked_up() {
+    let (path, mut first) = books();
+    let mut second = Ledger::open(&path).unwrap();
+    let account =
+        |id, owner: &str| NewAccount { id, kind: "wallet".into(), owner: owner.into(), unit: Unit::Fen, flags: 0 };
+    second.create_accounts(5, &[account(AccountId(50), "b")]).unwrap()[0].as_ref().unwrap();
+    second.create_transfers(5, &[NewTransfer::posted(TransferId(500), SOURCE, AccountId(50), 7, 0)]).unwrap()[0]
+        .as_ref()
+        .unwrap();
+    // The first ledger's caches are stale; its next write must see the change.
+    first.create_accounts(6, &[account(AccountId(51), "a")]).unwrap()[0].as_ref().unwrap();
+    one(&mut first, 6, NewTransfer::posted(TransferId(501), AccountId(50), AccountId(51), 3, 0)).unwrap();
+    assert_eq!(first.account(AccountId(50)).unwrap().balance(), 4);
+    drop((first, second));
+    verify(&path).unwrap();
+}
