@@ -31,6 +31,15 @@ pub struct ServeArgs {
     pub topology: String,
     #[arg(long, default_value = "network")]
     pub policy: String,
+    /// Seconds without word from an agent after which its attempt is lost.
+    #[arg(long, default_value_t = 30)]
+    pub lease_s: i64,
+    /// Seconds between an agent's heartbeats.
+    #[arg(long, default_value_t = 5)]
+    pub heartbeat_s: u64,
+    /// Seconds without a poll after which a site is down and its jobs move.
+    #[arg(long, default_value_t = 20)]
+    pub site_timeout_s: i64,
 }
 
 #[derive(Debug, Args)]
@@ -342,11 +351,11 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
                             )
                         } else {
                             let mut f = s.clone();
-                            f.as_object_mut().map(|o| {
+                            if let Some(o) = f.as_object_mut() {
                                 o.remove("site");
                                 o.remove("site_id");
                                 o.remove("verdict");
-                            });
+                            }
                             format!("filtered: {f}")
                         };
                         vec![s["site"].as_str().unwrap_or_default().to_string(), verdict]

@@ -1,5 +1,8 @@
 //! End-to-end tests of the `suanwang` binary: `simulate` in both output
-//! formats, the report, determinism, every bad-input path, and `topology`.
+//! formats, the report, determinism, every bad-input path, `topology`, the
+//! ledger commands, and (module `platform`) the running server and agents.
+
+mod platform;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

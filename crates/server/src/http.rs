@@ -180,6 +180,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+fn parse_id(field: &str, text: &str) -> Result<u64> {
+    text.parse::<u64>().map_err(|_| Error::invalid(field, format!("'{text}' is not a number")))
+}
+
 /// The organisation a principal acts for: consumers for their own; an
 /// operator must name one.
 fn acting_org(who: &Principal, named: Option<&str>) -> Result<String> {
@@ -296,12 +300,14 @@ async fn list_jobs(
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}", responses((status = 200, body = api::Job), (status = 404, body = api::ApiError)))]
-async fn get_job(State(state): State<AppState>, Auth(who): Auth, Path(id): Path<u64>) -> Result<Json<api::Job>> {
+async fn get_job(State(state): State<AppState>, Auth(who): Auth, Path(id): Path<String>) -> Result<Json<api::Job>> {
+    let id = parse_id("id", &id)?;
     Ok(Json(visible_job(&state, &who, id).await?))
 }
 
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", responses((status = 200, body = api::Job)))]
-async fn cancel_job(State(state): State<AppState>, Auth(who): Auth, Path(id): Path<u64>) -> Result<Json<api::Job>> {
+async fn cancel_job(State(state): State<AppState>, Auth(who): Auth, Path(id): Path<String>) -> Result<Json<api::Job>> {
+    let id = parse_id("id", &id)?;
     visible_job(&state, &who, id).await?;
     Ok(Json(state.world.call(move |s, b| s.cancel(b, id)).await?))
 }
@@ -310,8 +316,9 @@ async fn cancel_job(State(state): State<AppState>, Auth(who): Auth, Path(id): Pa
 async fn job_events(
     State(state): State<AppState>,
     Auth(who): Auth,
-    Path(id): Path<u64>,
+    Path(id): Path<String>,
 ) -> Result<Json<Vec<api::JobEvent>>> {
+    let id = parse_id("id", &id)?;
     visible_job(&state, &who, id).await?;
     Ok(Json(state.world.call(move |s, b| s.events(b, id)).await?))
 }
@@ -320,8 +327,9 @@ async fn job_events(
 async fn job_why(
     State(state): State<AppState>,
     Auth(who): Auth,
-    Path(id): Path<u64>,
+    Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>> {
+    let id = parse_id("id", &id)?;
     let job = visible_job(&state, &who, id).await?;
     let explanation = state.world.call(move |s, _| Ok(s.scheduler.explain_job(JobId(id)))).await?;
     match explanation {
@@ -343,8 +351,11 @@ fn reader(db: &std::path::Path) -> Result<rusqlite::Connection> {
     Ok(conn)
 }
 
+/// Log chunks: (sequence number, bytes).
+type LogChunks = Vec<(i64, Vec<u8>)>;
+
 /// Log chunks after `after`, and whether the job is finished.
-fn read_logs(db: &std::path::Path, job: u64, after: i64) -> Result<(Vec<(i64, Vec<u8>)>, bool)> {
+fn read_logs(db: &std::path::Path, job: u64, after: i64) -> Result<(LogChunks, bool)> {
     let conn = reader(db)?;
     let mut stmt = conn.prepare("SELECT seq, data FROM logs WHERE job = ?1 AND seq > ?2 ORDER BY seq")?;
     let chunks = stmt
@@ -360,9 +371,10 @@ fn read_logs(db: &std::path::Path, job: u64, after: i64) -> Result<(Vec<(i64, Ve
 async fn job_logs(
     State(state): State<AppState>,
     Auth(who): Auth,
-    Path(id): Path<u64>,
+    Path(id): Path<String>,
     query: std::result::Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response> {
+    let id = parse_id("id", &id)?;
     let Query(q) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
     visible_job(&state, &who, id).await?;
     let db = state.db.clone();
@@ -595,8 +607,10 @@ async fn lease(
 async fn attempt_start(
     State(state): State<AppState>,
     Auth(who): Auth,
-    Path((job, attempt)): Path<(u64, u32)>,
+    Path((job, attempt)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>> {
+    let job = parse_id("job", &job)?;
+    let attempt = u32::try_from(parse_id("attempt", &attempt)?).map_err(|_| Error::invalid("attempt", "too large"))?;
     let site = provider_site(&who, &state.topology)?;
     let ok = state.world.call(move |s, b| s.started(b, site, job, attempt)).await?;
     Ok(Json(serde_json::json!({"ok": ok})))
@@ -606,8 +620,10 @@ async fn attempt_start(
 async fn attempt_heartbeat(
     State(state): State<AppState>,
     Auth(who): Auth,
-    Path((job, attempt)): Path<(u64, u32)>,
+    Path((job, attempt)): Path<(String, String)>,
 ) -> Result<Json<api::HeartbeatResponse>> {
+    let job = parse_id("job", &job)?;
+    let attempt = u32::try_from(parse_id("attempt", &attempt)?).map_err(|_| Error::invalid("attempt", "too large"))?;
     let site = provider_site(&who, &state.topology)?;
     let stop = state.world.call(move |s, b| s.heartbeat(b, site, job, attempt)).await?;
     Ok(Json(api::HeartbeatResponse { stop }))
@@ -617,9 +633,11 @@ async fn attempt_heartbeat(
 async fn attempt_logs(
     State(state): State<AppState>,
     Auth(who): Auth,
-    Path((job, attempt)): Path<(u64, u32)>,
+    Path((job, attempt)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>> {
+    let job = parse_id("job", &job)?;
+    let attempt = u32::try_from(parse_id("attempt", &attempt)?).map_err(|_| Error::invalid("attempt", "too large"))?;
     let site = provider_site(&who, &state.topology)?;
     state.world.call(move |s, b| s.logs(b, site, job, attempt, &body)).await?;
     Ok(Json(serde_json::json!({"ok": true})))
@@ -629,9 +647,11 @@ async fn attempt_logs(
 async fn attempt_finish(
     State(state): State<AppState>,
     Auth(who): Auth,
-    Path((job, attempt)): Path<(u64, u32)>,
+    Path((job, attempt)): Path<(String, String)>,
     ApiJson(report): ApiJson<api::FinishRequest>,
 ) -> Result<Json<serde_json::Value>> {
+    let job = parse_id("job", &job)?;
+    let attempt = u32::try_from(parse_id("attempt", &attempt)?).map_err(|_| Error::invalid("attempt", "too large"))?;
     let site = provider_site(&who, &state.topology)?;
     state.world.call(move |s, b| s.finished(b, site, job, attempt, &report)).await?;
     Ok(Json(serde_json::json!({"ok": true})))

@@ -1,0 +1,439 @@
+//! End-to-end tests of the running platform: the real `suanwang serve` and
+//! `suanwang agent` binaries on free loopback ports, a two-site network,
+//! real processes. Timings are shortened (leases of 4 s, sites down after
+//! 3 s of silence) so failures are detected quickly.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use suanwang_api::client::{Client, ClientError};
+use suanwang_api::{Balances, Bill, Job, JobEvent, JobList, JobRequest, JobState};
+
+const TOPOLOGY: &str = r#"
+name = "two-sites"
+[[accelerator]]
+type = "A100"
+speed = 1.0
+memory_gb = 80
+power_w = 400
+domestic = false
+
+[[site]]
+id = "a"
+name = "Site A"
+city = "Jinan"
+level = "city"
+lat = 36.6
+lon = 117.1
+pue = 1.3
+green_share = 0.2
+provider = "a-co"
+  [[site.pool]]
+  type = "A100"
+  count = 8
+  price_fen_per_hour = 900
+
+[[site]]
+id = "b"
+name = "Site B"
+city = "Qingdao"
+level = "city"
+lat = 36.0
+lon = 120.3
+pue = 1.4
+green_share = 0.1
+provider = "b-co"
+  [[site.pool]]
+  type = "A100"
+  count = 8
+  price_fen_per_hour = 2000
+
+[[link]]
+a = "a"
+b = "b"
+bandwidth_gbps = 100
+latency_ms = 4.5
+price_fen_per_gb = 2
+"#;
+
+fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_suanwang")
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(exe()).args(args).output().expect("binary runs")
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+struct Platform {
+    dir: PathBuf,
+    db: PathBuf,
+    topology: PathBuf,
+    port: u16,
+    url: String,
+    server: Option<Child>,
+    agents: HashMap<String, Child>,
+    operator: String,
+}
+
+impl Platform {
+    fn new(name: &str) -> Platform {
+        let dir = std::env::temp_dir().join(format!("suanwang-platform-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let topology = dir.join("net.toml");
+        std::fs::write(&topology, TOPOLOGY).unwrap();
+        let db = dir.join("suanwang.db");
+        let operator = run_ok(&["admin", "--db", db.to_str().unwrap(), "bootstrap"]);
+        let mut p =
+            Platform { dir, db, topology, port: 0, url: String::new(), server: None, agents: HashMap::new(), operator };
+        p.start_server();
+        p
+    }
+
+    fn start_server(&mut self) {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let mut child = Command::new(exe())
+            .args([
+                "serve",
+                "--db",
+                self.db.to_str().unwrap(),
+                "--topology",
+                self.topology.to_str().unwrap(),
+                "--listen",
+                &listen,
+            ])
+            .args(["--lease-s", "4", "--heartbeat-s", "1", "--site-timeout-s", "3"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("suanwang serving on http://") {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+                }
+            }
+        });
+        let address = rx.recv_timeout(Duration::from_secs(30)).expect("server starts");
+        self.port = address.rsplit(':').next().unwrap().parse().unwrap();
+        self.url = format!("http://{address}");
+        self.server = Some(child);
+    }
+
+    fn kill_server(&mut self) {
+        let mut server = self.server.take().unwrap();
+        server.kill().unwrap();
+        server.wait().unwrap();
+    }
+
+    fn db(&self) -> &str {
+        self.db.to_str().unwrap()
+    }
+
+    fn start_agent(&mut self, site: &str) {
+        let token = run_ok(&["admin", "--db", self.db(), "token", "--role", "provider", "--site", site]);
+        let workdir = self.dir.join(format!("work-{site}"));
+        let child = Command::new(exe())
+            .args([
+                "agent",
+                "--server",
+                &self.url,
+                "--site",
+                site,
+                "--backend",
+                "local",
+                "--workdir",
+                workdir.to_str().unwrap(),
+            ])
+            .env("SUANWANG_TOKEN", token)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.agents.insert(site.to_string(), child);
+    }
+
+    fn kill_agent(&mut self, site: &str) {
+        let mut agent = self.agents.remove(site).unwrap();
+        agent.kill().unwrap(); // SIGKILL
+        agent.wait().unwrap();
+    }
+
+    /// An organisation with money, and a consumer client for it.
+    fn org(&self, id: &str, home: &str) -> Client {
+        run_ok(&["admin", "--db", self.db(), "org", id, "--kind", "enterprise"]);
+        let operator = Client::new(&self.url, &self.operator);
+        let _: serde_json::Value =
+            operator.post("/v1/orgs", &serde_json::json!({"id": id, "kind": "enterprise", "home": home})).unwrap();
+        run_ok(&[
+            "ledger",
+            "--db",
+            self.db(),
+            "deposit",
+            id,
+            "10000000",
+            "--id",
+            &format!("{:x}", id.len() * 7919 + home.len()),
+        ]);
+        Client::new(&self.url, &run_ok(&["admin", "--db", self.db(), "token", "--role", "consumer", "--org", id]))
+    }
+
+    fn wait(&self, client: &Client, id: u64, what: &str, done: impl Fn(&Job) -> bool) -> Job {
+        let started = Instant::now();
+        loop {
+            let job: Job = client.get(&format!("/v1/jobs/{id}")).unwrap();
+            if done(&job) {
+                return job;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "job {id} never {what}: {job:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn verify(&self) {
+        let out = run_ok(&["ledger", "verify", self.db()]);
+        assert!(out.contains(": ok: "), "{out}");
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        for (_, mut agent) in self.agents.drain() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+}
+
+fn job(command: &str) -> JobRequest {
+    JobRequest {
+        name: "test".into(),
+        command: vec!["sh".into(), "-c".into(), command.into()],
+        env: Default::default(),
+        image: None,
+        gpus: 8,
+        accelerators: vec!["A100".into()],
+        estimate_s: 60,
+        time_limit_s: None,
+        datasets: vec![],
+        deadline_s: None,
+        budget_fen: None,
+        weights: None,
+        origin: None,
+        org: None,
+    }
+}
+
+fn submit(client: &Client, request: &JobRequest) -> u64 {
+    let job: Job = client.post("/v1/jobs", request).unwrap();
+    job.id
+}
+
+fn logs(client: &Client, id: u64) -> String {
+    let mut out = Vec::new();
+    client.stream(&format!("/v1/jobs/{id}/logs"), &mut out).unwrap();
+    String::from_utf8_lossy(&out).to_string()
+}
+
+fn bill_lines(client: &Client) -> Bill {
+    client.get("/v1/bill").unwrap()
+}
+
+#[test]
+fn a_job_runs_on_an_agent_and_is_billed_once() {
+    let mut p = Platform::new("run");
+    p.start_agent("a");
+    p.start_agent("b");
+    let acme = p.org("acme", "a");
+    let id = submit(&acme, &job("echo hello from $SUANWANG_JOB; sleep 1; echo bye"));
+    let done = p.wait(&acme, id, "succeeded", |j| j.state.is_terminal());
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    assert_eq!((done.site.as_deref(), done.exit_code, done.attempts), (Some("a"), Some(0), 1));
+    let out = logs(&acme, id);
+    assert!(out.contains(&format!("hello from {id}")) && out.contains("bye"), "{out}");
+    let bill = bill_lines(&acme);
+    assert_eq!(bill.jobs.len(), 1);
+    let balances: Balances = acme.get("/v1/vouchers").unwrap();
+    assert_eq!((balances.wallet_fen, balances.wallet_held_fen), (10_000_000 - bill.org_fen, 0));
+    let events: Vec<JobEvent> = acme.get(&format!("/v1/jobs/{id}/events")).unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["submitted", "placed", "leased", "started", "succeeded"]);
+    p.verify();
+}
+
+#[test]
+fn cancelling_a_running_job_kills_it_and_releases_its_hold() {
+    let mut p = Platform::new("cancel");
+    p.start_agent("a");
+    let acme = p.org("acme", "a");
+    let marker = format!("suanwang-cancel-{}", std::process::id());
+    let id = submit(&acme, &job(&format!("echo started; exec sleep 300 # {marker}")));
+    p.wait(&acme, id, "started", |j| j.started_at.is_some());
+    let held: Balances = acme.get("/v1/vouchers").unwrap();
+    assert!(held.wallet_held_fen > 0);
+    let cancelled: Job = acme.post(&format!("/v1/jobs/{id}/cancel"), &()).unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    let released: Balances = acme.get("/v1/vouchers").unwrap();
+    assert_eq!((released.wallet_held_fen, released.wallet_fen), (0, 10_000_000));
+    // The agent learns at its next heartbeat and kills the process.
+    let started = Instant::now();
+    while Command::new("pgrep").args(["-f", &marker]).output().unwrap().status.success() {
+        assert!(started.elapsed() < Duration::from_secs(10), "process still running");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(bill_lines(&acme).jobs.is_empty());
+    let again = acme.post::<_, Job>(&format!("/v1/jobs/{id}/cancel"), &()).unwrap_err();
+    assert!(matches!(again, ClientError::Api { status: 409, .. }), "{again}");
+    p.verify();
+}
+
+#[test]
+fn a_killed_agent_s_job_is_requeued_run_elsewhere_and_billed_once() {
+    let mut p = Platform::new("agent-killed");
+    p.start_agent("a");
+    p.start_agent("b");
+    let acme = p.org("acme", "a");
+    let id = submit(&acme, &job("echo attempt $SUANWANG_ATTEMPT; sleep 3; echo finished"));
+    let running = p.wait(&acme, id, "started", |j| j.started_at.is_some());
+    assert_eq!(running.site.as_deref(), Some("a"));
+    p.kill_agent("a");
+    let done = p.wait(&acme, id, "finished", |j| j.state.is_terminal());
+    assert_eq!((done.state, done.site.as_deref(), done.attempts), (JobState::Succeeded, Some("b"), 2), "{done:?}");
+    let events: Vec<JobEvent> = acme.get(&format!("/v1/jobs/{id}/events")).unwrap();
+    assert!(events.iter().any(|e| e.kind == "requeued"), "{events:?}");
+    let bill = bill_lines(&acme);
+    assert_eq!(bill.jobs.len(), 1, "billed once: {bill:?}");
+    assert_eq!(bill.jobs[0].site, "b");
+    let balances: Balances = acme.get("/v1/vouchers").unwrap();
+    assert_eq!((balances.wallet_held_fen, balances.wallet_fen), (0, 10_000_000 - bill.org_fen));
+    assert!(logs(&acme, id).contains("attempt 2"));
+    p.verify();
+}
+
+#[test]
+fn a_server_restart_loses_no_job_hold_or_log() {
+    let mut p = Platform::new("restart");
+    p.start_agent("a");
+    let acme = p.org("acme", "a");
+    let running = submit(&acme, &job("echo before; sleep 5; echo after"));
+    let mut waiting = job("echo second");
+    waiting.gpus = 8;
+    let queued = submit(&acme, &waiting);
+    p.wait(&acme, running, "started", |j| j.started_at.is_some());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(logs(&acme, running).contains("before"));
+    let held: Balances = acme.get("/v1/vouchers").unwrap();
+    p.kill_server();
+    p.start_server();
+    let acme = Client::new(&p.url, &run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "acme"]));
+    let after_restart: Balances = acme.get("/v1/vouchers").unwrap();
+    assert_eq!(after_restart.wallet_held_fen, held.wallet_held_fen, "the hold survived");
+    let first = p.wait(&acme, running, "finished", |j| j.state.is_terminal());
+    assert_eq!((first.state, first.attempts), (JobState::Succeeded, 1), "{first:?}");
+    let out = logs(&acme, running);
+    assert!(out.contains("before") && out.contains("after"), "{out}");
+    let second = p.wait(&acme, queued, "finished", |j| j.state.is_terminal());
+    assert_eq!(second.state, JobState::Succeeded);
+    assert_eq!(bill_lines(&acme).jobs.len(), 2);
+    p.verify();
+}
+
+#[test]
+fn a_consumer_sees_and_touches_only_its_own_jobs() {
+    let mut p = Platform::new("tenancy");
+    p.start_agent("a");
+    let alice = p.org("alice", "a");
+    let bob = p.org("bob", "b");
+    let mut long = job("sleep 20");
+    long.gpus = 1;
+    let id = submit(&alice, &long);
+    let not_found = |e: ClientError| matches!(e, ClientError::Api { status: 404, .. });
+    assert!(not_found(bob.get::<Job>(&format!("/v1/jobs/{id}")).unwrap_err()));
+    assert!(not_found(bob.post::<_, Job>(&format!("/v1/jobs/{id}/cancel"), &()).unwrap_err()));
+    assert!(not_found(bob.get::<Vec<JobEvent>>(&format!("/v1/jobs/{id}/events")).unwrap_err()));
+    let bobs: JobList = bob.get("/v1/jobs").unwrap();
+    assert!(bobs.jobs.is_empty());
+    let alices: JobList = alice.get("/v1/jobs").unwrap();
+    assert_eq!(alices.jobs.len(), 1);
+    let forbidden = bob.get::<Balances>("/v1/vouchers?org=alice").unwrap_err();
+    assert!(matches!(forbidden, ClientError::Api { status: 403, .. }), "{forbidden}");
+    let mut for_alice = job("true");
+    for_alice.org = Some("alice".into());
+    assert!(matches!(bob.post::<_, Job>("/v1/jobs", &for_alice).unwrap_err(), ClientError::Api { status: 403, .. }));
+    let provider =
+        Client::new(&p.url, &run_ok(&["admin", "--db", p.db(), "token", "--role", "provider", "--site", "a"]));
+    assert!(matches!(
+        provider.post::<_, Job>("/v1/jobs", &job("true")).unwrap_err(),
+        ClientError::Api { status: 403, .. }
+    ));
+    let stranger = Client::new(&p.url, "sw_not_a_token");
+    assert!(matches!(stranger.get::<JobList>("/v1/jobs").unwrap_err(), ClientError::Api { status: 401, .. }));
+    let cancelled: Job = alice.post(&format!("/v1/jobs/{id}/cancel"), &()).unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+}
+
+/// Sends a raw body with a JSON content type.
+fn raw(p: &Platform, token: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut response = agent
+        .post(&format!("{}{path}", p.url))
+        .header("Authorization", &format!("Bearer {token}"))
+        .header("Content-Type", "application/json")
+        .send(body)
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+}
+
+#[test]
+fn bad_input_gets_a_4xx_json_error_and_stores_nothing() {
+    let p = Platform::new("bad-input");
+    let acme = p.org("acme", "a");
+    let token = run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "acme"]);
+    let good = serde_json::to_value(job("true")).unwrap();
+    let with = |key: &str, value: serde_json::Value| {
+        let mut v = good.clone();
+        v[key] = value;
+        serde_json::to_vec(&v).unwrap()
+    };
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("malformed", b"{\"gpus\": 2,".to_vec(), 400, "body"),
+        ("unknown field", with("colour", serde_json::json!("red")), 400, "colour"),
+        ("wrong type", with("gpus", serde_json::json!("two")), 400, "gpus"),
+        ("negative count", with("gpus", serde_json::json!(-1)), 400, "gpus"),
+        ("absurd count", with("gpus", serde_json::json!(1_000_000)), 400, "gpus"),
+        ("zero estimate", with("estimate_s", serde_json::json!(0)), 400, "estimate_s"),
+        ("unknown accelerator", with("accelerators", serde_json::json!(["Z9000"])), 400, "accelerators"),
+        ("unknown site", with("origin", serde_json::json!("atlantis")), 400, "origin"),
+        ("negative budget", with("budget_fen", serde_json::json!(-5)), 400, "budget_fen"),
+        ("oversized", vec![b' '; 2 << 20], 413, ""),
+    ];
+    for (name, body, status, field) in cases {
+        let (got, error) = raw(&p, &token, "/v1/jobs", &body);
+        assert_eq!(got, status, "{name}: {error}");
+        assert!(error["code"].is_string() && error["message"].is_string(), "{name}: {error}");
+        if !field.is_empty() {
+            assert_eq!(error["field"].as_str(), Some(field), "{name}: {error}");
+        }
+    }
+    let (status, error) = raw(&p, &token, "/v1/jobs/abc/cancel", b"");
+    assert_eq!((status, error["field"].as_str()), (400, Some("id")));
+    let list: JobList = acme.get("/v1/jobs").unwrap();
+    assert!(list.jobs.is_empty(), "nothing stored: {list:?}");
+    let openapi: serde_json::Value = acme.get("/openapi.json").unwrap();
+    assert!(openapi["paths"]["/v1/jobs"].is_object() && openapi["components"]["schemas"]["JobRequest"].is_object());
+}
