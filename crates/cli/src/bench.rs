@@ -55,6 +55,29 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 300)]
         per_client: usize,
     },
+    /// Job submissions per second through the real server, from many clients.
+    Submit {
+        #[arg(long, default_value = "target/bench-submit")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 20_000)]
+        jobs: usize,
+        /// Print only the rate (for scripts).
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Scheduling decision latency with a deep queue on a large network.
+    Decide {
+        #[arg(long, default_value_t = 200)]
+        sites: usize,
+        #[arg(long, default_value_t = 10_000)]
+        queued: usize,
+        #[arg(long, default_value_t = 2_000)]
+        samples: usize,
+        #[arg(long, default_value = "network")]
+        policy: String,
+    },
     /// A replicated trace of a million jobs on a network of hundreds of sites.
     Scale {
         #[arg(long, default_value = "../shared/traces/microsoft_itp_2021/raw/cluster04.csv")]
@@ -83,6 +106,14 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Scale { trace, jobs, sites, policy, load, seed } => {
             scale(&trace, jobs, sites, &policy, load, seed)
         }
+        BenchCommand::Submit { dir, clients, jobs, quiet } => {
+            let rate = crate::bench_platform::submit(&dir, clients, jobs, quiet)?;
+            if quiet {
+                println!("{rate:.0}");
+            }
+            Ok(())
+        }
+        BenchCommand::Decide { sites, queued, samples, policy } => crate::bench_platform::decide(sites, queued, samples, &policy),
         BenchCommand::Ledger { dir, batches, batch_size, clients, per_client } => {
             crate::bench_ledger::run(&dir, batches, batch_size, clients, per_client)
         }

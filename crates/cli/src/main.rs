@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_ledger;
+mod bench_platform;
 mod ledger_cmd;
 mod platform;
 mod simulate;
