@@ -113,7 +113,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        BenchCommand::Decide { sites, queued, samples, policy } => crate::bench_platform::decide(sites, queued, samples, &policy),
+        BenchCommand::Decide { sites, queued, samples, policy } => {
+            crate::bench_platform::decide(sites, queued, samples, &policy)
+        }
         BenchCommand::Ledger { dir, batches, batch_size, clients, per_client } => {
             crate::bench_ledger::run(&dir, batches, batch_size, clients, per_client)
         }

@@ -39,8 +39,10 @@ pub fn submit(dir: &Path, clients: usize, jobs: usize, quiet: bool) -> anyhow::R
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
     }
-    suanwang_server::admin::add_org(&db, "bench", "enterprise", "bench", Some("jinan-icc")).map_err(|e| anyhow!("{e}"))?;
-    let token = suanwang_server::admin::create_token(&db, &Role::Consumer { org: "bench".into() }, "bench").map_err(|e| anyhow!("{e}"))?;
+    suanwang_server::admin::add_org(&db, "bench", "enterprise", "bench", Some("jinan-icc"))
+        .map_err(|e| anyhow!("{e}"))?;
+    let token = suanwang_server::admin::create_token(&db, &Role::Consumer { org: "bench".into() }, "bench")
+        .map_err(|e| anyhow!("{e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<SocketAddr>();
     let config = ServerConfig {
@@ -124,7 +126,8 @@ pub fn decide(sites: usize, queued: usize, samples: usize, policy: &str) -> anyh
     let mut id = 0u64;
     let mut job = |gpus: u32, estimate_s: u64, origin: u32| {
         id += 1;
-        let mut spec = JobSpec::new(JobId(id), OrgId((id % 50) as u32), OrgKind::Enterprise, SiteId(origin), gpus, estimate_s);
+        let mut spec =
+            JobSpec::new(JobId(id), OrgId((id % 50) as u32), OrgKind::Enterprise, SiteId(origin), gpus, estimate_s);
         spec.accepted = all.clone();
         spec
     };

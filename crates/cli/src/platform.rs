@@ -484,6 +484,28 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         Err(suanwang_server::admin::AdminError::Invalid(_)) => None,
         Err(e) => return Err(e.into()),
     };
+    // A demo organisation with money, so a job can be submitted at once.
+    // Both steps are idempotent: running `up` again changes nothing.
+    let home = topology
+        .sites
+        .iter()
+        .find(|s| s.level == suanwang_core::topology::SiteLevel::Provincial)
+        .unwrap_or(&topology.sites[0])
+        .key
+        .clone();
+    suanwang_server::admin::add_org(db, "demo", "enterprise", "Demo enterprise", Some(&home))?;
+    {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+        let mut ledger = suanwang_ledger::voucher::open(db, now)?;
+        suanwang_ledger::voucher::deposit(
+            &mut ledger,
+            now,
+            suanwang_ledger::TransferId::derive("up:demo-deposit"),
+            "demo",
+            1_000_000,
+        )?;
+    }
+    let demo = suanwang_server::admin::create_token(db, &Role::Consumer { org: "demo".into() }, "suanwang up demo")?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -516,10 +538,10 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 db.display()
             ),
         }
-        println!("add an organisation and a consumer token:");
-        println!("  suanwang admin --db {} org acme --kind enterprise --home jinan-icc", db.display());
-        println!("  suanwang admin --db {} token --role consumer --org acme", db.display());
-        println!("then: export SUANWANG_SERVER={url} SUANWANG_TOKEN=<token>; suanwang submit job.toml");
+        println!("a token of the demo organisation (10,000 yuan in its wallet):");
+        println!("  export SUANWANG_SERVER={url} SUANWANG_TOKEN={demo}");
+        println!("  suanwang quote examples/job.toml; suanwang submit examples/job.toml; suanwang jobs; suanwang logs -f 1");
+        println!("more organisations and tokens: suanwang admin --db {} org ID --kind enterprise|university|institute; suanwang admin --db {} token --role consumer --org ID", db.display(), db.display());
         let outcome = server.await;
         drop(agents);
         outcome?.map_err(anyhow::Error::from)
