@@ -94,6 +94,37 @@ pub enum AdminCommand {
         #[arg(long)]
         home: Option<String>,
     },
+    /// Add a site to the database's network (used from the server's next start).
+    Site {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        city: String,
+        /// hub, provincial, city, edge or cloud
+        #[arg(long)]
+        level: String,
+        #[arg(long)]
+        lat: f64,
+        #[arg(long)]
+        lon: f64,
+        #[arg(long, default_value_t = 1.3)]
+        pue: f64,
+        #[arg(long, default_value_t = 0.2)]
+        green_share: f64,
+        /// The organisation that runs the site.
+        #[arg(long)]
+        provider: String,
+        /// An accelerator pool: TYPE:COUNT:PRICE_FEN_PER_HOUR (repeatable).
+        #[arg(long = "pool", required = true)]
+        pools: Vec<String>,
+        /// A link: SITE:GBPS:LATENCY_MS:FEN_PER_GB (repeatable).
+        #[arg(long = "link", required = true)]
+        links: Vec<String>,
+        /// The network to start from if the database has none yet.
+        #[arg(long, default_value = "shandong")]
+        topology: String,
+    },
     /// Create a token: operator; provider --site; consumer --org.
     Token {
         #[arg(long)]
@@ -565,11 +596,62 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
 pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
     match args.command {
         AdminCommand::Bootstrap { force } => println!("{}", suanwang_server::admin::bootstrap(&args.db, force)?),
+        AdminCommand::Site { id, name, city, level, lat, lon, pue, green_share, provider, pools, links, topology } => {
+            let level = serde_json::from_value(serde_json::Value::String(level.clone()))
+                .map_err(|_| anyhow!("--level: must be hub, provincial, city, edge or cloud, got '{level}'"))?;
+            let field = |text: &str, what: &str, index: usize| -> anyhow::Result<String> {
+                text.split(':').nth(index).map(str::to_string).ok_or_else(|| anyhow!("{what} '{text}': too few parts"))
+            };
+            let mut pool_specs = Vec::new();
+            for p in &pools {
+                let count =
+                    field(p, "--pool", 1)?.parse().map_err(|_| anyhow!("--pool '{p}': COUNT is not a number"))?;
+                let price =
+                    field(p, "--pool", 2)?.parse().map_err(|_| anyhow!("--pool '{p}': PRICE is not a number"))?;
+                pool_specs.push(suanwang_core::topology::PoolSpec::new(&field(p, "--pool", 0)?, count, price));
+            }
+            let mut link_specs = Vec::new();
+            for l in &links {
+                let number = |i: usize| -> anyhow::Result<f64> {
+                    field(l, "--link", i)?.parse().map_err(|_| anyhow!("--link '{l}': part {} is not a number", i + 1))
+                };
+                link_specs.push(suanwang_core::topology::LinkSpec::new(
+                    &field(l, "--link", 0)?,
+                    &id,
+                    number(1)?,
+                    number(2)?,
+                    number(3)? as i64,
+                ));
+            }
+            let site = suanwang_core::topology::SiteSpec {
+                id: id.clone(),
+                name: name.unwrap_or_else(|| id.clone()),
+                city,
+                level,
+                lat,
+                lon,
+                pue,
+                green_share,
+                provider,
+                elastic: false,
+                pools: pool_specs,
+            };
+            let spec = suanwang_server::admin::add_site(&args.db, &topology, site, link_specs)?;
+            println!(
+                "site {id} added: the network '{}' of {} now has {} sites; restart the server to use it",
+                spec.name,
+                args.db.display(),
+                spec.sites.len()
+            );
+        }
         AdminCommand::Org { id, kind, name, home } => {
             if let Some(home) = &home {
-                let t = suanwang_topology::load("shandong")?;
-                if t.site_id(home).is_none() {
-                    bail!("--home: unknown site '{home}'");
+                let spec = match suanwang_server::admin::stored_network(&args.db)? {
+                    Some(spec) => spec,
+                    None => suanwang_topology::load_spec("shandong")?,
+                };
+                if !spec.sites.iter().any(|s| &s.id == home) {
+                    bail!("--home: unknown site '{home}' in network '{}'", spec.name);
                 }
             }
             suanwang_server::admin::add_org(&args.db, &id, &kind, &name, home.as_deref())?;

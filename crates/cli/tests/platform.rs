@@ -381,6 +381,12 @@ fn a_consumer_sees_and_touches_only_its_own_jobs() {
     ));
     let stranger = Client::new(&p.url, "sw_not_a_token");
     assert!(matches!(stranger.get::<JobList>("/v1/jobs").unwrap_err(), ClientError::Api { status: 401, .. }));
+    let operator = Client::new(&p.url, &p.operator);
+    let by_org: JobList = operator.get("/v1/jobs?org=alice").unwrap();
+    assert_eq!(by_org.jobs.len(), 1);
+    let none: JobList = operator.get("/v1/jobs?org=bob").unwrap();
+    assert!(none.jobs.is_empty());
+    assert!(matches!(bob.get::<JobList>("/v1/jobs?org=alice").unwrap_err(), ClientError::Api { status: 400, .. }));
     let cancelled: Job = alice.post(&format!("/v1/jobs/{id}/cancel"), &()).unwrap();
     assert_eq!(cancelled.state, JobState::Cancelled);
 }
@@ -436,4 +442,67 @@ fn bad_input_gets_a_4xx_json_error_and_stores_nothing() {
     assert!(list.jobs.is_empty(), "nothing stored: {list:?}");
     let openapi: serde_json::Value = acme.get("/openapi.json").unwrap();
     assert!(openapi["paths"]["/v1/jobs"].is_object() && openapi["components"]["schemas"]["JobRequest"].is_object());
+}
+
+#[test]
+fn admin_adds_a_site_that_the_server_uses_after_a_restart() {
+    let mut p = Platform::new("site");
+    let bad = run(&[
+        "admin",
+        "--db",
+        p.db(),
+        "site",
+        "c",
+        "--city",
+        "Yantai",
+        "--level",
+        "edge",
+        "--lat",
+        "37.4",
+        "--lon",
+        "121.4",
+        "--provider",
+        "c-co",
+        "--pool",
+        "Z9:4:800",
+        "--link",
+        "a:40:3:2",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("site 'c' pool 1 (Z9): unknown accelerator type 'Z9'"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let out = run_ok(&[
+        "admin",
+        "--db",
+        p.db(),
+        "site",
+        "c",
+        "--city",
+        "Yantai",
+        "--level",
+        "edge",
+        "--lat",
+        "37.4",
+        "--lon",
+        "121.4",
+        "--provider",
+        "c-co",
+        "--pool",
+        "A100:4:800",
+        "--link",
+        "a:40:3:2",
+    ]);
+    assert!(out.contains("now has 3 sites"), "{out}");
+    p.kill_server();
+    p.start_server();
+    let operator = Client::new(&p.url, &p.operator);
+    let sites: Vec<suanwang_api::Site> = operator.get("/v1/sites").unwrap();
+    assert_eq!(sites.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+    // The database keeps its network: another one is refused.
+    let other = run(&["serve", "--db", p.db(), "--topology", "shandong", "--listen", "127.0.0.1:0"]);
+    assert!(!other.status.success());
+    assert!(String::from_utf8_lossy(&other.stderr).contains("holds network 'two-sites', not 'shandong'"));
 }

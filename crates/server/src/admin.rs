@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use rusqlite::{OptionalExtension, params};
+use suanwang_core::topology::TopologySpec;
 use suanwang_ledger::voucher::{self, OrgKind};
 use suanwang_ledger::{Ledger, LedgerError};
 
@@ -85,4 +86,50 @@ pub fn create_token(db: &Path, role: &Role, label: &str) -> Result<String, Admin
         }
     }
     token(&mut ledger, role, label)
+}
+
+const NETWORK_TABLE: &str =
+    "CREATE TABLE IF NOT EXISTS network (id INTEGER PRIMARY KEY CHECK (id = 1), spec TEXT NOT NULL)";
+
+/// The network stored in the database, if any.
+pub fn stored_network(db: &Path) -> Result<Option<TopologySpec>, AdminError> {
+    let conn = rusqlite::Connection::open(db).map_err(LedgerError::from)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(LedgerError::from)?;
+    conn.execute_batch(NETWORK_TABLE).map_err(LedgerError::from)?;
+    let text: Option<String> = conn
+        .query_row("SELECT spec FROM network WHERE id = 1", [], |r| r.get(0))
+        .optional()
+        .map_err(LedgerError::from)?;
+    text.map(|t| serde_json::from_str(&t).map_err(|e| AdminError::Invalid(format!("stored network: {e}")))).transpose()
+}
+
+/// Stores (or replaces) the database's network, after validating it.
+pub fn store_network(db: &Path, spec: &TopologySpec) -> Result<(), AdminError> {
+    spec.build()
+        .map_err(|errors| AdminError::Invalid(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")))?;
+    let conn = rusqlite::Connection::open(db).map_err(LedgerError::from)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(LedgerError::from)?;
+    conn.execute_batch(NETWORK_TABLE).map_err(LedgerError::from)?;
+    let text = serde_json::to_string(spec).map_err(|e| AdminError::Invalid(e.to_string()))?;
+    conn.execute("INSERT OR REPLACE INTO network (id, spec) VALUES (1, ?1)", [text]).map_err(LedgerError::from)?;
+    Ok(())
+}
+
+/// Adds a site (and its links) to the database's network, storing
+/// `default` first if the database has none. The server uses it from its
+/// next start.
+pub fn add_site(
+    db: &Path,
+    default: &str,
+    site: suanwang_core::topology::SiteSpec,
+    links: Vec<suanwang_core::topology::LinkSpec>,
+) -> Result<TopologySpec, AdminError> {
+    let mut spec = match stored_network(db)? {
+        Some(spec) => spec,
+        None => suanwang_topology::load_spec(default).map_err(|e| AdminError::Invalid(e.to_string()))?,
+    };
+    spec.sites.push(site);
+    spec.links.extend(links);
+    store_network(db, &spec)?;
+    Ok(spec)
 }

@@ -276,9 +276,11 @@ async fn quote(
 struct ListQuery {
     state: Option<String>,
     limit: Option<u32>,
+    /// An operator may list one organisation's jobs.
+    org: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/jobs", params(("state" = Option<String>, Query), ("limit" = Option<u32>, Query)), responses((status = 200, body = api::JobList)))]
+#[utoipa::path(get, path = "/v1/jobs", params(("state" = Option<String>, Query), ("limit" = Option<u32>, Query), ("org" = Option<String>, Query)), responses((status = 200, body = api::JobList)))]
 async fn list_jobs(
     State(state): State<AppState>,
     Auth(who): Auth,
@@ -295,7 +297,10 @@ async fn list_jobs(
     if limit == 0 || limit > 10_000 {
         return Err(Error::invalid("limit", format!("must be between 1 and 10000, got {limit}")));
     }
-    let jobs = state.world.call(move |s, b| s.list(b, &who, job_state, limit)).await?;
+    if q.org.is_some() && !matches!(who.role, Role::Operator) {
+        return Err(Error::invalid("org", "only an operator may filter by organisation"));
+    }
+    let jobs = state.world.call(move |s, b| s.list(b, &who, q.org.as_deref(), job_state, limit)).await?;
     Ok(Json(api::JobList { jobs }))
 }
 

@@ -46,11 +46,33 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error("tokens: {0}")]
     Tokens(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Network(String),
 }
 
 /// Opens the database and starts the writer; returns the router's state.
+/// The database remembers its network: the first start stores the topology
+/// given; later starts use the stored one (which `suanwang admin site`
+/// extends), and refuse a different network.
 pub fn open(config: &ServerConfig) -> Result<http::AppState, ServeError> {
-    let topology = Arc::new(suanwang_topology::load(&config.topology)?);
+    let requested = suanwang_topology::load_spec(&config.topology)?;
+    let spec = match admin::stored_network(&config.db).map_err(|e| ServeError::Network(e.to_string()))? {
+        Some(stored) if stored.name != requested.name => {
+            return Err(ServeError::Network(format!(
+                "{} holds network '{}', not '{}' (--topology {})",
+                config.db.display(),
+                stored.name,
+                requested.name,
+                config.topology
+            )));
+        }
+        Some(stored) => stored,
+        None => {
+            admin::store_network(&config.db, &requested).map_err(|e| ServeError::Network(e.to_string()))?;
+            requested
+        }
+    };
+    let topology = Arc::new(suanwang_topology::build(&spec, std::path::Path::new(&config.topology))?);
     let ledger = Ledger::open(&config.db)?;
     let world = world::start(ledger, topology.clone(), &config.policy, config.timings)?;
     let tokens = auth::Tokens::load(&rusqlite::Connection::open(&config.db)?, config.db.clone())?;

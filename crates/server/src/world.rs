@@ -773,10 +773,17 @@ impl State {
     }
 
     /// Jobs visible to a principal, newest first.
-    pub fn list(&self, b: &Batch<'_>, who: &Principal, state: Option<JobState>, limit: u32) -> Result<Vec<Job>> {
+    pub fn list(
+        &self,
+        b: &Batch<'_>,
+        who: &Principal,
+        org: Option<&str>,
+        state: Option<JobState>,
+        limit: u32,
+    ) -> Result<Vec<Job>> {
         let org = match &who.role {
             Role::Consumer { org } => Some(org.clone()),
-            _ => None,
+            _ => org.map(str::to_string),
         };
         let mut stmt = b.sql().prepare_cached(
             "SELECT * FROM jobs WHERE (?1 IS NULL OR org = ?1) AND (?2 IS NULL OR state = ?2) ORDER BY id DESC LIMIT ?3",
