@@ -13,7 +13,7 @@ use suanwang_ledger::audit;
 use suanwang_ledger::voucher::{self, OrgKind, Placement, ProgrammeSpec, Usage};
 use suanwang_ledger::{AccountId, Ledger, LedgerError, NewTransfer, TransferId, TransferKind};
 
-use crate::table;
+use crate::table::{self, print};
 
 #[derive(Debug, Args)]
 pub struct LedgerArgs {
@@ -243,15 +243,6 @@ fn placement(job: &JobPlacement) -> anyhow::Result<(Placement, Usage)> {
         },
         Usage { accel_seconds: job.accel_seconds, transfer_fen: job.transfer_fen },
     ))
-}
-
-fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string(value)?);
-    } else {
-        print!("{}", text());
-    }
-    Ok(())
 }
 
 fn export<T: Serialize>(format: ExportFormat, rows: &[T], table: impl FnOnce() -> String) -> anyhow::Result<()> {

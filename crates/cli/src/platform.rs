@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use suanwang_api::client::Client;
 use suanwang_api::{Balances, Bill, Job, JobEvent, JobList, JobRequest, Quote, Site};
 use suanwang_server::auth::Role;
 use suanwang_server::{ServerConfig, Timings};
 
-use crate::table;
+use crate::table::{self, print};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -182,15 +182,6 @@ impl Connection {
             .ok_or_else(|| anyhow!("no token: pass --token, set SUANWANG_TOKEN or write it in the config file"))?;
         Ok(Client::new(&server, &token))
     }
-}
-
-fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string(value)?);
-    } else {
-        print!("{}", text());
-    }
-    Ok(())
 }
 
 fn time(t: Option<i64>) -> String {

@@ -63,17 +63,11 @@ pub struct TopologyArgs {
     pub topology: String,
 }
 
-/// The JSON document `--format json` prints.
+/// The JSON document `--format json` prints: the run's header, then the policies.
 #[derive(Debug, Serialize)]
-pub struct SimulationOutput {
-    pub trace: String,
-    pub topology: String,
-    pub jobs: usize,
-    pub seed: u64,
-    pub load: Option<f64>,
-    pub capacity_scale: f64,
-    pub time_compression: f64,
-    pub accelerators: u64,
+pub struct SimulationOutput<'a> {
+    #[serde(flatten)]
+    pub header: &'a ReportHeader,
     pub policies: Vec<PolicySummary>,
 }
 
@@ -179,17 +173,7 @@ pub fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         RunOptions { check_invariants: args.check || cfg!(debug_assertions), keep_series: args.report.is_some() };
     let results = run_policies(&prepared, &policies, &options)?;
     let h = &prepared.header;
-    let output = SimulationOutput {
-        trace: h.trace.clone(),
-        topology: h.topology.clone(),
-        jobs: h.jobs,
-        seed: h.seed,
-        load: h.load,
-        capacity_scale: h.capacity_scale,
-        time_compression: h.time_compression,
-        accelerators: h.accelerators,
-        policies: results.iter().map(|r| r.summary.clone()).collect(),
-    };
+    let output = SimulationOutput { header: h, policies: results.iter().map(|r| r.summary.clone()).collect() };
     if let Some(dir) = &args.report {
         std::fs::create_dir_all(dir).with_context(|| format!("--report: cannot create {}", dir.display()))?;
         let page = report::html(h, &results).map_err(|e| anyhow::anyhow!("report: {e}"))?;

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use serde::Serialize;
 use suanwang_sim::PolicySummary;
 
 pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -75,4 +76,14 @@ pub fn results(policies: &[PolicySummary]) -> String {
         ],
         &rows,
     )
+}
+
+/// Prints `value` as one line of JSON, or the table `text` makes.
+pub fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(value)?);
+    } else {
+        print!("{}", text());
+    }
+    Ok(())
 }
