@@ -107,3 +107,23 @@ fn bad_events_are_refused_with_a_typed_error() {
     s.check_invariants().unwrap();
     assert_eq!(s.running_count(), 1);
 }
+
+#[test]
+fn adopted_attempts_after_a_restart_run_on_and_are_fenced() {
+    let t = three_sites();
+    let jinan_a100 = t.site(t.site_id("jinan").unwrap()).pools[0];
+    let mut s = scheduler(&t, "fifo");
+    s.adopt(100, job(&t, 7, 6, 1000, &["A100"]), 3, jinan_a100, 40).unwrap();
+    assert_eq!(s.running_attempt(JobId(7)), Some((3, jinan_a100)));
+    assert_eq!(s.free(jinan_a100), 2);
+    // Only attempt 3 counts.
+    s.handle(101, Event::Finished { job: JobId(7), attempt: 2 }).unwrap();
+    assert_eq!(s.counters().stale_reports, 1);
+    // Adoption refuses what cannot be true: no room, wrong type, twice.
+    assert!(s.adopt(101, job(&t, 8, 4, 1000, &["A100"]), 1, jinan_a100, 0).is_err());
+    assert!(s.adopt(101, job(&t, 9, 1, 1000, &["H100"]), 1, jinan_a100, 0).is_err());
+    assert_eq!(s.adopt(101, job(&t, 7, 1, 1000, &["A100"]), 1, jinan_a100, 0), Err(CoreError::DuplicateJob(7)));
+    s.handle(102, Event::Finished { job: JobId(7), attempt: 3 }).unwrap();
+    assert_eq!(s.free(jinan_a100), 8);
+    s.check_invariants().unwrap();
+}

@@ -693,6 +693,39 @@ fn hold_parts(h: &HoldRecord) -> Vec<(&'static str, AccountId, AccountId, i64, u
     parts.into_iter().filter(|p| p.3 > 0).collect()
 }
 
+/// Ends every part of a hold, as one linked chain: posts `amount(part)` of
+/// it, or voids it when that is 0 (posting 0 would mean "all").
+fn resolve_hold(
+    b: &mut Batch<'_>,
+    hold: &HoldRecord,
+    step: &str,
+    amount: impl Fn(&str) -> i64,
+) -> Result<(), LedgerError> {
+    let job = &hold.job;
+    let transfers = hold_parts(hold)
+        .into_iter()
+        .map(|(part, _, _, _, code)| {
+            let pending = part_id(job, "hold", part);
+            let amount = amount(part);
+            NewTransfer {
+                id: part_id(job, step, part),
+                debit: AccountId(0),
+                credit: AccountId(0),
+                amount,
+                kind: if amount > 0 {
+                    TransferKind::PostPending { pending }
+                } else {
+                    TransferKind::VoidPending { pending }
+                },
+                linked: false,
+                code,
+                memo: job.clone(),
+            }
+        })
+        .collect();
+    transfer_all(b, transfers)
+}
+
 fn load_hold(
     sql: &rusqlite::Connection,
     job: &str,
@@ -836,29 +869,7 @@ pub fn settle_in(b: &mut Batch<'_>, job: &str, actual: &Usage) -> Result<Settlem
             "org" => org_compute,
             _ => transfer_fen,
         };
-        let transfers = hold_parts(&hold)
-            .into_iter()
-            .map(|(part, _, _, _, code)| {
-                let pending = part_id(job, "hold", part);
-                let amount = posted(part);
-                NewTransfer {
-                    id: part_id(job, "settle", part),
-                    debit: AccountId(0),
-                    credit: AccountId(0),
-                    // Posting 0 would mean "all": release a part that is not used.
-                    amount: if amount > 0 { amount } else { 0 },
-                    kind: if amount > 0 {
-                        TransferKind::PostPending { pending }
-                    } else {
-                        TransferKind::VoidPending { pending }
-                    },
-                    linked: false,
-                    code,
-                    memo: job.into(),
-                }
-            })
-            .collect();
-        transfer_all(b, transfers)?;
+        resolve_hold(b, &hold, "settle", posted)?;
         if let Some(p) = &h.programme {
             bump_org_year(b.sql(), p, &h.org, hold.year, -h.subsidy_fen, subsidy)?;
         }
@@ -889,20 +900,7 @@ pub fn release_in(b: &mut Batch<'_>, job: &str) -> Result<(), LedgerError> {
             "released" => return Ok(()),
             other => return refused(Refusal::NotHeld { job: job.into(), state: other.into() }),
         }
-        let transfers = hold_parts(&hold)
-            .into_iter()
-            .map(|(part, _, _, _, code)| NewTransfer {
-                id: part_id(job, "release", part),
-                debit: AccountId(0),
-                credit: AccountId(0),
-                amount: 0,
-                kind: TransferKind::VoidPending { pending: part_id(job, "hold", part) },
-                linked: false,
-                code,
-                memo: job.into(),
-            })
-            .collect();
-        transfer_all(b, transfers)?;
+        resolve_hold(b, &hold, "release", |_| 0)?;
         if let Some(p) = &hold.bill.programme {
             bump_org_year(b.sql(), p, &hold.bill.org, hold.year, -hold.bill.subsidy_fen, 0)?;
         }
