@@ -15,12 +15,13 @@
 //!
 //! The policy keeps, per pool, the accelerators held by each queue, updated
 //! on every start, end and demotion, so "could this job preempt its way in
-//! here?" is a constant-time question.
+//! here?" is a constant-time question. Like the other policies, a pass
+//! stops after [`SCAN_BLOCKED_MAX`] jobs that could not start.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Policy, QueueView, Restriction, nearest_pools, within_budget};
+use super::{Policy, QueueView, Restriction, SCAN_BLOCKED_MAX, nearest_pools, within_budget};
 use crate::job::JobId;
 use crate::scheduler::Pass;
 use crate::state::QueueKey;
@@ -156,7 +157,20 @@ impl Policy for Las {
         for job in pass.fired_timers().to_vec() {
             self.demote(pass, job);
         }
+        // Per queue, the most accelerators a job of that queue could get on
+        // one pool by preempting. Within a pass, starts and preemptions
+        // never raise it (both move accelerators between "free" and "held
+        // by a lower queue" or use them up), so it bounds every search.
+        let reachable: Vec<u32> = (0..QUEUES)
+            .map(|level| {
+                (0..pools as u32).map(PoolId).map(|p| pass.free(p) + self.preemptible(p, level)).max().unwrap_or(0)
+            })
+            .collect();
+        let mut blocked = 0;
         for job in pass.pending() {
+            if blocked >= SCAN_BLOCKED_MAX {
+                break;
+            }
             if !pass.is_pending(job) {
                 continue;
             }
@@ -180,7 +194,8 @@ impl Policy for Las {
                 }
             }
             let job_level = pass.live(job).key.0 as usize;
-            if job_level + 1 >= QUEUES {
+            if job_level + 1 >= QUEUES || gpus > reachable[job_level] {
+                blocked += 1;
                 continue;
             }
             if let Some((pool, victims)) = self.victims_for(pass, job, &candidates, job_level) {
@@ -192,6 +207,8 @@ impl Policy for Las {
                 }
                 pass.start(job, pool);
                 self.track_start(pass, job, pool);
+            } else {
+                blocked += 1;
             }
         }
     }
