@@ -40,13 +40,38 @@ fn corrupt(e: serde_json::Error) -> LedgerError {
     LedgerError::Corrupt { path: "billing".into(), problem: e.to_string() }
 }
 
+/// Whose settled jobs a statement lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Party<'a> {
+    /// The provider running the sites (its write-off statement).
+    Provider(&'a str),
+    /// The organisation that owns the jobs (its bill).
+    Org(&'a str),
+}
+
 pub fn statement(ledger: &Ledger, provider: &str, from: i64, to: i64) -> Result<Statement, LedgerError> {
-    let mut stmt = ledger.connection().prepare(
-        "SELECT hold, settlement, settled_at FROM billing WHERE provider = ?1 AND state = 'settled' AND settled_at >= ?2 AND settled_at < ?3 ORDER BY settled_at, job",
-    )?;
+    statement_of(ledger.connection(), Party::Provider(provider), from, to)
+}
+
+/// The settled jobs of a provider or an organisation in `[from, to)`, on
+/// any connection to the ledger file (a read-only one will do).
+pub fn statement_of(
+    sql: &rusqlite::Connection,
+    party: Party<'_>,
+    from: i64,
+    to: i64,
+) -> Result<Statement, LedgerError> {
+    let (column, name) = match party {
+        Party::Provider(p) => ("provider", p),
+        Party::Org(o) => ("org", o),
+    };
+    let mut stmt = sql.prepare(&format!(
+        "SELECT hold, settlement, settled_at FROM billing WHERE {column} = ?1 AND state = 'settled' AND settled_at >= ?2 AND settled_at < ?3 ORDER BY settled_at, job"
+    ))?;
     let rows: Vec<(String, String, i64)> = stmt
-        .query_map(params![provider, from, to], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .query_map(params![name, from, to], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
+    let provider = name;
     let mut total = StatementLine {
         job: "TOTAL".into(),
         org: String::new(),

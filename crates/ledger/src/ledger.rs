@@ -93,7 +93,7 @@ pub enum PendingState {
 }
 
 impl PendingState {
-    fn from_code(code: i64) -> PendingState {
+    pub(crate) fn from_code(code: i64) -> PendingState {
         match code {
             1 => PendingState::Posted,
             2 => PendingState::Voided,

@@ -656,18 +656,9 @@ pub fn quote(
     placement: &Placement,
     usage: &Usage,
 ) -> Result<Bill, LedgerError> {
-    // A write transaction that stores nothing: it gives the same view of
-    // the books as a hold would see, and is then rolled back.
-    let mut quoted = None;
-    let outcome = ledger.write(now, |b| {
-        quoted = Some(bill(b, org, placement, usage)?);
-        refused::<()>(Refusal::Invalid { field: "quote", problem: "read only".into() })
-    });
-    match (quoted, outcome) {
-        (Some(bill), _) => Ok(bill),
-        (None, Err(e)) => Err(e),
-        (None, Ok(())) => unreachable!("quote never commits"),
-    }
+    // `bill` only reads: the transaction gives it the same view of the
+    // books a hold would see, and commits nothing.
+    ledger.write(now, |b| bill(b, org, placement, usage))
 }
 
 fn part_id(job: &str, step: &str, part: &str) -> TransferId {
@@ -970,12 +961,7 @@ pub fn sweep(ledger: &mut Ledger, now: i64) -> Result<SweepReport, LedgerError> 
 fn pending_state(b: &Batch<'_>, id: TransferId) -> Result<Option<PendingState>, LedgerError> {
     let state: Option<i64> =
         b.sql().query_row("SELECT state FROM pending WHERE id = ?1", [id.0.to_be_bytes()], |r| r.get(0)).optional()?;
-    Ok(state.map(|s| match s {
-        1 => PendingState::Posted,
-        2 => PendingState::Voided,
-        3 => PendingState::Expired,
-        _ => PendingState::Pending,
-    }))
+    Ok(state.map(PendingState::from_code))
 }
 
 /// Opens a ledger file with the voucher tables and system accounts ready.

@@ -24,6 +24,7 @@ use serde::de::DeserializeOwned;
 use suanwang_api as api;
 use suanwang_core::job::JobId;
 use suanwang_core::topology::{SiteId, Topology};
+use suanwang_ledger::audit;
 use suanwang_ledger::voucher::{self, OrgKind, Placement, Usage};
 use utoipa::OpenApi;
 
@@ -499,19 +500,28 @@ async fn bill(
     let org = acting_org(&who, q.org.as_deref())?;
     let db = state.db.clone();
     let bill = tokio::task::spawn_blocking(move || -> Result<api::Bill> {
-        let conn = reader(&db)?;
-        let mut stmt = conn.prepare("SELECT job, site, accel, settlement FROM billing WHERE org = ?1 AND state = 'settled' ORDER BY settled_at, job")?;
-        let rows: Vec<(String, String, String, String)> = stmt.query_map([&org], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<std::result::Result<_, _>>()?;
-        let mut bill = api::Bill { org: org.clone(), jobs: Vec::new(), compute_fen: 0, subsidy_fen: 0, org_fen: 0 };
-        for (key, site, accel, settlement) in rows {
-            let s: voucher::Settlement = serde_json::from_str(&settlement).map_err(Error::internal)?;
-            let job = key.split('-').nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
-            bill.compute_fen += s.bill.compute_fen;
-            bill.subsidy_fen += s.bill.subsidy_fen;
-            bill.org_fen += s.bill.org_total_fen;
-            bill.jobs.push(api::BillLine { job, site, accelerator: accel, accel_seconds: s.actual.accel_seconds, compute_fen: s.bill.compute_fen, subsidy_fen: s.bill.subsidy_fen, org_fen: s.bill.org_total_fen });
-        }
-        Ok(bill)
+        let st = audit::statement_of(&reader(&db)?, audit::Party::Org(&org), i64::MIN, i64::MAX)?;
+        let jobs = st
+            .lines
+            .iter()
+            .map(|l| api::BillLine {
+                job: crate::world::job_of_billing_key(&l.job).unwrap_or(0),
+                site: l.site.clone(),
+                accelerator: l.accel.clone(),
+                accel_seconds: l.accel_seconds,
+                compute_fen: l.compute_fen,
+                subsidy_fen: l.voucher_fen,
+                org_fen: l.org_fen + l.transfer_fen,
+            })
+            .collect();
+        let t = &st.total;
+        Ok(api::Bill {
+            org: org.clone(),
+            jobs,
+            compute_fen: t.compute_fen,
+            subsidy_fen: t.voucher_fen,
+            org_fen: t.org_fen + t.transfer_fen,
+        })
     })
     .await
     .map_err(Error::internal)??;

@@ -237,6 +237,11 @@ pub fn billing_key(job: u64, attempt: u32) -> String {
     format!("job-{job}-{attempt}")
 }
 
+/// The job of a [`billing_key`].
+pub fn job_of_billing_key(key: &str) -> Option<u64> {
+    key.strip_prefix("job-")?.split('-').next()?.parse().ok()
+}
+
 fn read_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let request: String = row.get("request")?;
     let state: String = row.get("state")?;
