@@ -2,34 +2,94 @@
 //!
 //! A site agent: it leases attempts for its site from the server (long
 //! poll), runs each on the site's backend, ships its output, sends
-//! heartbeats (which also tell it to stop a cancelled attempt), and reports
-//! how the attempt ended. If the server is unreachable it retries, with a
-//! bound on the wait; an attempt's report names its attempt number, so a
-//! late report from an attempt the server has given up on is refused there
-//! and never counts.
+//! heartbeats, and reports how the attempt ended.
 //!
-//! The local backend runs real processes, each in its own working directory
-//! and process group, with stdout and stderr captured, killed (the whole
-//! group) on cancel or at the attempt's time limit.
+//! - [`sandbox`]: how an attempt is isolated (its own user, namespaces,
+//!   cgroup) and how its whole process tree is killed;
+//! - [`cgroup`]: the v1 control groups that hold limits and processes;
+//! - [`logs`]: output spooled to disk and shipped in bounded chunks.
+//!
+//! Safety rules the agent keeps:
+//!
+//! - a job gets no credential: its environment is built from nothing (its
+//!   own variables, its secrets, documented `SUANWANG_*` facts about the
+//!   attempt, a minimal `PATH`/`HOME`/`LANG`), and the agent's token and
+//!   each attempt's secret never reach it;
+//! - at most one live copy of a job: an agent that has not reached the
+//!   server for a lease period, minus a margin, kills the attempt before the
+//!   server can lease it again; when the agent dies, `--die-with-parent`
+//!   takes the sandbox with it, and at its next start it kills whatever is
+//!   left in its cgroups;
+//! - a stop (cancel, preemption) arrives on the long poll, not the next
+//!   heartbeat, and kills the attempt within a poll interval.
 
-use std::io::Read;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+pub mod cgroup;
+pub mod logs;
+pub mod sandbox;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use suanwang_api::client::{Client, ClientError};
-use suanwang_api::{FinishRequest, HeartbeatResponse, Lease, LeaseRequest, LeaseResponse};
+use suanwang_api::{
+    AttemptEnd, AttemptRef, Capabilities, FinishRequest, HeartbeatResponse, Lease, LeaseRequest, LeaseResponse,
+};
+
+use crate::logs::{Shipped, Shipper, Spool};
+use crate::sandbox::{Isolation, Prepared};
+
+/// Where the agent's token comes from. A token file is read again when it
+/// changes, so a provider can rotate the token without restarting the agent
+/// (or its running jobs).
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    File(PathBuf),
+    Value(String),
+}
+
+impl TokenSource {
+    pub fn read(&self) -> Result<String, AgentError> {
+        match self {
+            TokenSource::Value(t) => Ok(t.clone()),
+            TokenSource::File(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| AgentError::Config(format!("--token-file {}: {e}", path.display())))?;
+                let token = text.trim().to_string();
+                if token.is_empty() {
+                    return Err(AgentError::Config(format!("--token-file {}: the file is empty", path.display())));
+                }
+                Ok(token)
+            }
+        }
+    }
+
+    fn modified(&self) -> Option<SystemTime> {
+        match self {
+            TokenSource::File(path) => std::fs::metadata(path).and_then(|m| m.modified()).ok(),
+            TokenSource::Value(_) => None,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub server: String,
-    pub token: String,
-    /// Working directories of attempts go here.
+    pub token: TokenSource,
+    /// The site this agent runs (names its cgroups; the token is bound to it).
+    pub site: String,
+    /// Attempts' directories go under `jobs/`, the agent's own files under `.agent/`.
     pub workdir: PathBuf,
     /// Seconds a lease request waits on the server for work.
     pub poll_wait_s: u64,
+    /// Run jobs without the sandbox (own process group only).
+    pub unsandboxed: bool,
+    pub defaults: sandbox::Defaults,
+    /// Keep a finished attempt's directory this long, then remove it.
+    pub retention_s: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,35 +98,174 @@ pub enum AgentError {
     Api(#[from] ClientError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("the sandbox cannot be set up: {0} (run the agent with --unsandboxed to run jobs without isolation)")]
+    Sandbox(sandbox::SandboxError),
+    #[error("{0}")]
+    Config(String),
 }
 
-/// Runs the agent until the process is stopped.
-pub fn run(config: AgentConfig) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&config.workdir)?;
-    let client = Client::new(&config.server, &config.token);
+/// A running attempt's stop switch.
+#[derive(Default)]
+struct Control {
+    stop: AtomicBool,
+}
+
+type Running = Arc<Mutex<BTreeMap<AttemptRef, Arc<Control>>>>;
+
+/// Everything an attempt thread needs.
+struct Shared {
+    client: Client,
+    token: TokenSource,
+    isolation: Isolation,
+    site: String,
+    jobs_dir: PathBuf,
+    spool_dir: PathBuf,
+    running: Running,
+}
+
+fn private_dir(path: &Path, mode: u32) -> std::io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+}
+
+/// Runs the agent until the process is stopped or its token is refused.
+pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
+    private_dir(&config.workdir, 0o711)?;
+    // Absolute, so the sandbox binds the right directory whatever its cwd.
+    config.workdir = std::fs::canonicalize(&config.workdir)?;
+    let jobs_dir = config.workdir.join("jobs");
+    let spool_dir = config.workdir.join(".agent");
+    // Jobs may enter their own directory under jobs/ but list nothing.
+    private_dir(&jobs_dir, 0o711)?;
+    private_dir(&spool_dir, 0o700)?;
+    let isolation = if config.unsandboxed {
+        eprintln!(
+            "agent {}: WARNING: running jobs UNSANDBOXED (--unsandboxed): they run as this agent's user",
+            config.site
+        );
+        Isolation::Unsandboxed
+    } else {
+        let (isolation, swept) =
+            Isolation::sandboxed(&instance_name(&config.site, &config.workdir), &jobs_dir, config.defaults)
+                .map_err(AgentError::Sandbox)?;
+        if swept > 0 {
+            eprintln!("agent {}: killed what was left of {swept} attempt(s) of a previous run", config.site);
+        }
+        isolation
+    };
+    let capabilities = Capabilities { images: false, sandboxed: isolation.is_sandboxed() };
+    let mut token_seen = config.token.modified();
+    let mut token = config.token.read()?;
+    let client = Client::new(&config.server, &token);
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        token: config.token.clone(),
+        isolation,
+        site: config.site.clone(),
+        jobs_dir,
+        spool_dir,
+        running: Arc::default(),
+    });
     let mut backoff = Duration::from_millis(200);
+    let mut last_sweep = Instant::now() - Duration::from_secs(3600);
     loop {
-        match client.post::<_, LeaseResponse>("/v1/agent/lease", &LeaseRequest { wait_s: config.poll_wait_s }) {
-            Ok(LeaseResponse { lease: Some(lease) }) => {
-                backoff = Duration::from_millis(200);
-                let client = client.clone();
-                let workdir = config.workdir.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = run_attempt(&client, &workdir, &lease) {
-                        eprintln!("agent: job {} attempt {}: {e}", lease.job, lease.attempt);
-                    }
-                });
+        if config.token.modified() != token_seen {
+            token_seen = config.token.modified();
+            if let Ok(fresh) = config.token.read()
+                && fresh != token
+            {
+                token = fresh;
+                client.set_token(&token);
+                eprintln!("agent {}: token file changed; using the new token", config.site);
             }
-            Ok(LeaseResponse { lease: None }) => backoff = Duration::from_millis(200),
-            // A refused token will not get better: stop.
-            Err(ClientError::Api { status: 401 | 403, error }) => {
-                return Err(AgentError::Api(ClientError::Api { status: 401, error }));
+        }
+        if last_sweep.elapsed() > Duration::from_secs(60) {
+            last_sweep = Instant::now();
+            remove_old_dirs(&shared, config.retention_s);
+        }
+        let running: Vec<AttemptRef> = shared.running.lock().expect("running lock").keys().copied().collect();
+        let request = LeaseRequest { wait_s: config.poll_wait_s, running, capabilities };
+        match client.post::<_, LeaseResponse>("/v1/agent/lease", &request) {
+            Ok(response) => {
+                backoff = Duration::from_millis(200);
+                for stop in response.stop {
+                    if let Some(control) = shared.running.lock().expect("running lock").remove(&stop) {
+                        control.stop.store(true, Ordering::SeqCst);
+                    }
+                }
+                if let Some(lease) = response.lease {
+                    let key = AttemptRef { job: lease.job, attempt: lease.attempt };
+                    let control = Arc::new(Control::default());
+                    shared.running.lock().expect("running lock").insert(key, control.clone());
+                    let shared = shared.clone();
+                    std::thread::spawn(move || {
+                        if let Err(e) = run_attempt(&shared, &lease, &control) {
+                            eprintln!("agent {}: job {} attempt {}: {e}", shared.site, lease.job, lease.attempt);
+                        }
+                        shared.running.lock().expect("running lock").remove(&key);
+                    });
+                }
+            }
+            // A refused token: unless the file now holds another one, stop.
+            Err(ClientError::Api { status: 401, error }) => match config.token.read() {
+                Ok(fresh) if fresh != token => {
+                    token = fresh;
+                    client.set_token(&token);
+                    token_seen = config.token.modified();
+                }
+                _ => return Err(AgentError::Api(ClientError::Api { status: 401, error })),
+            },
+            Err(ClientError::Api { status: 403, error }) => {
+                return Err(AgentError::Api(ClientError::Api { status: 403, error }));
             }
             Err(e) => {
-                eprintln!("agent: {e}; retrying in {backoff:?}");
+                eprintln!("agent {}: {e}; retrying in {backoff:?}", config.site);
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+impl Shared {
+    /// After a 401: takes the token file's token if it changed (a rotation),
+    /// so running attempts keep reporting without waiting for the main loop.
+    fn refresh_token(&self) {
+        if let Ok(token) = self.token.read() {
+            self.client.set_token(&token);
+        }
+    }
+}
+
+/// The name of this agent's cgroups: its site and a hash of its work
+/// directory, so two agents of one site on one machine (or tests running
+/// side by side) never sweep each other's attempts, while the same agent
+/// restarted finds its own.
+fn instance_name(site: &str, workdir: &Path) -> String {
+    // FNV-1a: stable across runs and Rust versions, unlike the std hasher.
+    let hash = workdir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    format!("{site}-{:012x}", hash & 0xffff_ffff_ffff)
+}
+
+/// Removes attempt directories finished more than `retention_s` ago.
+fn remove_old_dirs(shared: &Shared, retention_s: u64) {
+    let live: BTreeSet<String> =
+        shared.running.lock().expect("running lock").keys().map(|k| format!("job-{}-{}", k.job, k.attempt)).collect();
+    let Ok(entries) = std::fs::read_dir(&shared.jobs_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age.as_secs() >= retention_s);
+        if old && !live.contains(&name) {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
@@ -87,146 +286,221 @@ fn retry<T>(limit: Duration, mut call: impl FnMut() -> Result<T, ClientError>) -
     }
 }
 
-fn kill_group(child: &Child) {
-    // The child leads its own process group: kill everything it started.
-    unsafe {
-        libc::kill(-(child.id() as i32), libc::SIGKILL);
+/// The environment of an attempt, built from nothing.
+fn environment(lease: &Lease, site: &str, workdir_inside: &Path) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
+    env.insert("HOME".into(), workdir_inside.display().to_string());
+    env.insert("LANG".into(), "C.UTF-8".into());
+    env.insert("TMPDIR".into(), "/tmp".into());
+    for (k, v) in lease.env.iter().chain(&lease.secret_env) {
+        env.insert(k.clone(), v.clone());
     }
-}
-
-enum Output {
-    Chunk(Vec<u8>),
-    Closed,
-}
-
-fn pipe(mut from: impl Read + Send + 'static, to: mpsc::Sender<Output>) {
-    std::thread::spawn(move || {
-        let mut buffer = [0u8; 16 * 1024];
-        loop {
-            match from.read(&mut buffer) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.send(Output::Chunk(buffer[..n].to_vec())).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = to.send(Output::Closed);
-    });
+    // Last, so a job cannot override them (the server refuses such names too).
+    env.insert("SUANWANG_JOB".into(), lease.job.to_string());
+    env.insert("SUANWANG_ATTEMPT".into(), lease.attempt.to_string());
+    env.insert("SUANWANG_SITE".into(), site.to_string());
+    env.insert("SUANWANG_GPUS".into(), lease.gpus.to_string());
+    env.insert("SUANWANG_ACCELERATOR".into(), lease.accelerator.clone());
+    env.insert("SUANWANG_WORKDIR".into(), workdir_inside.display().to_string());
+    env
 }
 
 /// Runs one attempt to the end and reports it.
-pub fn run_attempt(client: &Client, workdir: &std::path::Path, lease: &Lease) -> Result<(), AgentError> {
+fn run_attempt(shared: &Shared, lease: &Lease, control: &Control) -> Result<(), AgentError> {
+    let client = &shared.client;
     let base = format!("/v1/agent/attempts/{}/{}", lease.job, lease.attempt);
-    let dir = workdir.join(format!("job-{}-{}", lease.job, lease.attempt));
-    std::fs::create_dir_all(&dir)?;
-    let Some((program, args)) = lease.command.split_first() else {
-        let report = FinishRequest {
-            exit_code: 127,
-            wall_s: 0,
-            killed: Some("no command (container backends are not available here)".into()),
+    let secret = [("X-Attempt-Secret", lease.secret.as_str())];
+    let name = format!("job-{}-{}", lease.job, lease.attempt);
+    let dir = shared.jobs_dir.join(&name);
+    let finish = |end: AttemptEnd, exit_code: i32, wall_s: u64, message: Option<String>| -> Result<(), AgentError> {
+        let report = FinishRequest { end, exit_code, wall_s, message };
+        let send = || {
+            retry(Duration::from_secs(600), || {
+                client.post_with::<_, serde::de::IgnoredAny>(&format!("{base}/finish"), &secret, &report)
+            })
         };
-        retry(Duration::from_secs(60), || {
-            client.post::<_, serde_json_value::Value>(&format!("{base}/finish"), &report)
-        })?;
-        return Ok(());
+        let answer = match send() {
+            Err(ClientError::Api { status: 401, .. }) => {
+                shared.refresh_token();
+                send()
+            }
+            other => other,
+        };
+        match answer {
+            // The server no longer counts this attempt: nothing to do.
+            Err(ClientError::Api { status: 409, .. }) => Ok(()),
+            other => other.map(|_| ()).map_err(AgentError::from),
+        }
     };
+    if lease.command.is_empty() {
+        return finish(AttemptEnd::Infrastructure, 127, 0, Some("this site cannot run container images".into()));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let prepared =
+        match shared.isolation.prepare(lease.job, lease.attempt, &dir, lease.gpus, lease.memory_mb, lease.cpus) {
+            Ok(p) => p,
+            Err(e) => return finish(AttemptEnd::Infrastructure, 127, 0, Some(format!("sandbox set-up failed: {e}"))),
+        };
+    let env = environment(lease, &shared.site, &prepared.workdir_inside);
+    let mut command = shared.isolation.command(&prepared, &dir, &lease.command, &env);
+    let (reader, writer) = std::io::pipe()?;
+    command.stdin(Stdio::null()).stdout(writer.try_clone()?).stderr(writer);
+    let spool = Spool::create(&shared.spool_dir.join(format!("{name}.log")), lease.log_quota_bytes)?;
     let started = Instant::now();
-    let spawned = Command::new(program)
-        .args(args)
-        .envs(&lease.env)
-        .env("SUANWANG_JOB", lease.job.to_string())
-        .env("SUANWANG_ATTEMPT", lease.attempt.to_string())
-        .env("SUANWANG_GPUS", lease.gpus.to_string())
-        .env("SUANWANG_ACCELERATOR", &lease.accelerator)
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn();
+    let spawned = command.spawn();
+    // The parent's copies of the pipe's write end are gone with `command`.
+    drop(command);
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
-            let message = format!("cannot start {program}: {e}\n");
-            let _ = client.post_bytes::<serde_json_value::Value>(&format!("{base}/logs"), message.as_bytes());
-            let report = FinishRequest { exit_code: 127, wall_s: 0, killed: None };
-            retry(Duration::from_secs(60), || {
-                client.post::<_, serde_json_value::Value>(&format!("{base}/finish"), &report)
-            })?;
-            return Ok(());
+            shared.isolation.cleanup(&prepared);
+            spool.remove();
+            // A program that does not exist is the job's mistake; anything
+            // else (bwrap missing, out of processes) is the site's.
+            let (end, message) = match (e.kind(), shared.isolation.is_sandboxed()) {
+                (std::io::ErrorKind::NotFound, false) => {
+                    (AttemptEnd::Exited, format!("cannot start {}: {e}", lease.command[0]))
+                }
+                _ => (AttemptEnd::Infrastructure, format!("cannot start the attempt: {e}")),
+            };
+            return finish(end, 127, 0, Some(message));
         }
     };
-    retry(Duration::from_secs(30), || client.post::<_, serde_json_value::Value>(&format!("{base}/start"), &()))?;
-    let (tx, rx) = mpsc::channel();
-    pipe(child.stdout.take().expect("piped stdout"), tx.clone());
-    pipe(child.stderr.take().expect("piped stderr"), tx);
-    let mut open_pipes = 2;
-    let mut pending: Vec<u8> = Vec::new();
-    let mut last_ship = Instant::now();
-    let mut last_beat = Instant::now();
-    let mut killed: Option<String> = None;
-    let limit = Duration::from_secs(lease.time_limit_s.max(1));
-    let beat = Duration::from_secs(lease.heartbeat_s.max(1));
-    let status = loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Output::Chunk(data)) => pending.extend_from_slice(&data),
-            Ok(Output::Closed) => open_pipes -= 1,
-            Err(_) => {}
-        }
-        if !pending.is_empty() && (pending.len() > 64 * 1024 || last_ship.elapsed() > Duration::from_millis(250)) {
-            // Logs are best effort: a failed shipment is dropped, not retried forever.
-            let _ = client.post_bytes::<serde_json_value::Value>(&format!("{base}/logs"), &pending);
-            pending.clear();
-            last_ship = Instant::now();
-        }
-        if killed.is_none() && last_beat.elapsed() >= beat {
-            last_beat = Instant::now();
-            match client.post::<_, HeartbeatResponse>(&format!("{base}/heartbeat"), &()) {
-                Ok(HeartbeatResponse { stop: true }) | Err(ClientError::Api { status: 404 | 409, .. }) => {
-                    kill_group(&child);
-                    killed = Some("stopped by the server".into());
-                }
-                _ => {}
-            }
-        }
-        if killed.is_none() && started.elapsed() > limit {
-            kill_group(&child);
-            killed = Some("time limit".into());
-        }
-        if let Some(status) = child.try_wait()? {
-            if open_pipes == 0 || started.elapsed() > limit + Duration::from_secs(5) {
-                break status;
-            }
-            // Drain what the pipes still hold.
-            while let Ok(out) = rx.recv_timeout(Duration::from_millis(50)) {
-                match out {
-                    Output::Chunk(data) => pending.extend_from_slice(&data),
-                    Output::Closed => open_pipes -= 1,
-                }
-                if open_pipes == 0 {
-                    break;
-                }
-            }
-            break status;
-        }
+    let filler = {
+        let spool = spool.clone();
+        std::thread::spawn(move || spool.fill(reader))
     };
-    if !pending.is_empty() {
-        let _ = client.post_bytes::<serde_json_value::Value>(&format!("{base}/logs"), &pending);
+    let shipper = {
+        let spool = spool.clone();
+        let token = shared.token.clone();
+        let token_client = client.clone();
+        let shipper = Shipper {
+            client: client.clone(),
+            path: format!("{base}/logs"),
+            secret: lease.secret.clone(),
+            refresh_token: Box::new(move || {
+                if let Ok(t) = token.read() {
+                    token_client.set_token(&t);
+                }
+            }),
+        };
+        std::thread::spawn(move || shipper.run(&spool, Duration::from_secs(600)))
+    };
+    let outcome = supervise(shared, lease, control, &prepared, &mut child, started);
+    // Whatever the job left behind (daemons, `setsid` children) dies with it.
+    shared.isolation.kill(&prepared, child.id());
+    if !spool.wait_closed(Duration::from_secs(5)) {
+        eprintln!("agent {}: {name}: output pipe still open after the kill", shared.site);
     }
-    let exit_code = status.code().unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0));
-    let report = FinishRequest { exit_code, wall_s: started.elapsed().as_secs().max(1), killed };
-    match retry(Duration::from_secs(300), || {
-        client.post::<_, serde_json_value::Value>(&format!("{base}/finish"), &report)
-    }) {
-        // The server no longer counts this attempt: nothing to do.
-        Err(ClientError::Api { status: 409, .. }) => Ok(()),
-        other => other.map(|_| ()).map_err(AgentError::from),
+    let _ = filler.join();
+    let oom = shared.isolation.oom_killed(&prepared);
+    shared.isolation.cleanup(&prepared);
+    let shipped = shipper.join().unwrap_or(Shipped::GaveUp);
+    spool.remove();
+    let wall_s = started.elapsed().as_secs().max(1);
+    let (end, exit_code, message) = match outcome {
+        Outcome::Exited(code) if oom => (
+            AttemptEnd::MemoryLimit,
+            code,
+            Some(format!("killed by the kernel over its memory limit of {} MiB", limit_mb(shared, lease))),
+        ),
+        Outcome::Exited(code) => (AttemptEnd::Exited, code, None),
+        Outcome::TimeLimit => (AttemptEnd::TimeLimit, 137, Some(format!("time limit of {} s", lease.time_limit_s))),
+        Outcome::Stopped => (AttemptEnd::Stopped, 137, None),
+        Outcome::LeaseLost => {
+            eprintln!("agent {}: {name}: killed: no word from the server for a lease period", shared.site);
+            (AttemptEnd::Infrastructure, 137, Some("lease lost: the agent could not reach the server".into()))
+        }
+    };
+    if let Shipped::GaveUp = shipped {
+        eprintln!("agent {}: {name}: could not deliver all output", shared.site);
+    }
+    if end == AttemptEnd::Stopped {
+        // The server asked for the stop and has already ended the attempt.
+        let _ = client.post_with::<_, serde::de::IgnoredAny>(
+            &format!("{base}/finish"),
+            &secret,
+            &FinishRequest { end: AttemptEnd::Infrastructure, exit_code, wall_s, message: None },
+        );
+        return Ok(());
+    }
+    finish(end, exit_code, wall_s, message)
+}
+
+fn limit_mb(shared: &Shared, lease: &Lease) -> u64 {
+    match &shared.isolation {
+        Isolation::Sandboxed { defaults, .. } => {
+            lease.memory_mb.unwrap_or(lease.gpus as u64 * defaults.memory_mb_per_gpu)
+        }
+        Isolation::Unsandboxed => 0,
     }
 }
 
-/// Any JSON, for answers the agent does not read.
-mod serde_json_value {
-    pub type Value = serde::de::IgnoredAny;
+enum Outcome {
+    Exited(i32),
+    TimeLimit,
+    Stopped,
+    LeaseLost,
+}
+
+/// Watches the attempt: heartbeats, the stop switch, the time limit, and
+/// the lease. Returns how it ended; the caller kills what is left.
+fn supervise(
+    shared: &Shared,
+    lease: &Lease,
+    control: &Control,
+    prepared: &Prepared,
+    child: &mut std::process::Child,
+    started: Instant,
+) -> Outcome {
+    let client = &shared.client;
+    let base = format!("/v1/agent/attempts/{}/{}", lease.job, lease.attempt);
+    let secret = [("X-Attempt-Secret", lease.secret.as_str())];
+    let _ = retry(Duration::from_secs(lease.lease_s.max(2) / 2), || {
+        client.post_with::<_, serde::de::IgnoredAny>(&format!("{base}/start"), &secret, &())
+    });
+    let limit = Duration::from_secs(lease.time_limit_s.max(1));
+    let beat = Duration::from_secs(lease.heartbeat_s.max(1));
+    // The server expires the lease `lease_s` after it last heard from us; we
+    // count from when we *sent* our last report that got an answer (which
+    // it received after that), and stop two seconds early.
+    let lease_margin = Duration::from_secs(lease.lease_s.saturating_sub(2).max(1));
+    let mut last_acknowledged = Instant::now();
+    let mut last_beat = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let code = status
+                .code()
+                .unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0));
+            return Outcome::Exited(code);
+        }
+        if control.stop.load(Ordering::SeqCst) {
+            shared.isolation.kill(prepared, child.id());
+            return Outcome::Stopped;
+        }
+        if started.elapsed() > limit {
+            shared.isolation.kill(prepared, child.id());
+            return Outcome::TimeLimit;
+        }
+        if last_beat.elapsed() >= beat {
+            let sent = Instant::now();
+            last_beat = sent;
+            match client.post_with::<_, HeartbeatResponse>(&format!("{base}/heartbeat"), &secret, &()) {
+                Ok(HeartbeatResponse { stop: false }) => last_acknowledged = sent,
+                Err(ClientError::Api { status: 401, .. }) => shared.refresh_token(),
+                Ok(HeartbeatResponse { stop: true }) | Err(ClientError::Api { status: 403 | 404 | 409, .. }) => {
+                    shared.isolation.kill(prepared, child.id());
+                    return Outcome::Stopped;
+                }
+                Err(_) => {}
+            }
+        }
+        if last_acknowledged.elapsed() > lease_margin {
+            shared.isolation.kill(prepared, child.id());
+            return Outcome::LeaseLost;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

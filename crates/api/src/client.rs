@@ -38,7 +38,8 @@ impl std::error::Error for ClientError {}
 #[derive(Clone)]
 pub struct Client {
     base: String,
-    token: String,
+    /// Shared by clones, so a rotated token reaches every thread at once.
+    token: std::sync::Arc<std::sync::RwLock<String>>,
     agent: ureq::Agent,
 }
 
@@ -49,7 +50,48 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(120)))
             .build()
             .into();
-        Client { base: base.trim_end_matches('/').to_string(), token: token.to_string(), agent }
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            token: std::sync::Arc::new(std::sync::RwLock::new(token.to_string())),
+            agent,
+        }
+    }
+
+    /// Replaces the token of this client and all its clones.
+    pub fn set_token(&self, token: &str) {
+        *self.token.write().expect("token lock") = token.to_string();
+    }
+
+    /// POSTs JSON with extra headers.
+    pub fn post_with<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let mut request = self.agent.post(&self.url(path)).header("Authorization", &self.auth());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Self::answer(request.send_json(body))
+    }
+
+    /// POSTs raw bytes with extra headers.
+    pub fn post_bytes_with<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<T, ClientError> {
+        let mut request = self
+            .agent
+            .post(&self.url(path))
+            .header("Authorization", &self.auth())
+            .header("Content-Type", "application/octet-stream");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Self::answer(request.send(body))
     }
 
     fn url(&self, path: &str) -> String {
@@ -57,7 +99,7 @@ impl Client {
     }
 
     fn auth(&self) -> String {
-        format!("Bearer {}", self.token)
+        format!("Bearer {}", self.token.read().expect("token lock"))
     }
 
     fn answer<T: DeserializeOwned>(

@@ -45,8 +45,13 @@ pub struct JobRequest {
     /// The program and its arguments.
     #[serde(default)]
     pub command: Vec<String>,
+    /// Environment variables of the job (POSIX names; `SUANWANG_*` is reserved).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Secret environment variables: delivered only to the agent of the
+    /// site that runs an attempt, never shown again by the API.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, String>,
     /// A container image, for backends that run containers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -59,6 +64,16 @@ pub struct JobRequest {
     /// Kill after this many seconds of running (default: twice the estimate plus a minute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_limit_s: Option<u64>,
+    /// Memory limit in MiB for the whole attempt (default: the site's per-accelerator share).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// CPU cores for the attempt (default: the site's per-accelerator share).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// How often to run the job again after it fails by its own fault
+    /// (each attempt is billed). Infrastructure faults are retried anyway.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
     #[serde(default)]
     pub datasets: Vec<DatasetRequest>,
     /// Wanted completion, seconds after submission.
@@ -74,6 +89,10 @@ pub struct JobRequest {
     /// The owning organisation; only an operator may name one, consumers submit for their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -145,12 +164,17 @@ pub struct Job {
     /// What the voucher paid, once settled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subsidy_fen: Option<i64>,
+    /// The names of the job's secret environment variables (never their values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_keys: Vec<String>,
     pub request: JobRequest,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobList {
     pub jobs: Vec<Job>,
+    /// How many jobs match in all (the list holds at most `limit` of them).
+    pub total: u64,
 }
 
 /// Something that happened to a job.
@@ -178,15 +202,51 @@ pub struct Quote {
 pub struct Lease {
     pub job: u64,
     pub attempt: u32,
+    /// A secret of this attempt alone: every report about the attempt must
+    /// carry it (header `X-Attempt-Secret`). The agent never gives it to the job.
+    pub secret: String,
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// The job's secret environment, for this attempt only.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     pub gpus: u32,
     pub accelerator: String,
     pub time_limit_s: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
     /// Send a heartbeat at least this often.
     pub heartbeat_s: u64,
+    /// The lease lasts this long after the last report the server received:
+    /// an agent that cannot reach the server for this long must kill the attempt.
+    pub lease_s: u64,
+    /// Most bytes of output the server keeps of this attempt (the rest is
+    /// dropped, the last part kept, and the log says so).
+    pub log_quota_bytes: u64,
+}
+
+/// One attempt of one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttemptRef {
+    pub job: u64,
+    pub attempt: u32,
+}
+
+/// What a site's agent can run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    /// Runs jobs given as container images.
+    #[serde(default)]
+    pub images: bool,
+    /// Runs each attempt in a sandbox (own user, namespaces, cgroup).
+    #[serde(default)]
+    pub sandboxed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -194,13 +254,23 @@ pub struct Lease {
 pub struct LeaseRequest {
     /// Seconds to wait for work before answering "nothing".
     #[serde(default)]
+    #[schema(maximum = 60)]
     pub wait_s: u64,
+    /// The attempts this agent is running: the answer says which to stop.
+    #[serde(default)]
+    pub running: Vec<AttemptRef>,
+    #[serde(default)]
+    pub capabilities: Capabilities,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct LeaseResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<Lease>,
+    /// Attempts among `running` that must be killed now (cancelled,
+    /// preempted, or no longer current).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<AttemptRef>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -209,16 +279,53 @@ pub struct HeartbeatResponse {
     pub stop: bool,
 }
 
+/// The server's answer to a chunk of output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LogAck {
+    /// Bytes of the attempt's output stream received so far: the next
+    /// chunk starts here.
+    pub received: u64,
+    /// The attempt's log quota is used up: send only the final tail.
+    pub over_quota: bool,
+}
+
+/// How an attempt ended, as the agent saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptEnd {
+    /// The job's process exited by itself (any exit code).
+    Exited,
+    /// Killed at its time limit.
+    TimeLimit,
+    /// Killed for going over its memory limit.
+    MemoryLimit,
+    /// Killed because the server said stop (cancel, preemption).
+    Stopped,
+    /// The site could not run it (sandbox set-up failed, agent shutting
+    /// down, provider-side kill): not the job's fault, never billed.
+    Infrastructure,
+}
+
+impl AttemptEnd {
+    /// Did the job's own behaviour end it (so its usage is billed)?
+    pub fn is_job_fault(self) -> bool {
+        matches!(self, AttemptEnd::Exited | AttemptEnd::TimeLimit | AttemptEnd::MemoryLimit)
+    }
+}
+
 /// How an attempt ended, as the agent saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FinishRequest {
+    pub end: AttemptEnd,
+    /// The exit code, or 128 + signal.
+    #[schema(minimum = 0, maximum = 255)]
     pub exit_code: i32,
-    /// Seconds the process ran.
+    /// Seconds the attempt ran.
     pub wall_s: u64,
-    /// Why the agent stopped it, if it did (time limit, cancel).
+    /// Details for the job's events (at most 1,000 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub killed: Option<String>,
+    pub message: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -228,6 +335,11 @@ pub struct Site {
     pub city: String,
     pub level: String,
     pub up: bool,
+    /// What its agent said it can run, when it last polled.
+    pub capabilities: Capabilities,
+    /// When its agent was last heard from (unix seconds), if ever since the server started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<i64>,
     pub pools: Vec<SitePool>,
 }
 
@@ -263,12 +375,35 @@ pub struct TokenRequest {
     pub site: Option<String>,
     #[serde(default)]
     pub label: String,
+    /// The token stops working this many seconds after its creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct TokenResponse {
+    /// The token itself: shown this once, stored only as a hash.
     pub token: String,
+    /// Its public id, for listing and revoking.
+    pub id: String,
     pub role: String,
+}
+
+/// A token as listed (never the token itself).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TokenInfo {
+    pub id: String,
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    pub label: String,
+    pub created_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
 }
 
 /// An organisation's money: wallet and vouchers.
@@ -287,24 +422,39 @@ pub struct VoucherBalance {
     pub held_fen: i64,
 }
 
-/// An organisation's bill: its settled jobs and the totals.
+/// An organisation's bill: every billed attempt and the totals. On each
+/// line `compute_fen - card_fen - subsidy_fen + transfer_fen = org_fen`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Bill {
     pub org: String,
-    pub jobs: Vec<BillLine>,
+    pub lines: Vec<BillLine>,
     pub compute_fen: i64,
+    pub card_fen: i64,
     pub subsidy_fen: i64,
+    pub transfer_fen: i64,
     pub org_fen: i64,
 }
 
+/// One billed attempt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BillLine {
     pub job: u64,
+    pub attempt: u32,
+    /// How the attempt ended: succeeded, failed (exit code N), time limit,
+    /// memory limit, cancelled.
+    pub cause: String,
     pub site: String,
     pub accelerator: String,
+    pub settled_at: i64,
     pub accel_seconds: i64,
+    /// Compute at list price.
     pub compute_fen: i64,
+    /// Compute paid by a compute card.
+    pub card_fen: i64,
+    /// Compute paid by a voucher.
     pub subsidy_fen: i64,
+    pub transfer_fen: i64,
+    /// What the organisation pays for the attempt.
     pub org_fen: i64,
 }
 

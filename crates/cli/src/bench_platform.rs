@@ -41,8 +41,9 @@ pub fn submit(dir: &Path, clients: usize, jobs: usize, quiet: bool) -> anyhow::R
     }
     suanwang_server::admin::add_org(&db, "bench", "enterprise", "bench", Some("jinan-icc"))
         .map_err(|e| anyhow!("{e}"))?;
-    let token = suanwang_server::admin::create_token(&db, &Role::Consumer { org: "bench".into() }, "bench")
-        .map_err(|e| anyhow!("{e}"))?;
+    let token = suanwang_server::admin::create_token(&db, &Role::Consumer { org: "bench".into() }, "bench", None)
+        .map_err(|e| anyhow!("{e}"))?
+        .0;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<SocketAddr>();
     let config = ServerConfig {
@@ -59,11 +60,15 @@ pub fn submit(dir: &Path, clients: usize, jobs: usize, quiet: bool) -> anyhow::R
         name: "bench".into(),
         command: vec!["true".into()],
         env: Default::default(),
+        secret_env: Default::default(),
         image: None,
         gpus: 1,
         accelerators: vec!["A100".into(), "H100".into(), "Ascend910B".into()],
         estimate_s: 600,
         time_limit_s: None,
+        memory_mb: None,
+        cpus: None,
+        retries: 0,
         datasets: vec![],
         deadline_s: None,
         budget_fen: None,

@@ -50,11 +50,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match try_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that went away (`suanwang jobs | head`) is not an error.
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::from(1)
         }
     }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || e.to_string().contains("Broken pipe")
+    })
 }
 
 fn try_main(cli: Cli) -> anyhow::Result<()> {
@@ -65,7 +74,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Ledger(args) => ledger_cmd::run(args, cli.connection.json),
         Command::Up(args) => platform::up(args),
         Command::Serve(args) => platform::serve(args),
-        Command::Agent(args) => platform::agent(args),
+        Command::Agent(args) => platform::agent(args, &cli.connection),
         Command::Admin(args) => platform::admin(args),
         Command::Client(command) => platform::client(&cli.connection, command),
     }

@@ -14,7 +14,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 use serde::Deserialize;
 use suanwang_api::client::Client;
-use suanwang_api::{Balances, Bill, Job, JobEvent, JobList, JobRequest, Quote, Site};
+use suanwang_api::{Balances, Bill, Job, JobEvent, JobList, JobRequest, JobState, Quote, Site};
 use suanwang_server::auth::Role;
 use suanwang_server::{ServerConfig, Timings};
 
@@ -37,18 +37,27 @@ pub struct ServeArgs {
     /// Seconds between an agent's heartbeats.
     #[arg(long, default_value_t = 5)]
     pub heartbeat_s: u64,
-    /// Seconds without a poll after which a site is down and its jobs move.
-    #[arg(long, default_value_t = 20)]
+    /// Seconds without a poll after which a site is down and its jobs move
+    /// (at least the lease, so a lost attempt is dead before it runs again).
+    #[arg(long, default_value_t = 30)]
     pub site_timeout_s: i64,
+    /// Most output kept per attempt, in MiB; past it the log keeps the
+    /// last 64 KiB and says how much was dropped.
+    #[arg(long, default_value_t = 100)]
+    pub log_quota_mb: u64,
 }
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
-    /// Where the local agents run jobs.
+    /// Where the local agents run jobs and keep their tokens.
     #[arg(long, default_value = "suanwang-work")]
     pub workdir: PathBuf,
+    /// Run jobs WITHOUT the sandbox (no own user, no namespaces, no cgroup):
+    /// only for machines where bubblewrap or cgroups are missing.
+    #[arg(long)]
+    pub unsandboxed: bool,
 }
 
 #[derive(Debug, Args)]
@@ -58,13 +67,38 @@ pub struct AgentArgs {
     /// The site this agent runs (its token is bound to it).
     #[arg(long)]
     pub site: String,
-    #[arg(long, env = "SUANWANG_TOKEN")]
-    pub token: String,
+    /// A file holding the site's provider token (read again when it
+    /// changes, so the token can be rotated without a restart).
+    #[arg(long, conflicts_with = "agent_token")]
+    pub token_file: Option<PathBuf>,
+    /// The provider token itself (prefer --token-file: a command line is
+    /// visible to other users of the machine).
+    #[arg(long = "agent-token", env = "SUANWANG_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<String>,
     /// Where jobs run: `local` (processes on this machine).
     #[arg(long, default_value = "local")]
     pub backend: String,
     #[arg(long, default_value = "suanwang-work")]
     pub workdir: PathBuf,
+    /// Run jobs WITHOUT the sandbox: as this agent's user, in its own
+    /// process group only. For machines without bubblewrap or cgroups.
+    #[arg(long)]
+    pub unsandboxed: bool,
+    /// Memory limit per accelerator for jobs that do not ask, MiB.
+    #[arg(long, default_value_t = 8192)]
+    pub memory_mb_per_gpu: u64,
+    /// CPU cores per accelerator for jobs that do not ask.
+    #[arg(long, default_value_t = 2)]
+    pub cpus_per_gpu: u32,
+    /// Most processes (and threads) one attempt may have.
+    #[arg(long, default_value_t = 1024)]
+    pub pids_max: u64,
+    /// Give jobs the host's network (default: none but their own loopback).
+    #[arg(long)]
+    pub job_host_network: bool,
+    /// Seconds a finished attempt's directory is kept.
+    #[arg(long, default_value_t = 3600)]
+    pub retention_s: u64,
 }
 
 #[derive(Debug, Args)]
@@ -125,17 +159,30 @@ pub enum AdminCommand {
         #[arg(long, default_value = "shandong")]
         topology: String,
     },
-    /// Create a token: operator; provider --site; consumer --org.
+    /// Tokens: create one (--role operator; provider --site; consumer --org), or list and revoke.
     Token {
+        #[command(subcommand)]
+        action: Option<TokenAction>,
         #[arg(long)]
-        role: String,
+        role: Option<String>,
         #[arg(long)]
         org: Option<String>,
         #[arg(long)]
         site: Option<String>,
         #[arg(long, default_value = "")]
         label: String,
+        /// The token stops working this many seconds after now.
+        #[arg(long)]
+        expires_in_s: Option<u64>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Every token: id, role, site or organisation, label, dates (never the token).
+    List,
+    /// Revoke a token by its id (from `token list`).
+    Revoke { id: String },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -184,8 +231,39 @@ impl Connection {
     }
 }
 
-fn time(t: Option<i64>) -> String {
-    t.map_or("-".into(), |t| t.to_string())
+/// A unix time as local date and time with its age: `2026-11-29 14:03 (3 min ago)`.
+pub fn when(t: i64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    format!("{} ({})", local_time(t), age(now - t))
+}
+
+fn when_opt(t: Option<i64>) -> String {
+    t.map_or("-".into(), when)
+}
+
+/// `YYYY-MM-DD HH:MM` in the machine's time zone.
+fn local_time(t: i64) -> String {
+    // SAFETY: localtime_r writes into the tm we own; the time_t is ours.
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        let time: libc::time_t = t as libc::time_t;
+        if libc::localtime_r(&time, &mut tm).is_null() {
+            return t.to_string();
+        }
+        tm
+    };
+    format!("{:04}-{:02}-{:02} {:02}:{:02}", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min)
+}
+
+fn age(seconds: i64) -> String {
+    let (n, future) = if seconds < 0 { (-seconds, true) } else { (seconds, false) };
+    let text = match n {
+        0..60 => return if future { "in a moment".into() } else { "just now".into() },
+        60..3600 => format!("{} min", n / 60),
+        3600..86_400 => format!("{} h", n / 3600),
+        _ => format!("{} d", n / 86_400),
+    };
+    if future { format!("in {text}") } else { format!("{text} ago") }
 }
 
 fn jobs_table(jobs: &[Job]) -> String {
@@ -201,11 +279,15 @@ fn jobs_table(jobs: &[Job]) -> String {
                 j.accelerator.clone().map_or("-".into(), |a| format!("{}x{a}", j.request.gpus)),
                 j.attempts.to_string(),
                 j.billed_fen.map_or("-".into(), |f| f.to_string()),
+                when(j.submitted_at),
                 j.reason.clone().unwrap_or_default(),
             ]
         })
         .collect();
-    table::render(&["id", "state", "org", "name", "site", "accelerators", "attempts", "billed fen", "reason"], &rows)
+    table::render(
+        &["id", "state", "org", "name", "site", "accelerators", "attempts", "billed fen", "submitted", "reason"],
+        &rows,
+    )
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,18 +300,22 @@ pub enum ClientCommand {
     Quote {
         file: PathBuf,
     },
-    /// List jobs.
+    /// List jobs, newest first.
     Jobs {
         #[arg(long)]
         state: Option<String>,
+        /// At most this many (see --all).
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Every job (up to 10,000).
+        #[arg(long, conflicts_with = "limit")]
+        all: bool,
     },
     /// One job, with its events.
     Job {
         id: u64,
     },
-    /// A job's output.
+    /// A job's output, each attempt's after a marker line.
     Logs {
         id: u64,
         /// Follow the output while the job runs.
@@ -243,13 +329,14 @@ pub enum ClientCommand {
     Why {
         id: u64,
     },
+    /// Sites: level, agent, backend capabilities, free and total accelerators.
     Sites,
     /// Wallet and voucher balances.
     Vouchers {
         #[arg(long)]
         org: Option<String>,
     },
-    /// Settled jobs and what they cost.
+    /// Every billed attempt and what it cost.
     Bill {
         #[arg(long)]
         org: Option<String>,
@@ -261,70 +348,102 @@ fn read_job_file(path: &Path) -> anyhow::Result<JobRequest> {
     toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.message()))
 }
 
+/// A site's verdict from an explanation, in words.
+fn verdict_words(s: &serde_json::Value) -> (String, String) {
+    if s["verdict"] == "scored" {
+        let e = &s["estimate"];
+        let cost = e["compute_cost_fen"].as_i64().unwrap_or(0) + e["transfer_cost_fen"].as_i64().unwrap_or(0);
+        let start =
+            if s["can_start_now"] == true { "can start now".to_string() } else { format!("waits ~{} s", e["wait_s"]) };
+        (
+            format!("score {}", s["score"]),
+            format!(
+                "{} x {}: {start}, transfer {} s, run {} s, {cost} fen, {} g CO2{}",
+                e["gpus"],
+                s["accelerator"].as_str().unwrap_or_default(),
+                e["transfer_s"],
+                e["run_s"],
+                e["carbon_g"],
+                if s["meets_deadline"] == false { ", misses the deadline" } else { "" }
+            ),
+        )
+    } else {
+        (
+            "-".into(),
+            format!("excluded: {}", s["reason"].as_str().unwrap_or_else(|| s["filter"].as_str().unwrap_or("?"))),
+        )
+    }
+}
+
+fn explanation_table(e: &serde_json::Value) -> String {
+    let rows: Vec<Vec<String>> = e["sites"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let (score, words) = verdict_words(s);
+            vec![s["site"].as_str().unwrap_or_default().to_string(), score, words]
+        })
+        .collect();
+    table::render(&["site", "score", "verdict"], &rows)
+}
+
 pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result<()> {
     let c = connection.client()?;
     let json = connection.json;
     match command {
         ClientCommand::Submit { file } => {
             let job: Job = c.post("/v1/jobs", &read_job_file(&file)?)?;
-            print(json, &job, || format!("submitted job {} ({})\n", job.id, job.state.as_str()))
+            print(json, &job, || format!("submitted job {} ({})\n", job.id, job.state.as_str()))?;
+            if job.state == JobState::Rejected {
+                bail!("job {} was rejected: {}", job.id, job.reason.unwrap_or_default());
+            }
+            Ok(())
         }
         ClientCommand::Quote { file } => {
             let q: Quote = c.post("/v1/quote", &read_job_file(&file)?)?;
+            let balances: Option<Balances> = c.get("/v1/vouchers").ok();
             print(json, &q, || {
-                let mut rows = Vec::new();
-                for s in q.explanation["sites"].as_array().into_iter().flatten() {
-                    let site = s["site"].as_str().unwrap_or_default().to_string();
-                    if s["verdict"] == "scored" {
-                        let e = &s["estimate"];
-                        rows.push(vec![
-                            site,
-                            s["score"].to_string(),
-                            s["accelerator"].as_str().unwrap_or_default().into(),
-                            e["wait_s"].to_string(),
-                            e["transfer_s"].to_string(),
-                            e["run_s"].to_string(),
-                            (e["compute_cost_fen"].as_i64().unwrap_or(0)
-                                + e["transfer_cost_fen"].as_i64().unwrap_or(0))
-                            .to_string(),
-                            e["carbon_g"].to_string(),
-                        ]);
-                    } else {
-                        rows.push(vec![
-                            site,
-                            "-".into(),
-                            format!("filtered: {}", s["filter"].as_str().unwrap_or_default()),
-                            String::new(),
-                            String::new(),
-                            String::new(),
-                            String::new(),
-                            String::new(),
-                        ]);
-                    }
-                }
-                let mut out = table::render(
-                    &["site", "score", "accelerator", "wait s", "transfer s", "run s", "cost fen", "CO2 g"],
-                    &rows,
-                );
+                let mut out = explanation_table(&q.explanation);
                 if let Some(bill) = &q.bill {
+                    let pay = bill["org_total_fen"].as_i64().unwrap_or(0);
                     out.push_str(&format!(
-                        "\nat {}: compute {} fen, voucher pays {} fen, you pay {} fen\n",
+                        "\nbest: {}: compute {} fen, transfer {} fen, voucher pays {} fen, you pay {} fen\n",
                         q.best_site.clone().unwrap_or_default(),
                         bill["compute_fen"],
+                        bill["transfer_fen"],
                         bill["subsidy_fen"],
-                        bill["org_total_fen"]
+                        pay
                     ));
+                    if let Some(b) = &balances
+                        && b.wallet_fen < pay
+                    {
+                        out.push_str(&format!(
+                            "warning: your wallet holds {} fen, less than the {pay} fen you would pay: the job would fail at placement\n",
+                            b.wallet_fen
+                        ));
+                    }
+                } else {
+                    out.push_str("\nno site can take this job now\n");
                 }
                 out
             })
         }
-        ClientCommand::Jobs { state, limit } => {
+        ClientCommand::Jobs { state, limit, all } => {
+            let limit = if all { 10_000 } else { limit };
             let mut path = format!("/v1/jobs?limit={limit}");
             if let Some(s) = state {
                 path.push_str(&format!("&state={s}"));
             }
             let list: JobList = c.get(&path)?;
-            print(json, &list, || jobs_table(&list.jobs))
+            print(json, &list, || {
+                let mut out = jobs_table(&list.jobs);
+                let more = list.total.saturating_sub(list.jobs.len() as u64);
+                if more > 0 {
+                    out.push_str(&format!("{more} more (use --limit N or --all)\n"));
+                }
+                out
+            })
         }
         ClientCommand::Job { id } => {
             let job: Job = c.get(&format!("/v1/jobs/{id}"))?;
@@ -332,16 +451,29 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
             print(json, &serde_json::json!({"job": job, "events": events}), || {
                 let mut out = jobs_table(std::slice::from_ref(&job));
                 out.push_str(&format!(
-                    "submitted {}, started {}, finished {}, exit code {}\n",
-                    job.submitted_at,
-                    time(job.started_at),
-                    time(job.finished_at),
+                    "\nsubmitted {}\nstarted   {}\nfinished  {}\nexit code {}\n",
+                    when(job.submitted_at),
+                    when_opt(job.started_at),
+                    when_opt(job.finished_at),
                     job.exit_code.map_or("-".into(), |c| c.to_string())
                 ));
+                if let Some(deadline) = job.request.deadline_s {
+                    let due = job.submitted_at + deadline as i64;
+                    let missed = job.finished_at.map_or(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .is_ok_and(|n| n.as_secs() as i64 > due),
+                        |f| f > due,
+                    );
+                    out.push_str(&format!("deadline  {}{}\n", when(due), if missed { " — MISSED" } else { "" }));
+                }
+                if !job.secret_keys.is_empty() {
+                    out.push_str(&format!("secrets   {} (values never shown)\n", job.secret_keys.join(", ")));
+                }
                 let rows: Vec<Vec<String>> =
-                    events.iter().map(|e| vec![e.at.to_string(), e.kind.clone(), e.detail.clone()]).collect();
+                    events.iter().map(|e| vec![when(e.at), e.kind.replace('_', " "), e.detail.clone()]).collect();
                 out.push('\n');
-                out.push_str(&table::render(&["at", "event", "detail"], &rows));
+                out.push_str(&table::render(&["when", "event", "detail"], &rows));
                 out
             })
         }
@@ -356,35 +488,7 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
         }
         ClientCommand::Why { id } => {
             let e: serde_json::Value = c.get(&format!("/v1/jobs/{id}/why"))?;
-            print(json, &e, || {
-                let rows: Vec<Vec<String>> = e["sites"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|s| {
-                        let verdict = if s["verdict"] == "scored" {
-                            format!(
-                                "score {} on {}: wait {} s, run {} s, {} fen",
-                                s["score"],
-                                s["accelerator"].as_str().unwrap_or_default(),
-                                s["estimate"]["wait_s"],
-                                s["estimate"]["run_s"],
-                                s["estimate"]["compute_cost_fen"]
-                            )
-                        } else {
-                            let mut f = s.clone();
-                            if let Some(o) = f.as_object_mut() {
-                                o.remove("site");
-                                o.remove("site_id");
-                                o.remove("verdict");
-                            }
-                            format!("filtered: {f}")
-                        };
-                        vec![s["site"].as_str().unwrap_or_default().to_string(), verdict]
-                    })
-                    .collect();
-                table::render(&["site", "verdict"], &rows)
-            })
+            print(json, &e, || explanation_table(&e))
         }
         ClientCommand::Sites => {
             let sites: Vec<Site> = c.get("/v1/sites")?;
@@ -398,16 +502,25 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
                             .map(|p| format!("{}/{} {}", p.free, p.count, p.accelerator))
                             .collect::<Vec<_>>()
                             .join(", ");
+                        let mut caps = Vec::new();
+                        if s.capabilities.sandboxed {
+                            caps.push("sandboxed");
+                        }
+                        if s.capabilities.images {
+                            caps.push("images");
+                        }
                         vec![
                             s.id.clone(),
                             s.level.clone(),
                             s.city.clone(),
                             if s.up { "up".into() } else { "down".into() },
+                            s.last_seen.map_or("-".into(), when),
+                            if caps.is_empty() { "-".into() } else { caps.join(",") },
                             pools,
                         ]
                     })
                     .collect();
-                table::render(&["site", "level", "city", "agent", "free/total"], &rows)
+                table::render(&["site", "level", "city", "agent", "last heard", "runs", "free/total"], &rows)
             })
         }
         ClientCommand::Vouchers { org } => {
@@ -431,16 +544,20 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
             })?;
             print(json, &b, || {
                 let mut rows: Vec<Vec<String>> = b
-                    .jobs
+                    .lines
                     .iter()
                     .map(|l| {
                         vec![
                             l.job.to_string(),
+                            l.attempt.to_string(),
+                            l.cause.clone(),
                             l.site.clone(),
                             l.accelerator.clone(),
                             l.accel_seconds.to_string(),
                             l.compute_fen.to_string(),
+                            l.card_fen.to_string(),
                             l.subsidy_fen.to_string(),
+                            l.transfer_fen.to_string(),
                             l.org_fen.to_string(),
                         ]
                     })
@@ -450,14 +567,32 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
                     String::new(),
                     String::new(),
                     String::new(),
+                    String::new(),
+                    String::new(),
                     b.compute_fen.to_string(),
+                    b.card_fen.to_string(),
                     b.subsidy_fen.to_string(),
+                    b.transfer_fen.to_string(),
                     b.org_fen.to_string(),
                 ]);
-                table::render(
-                    &["job", "site", "accelerator", "accel s", "compute fen", "voucher fen", "you pay fen"],
+                let mut out = table::render(
+                    &[
+                        "job",
+                        "attempt",
+                        "cause",
+                        "site",
+                        "accelerator",
+                        "accel s",
+                        "compute",
+                        "card",
+                        "voucher",
+                        "transfer",
+                        "you pay",
+                    ],
                     &rows,
-                )
+                );
+                out.push_str("fen; compute - card - voucher + transfer = you pay\n");
+                out
             })
         }
     }
@@ -469,12 +604,18 @@ fn server_config(args: &ServeArgs) -> ServerConfig {
         topology: args.topology.clone(),
         listen: args.listen,
         policy: args.policy.clone(),
-        timings: Timings::default(),
+        timings: Timings {
+            lease_s: args.lease_s,
+            heartbeat_s: args.heartbeat_s,
+            site_timeout_s: args.site_timeout_s,
+            log_quota_bytes: args.log_quota_mb.saturating_mul(1 << 20),
+        },
     }
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     suanwang_core::policy::by_name(&args.policy).map_err(|e| anyhow!("--policy: {e}"))?;
+    server_config(&args).timings.check().map_err(|e| anyhow!(e))?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -486,28 +627,143 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Kills the local agents when `up` ends.
-struct Agents(Vec<std::process::Child>);
+/// The local agents of `up`, restarted with back-off when they die, all
+/// stopped when `up` ends.
+struct Supervisor {
+    exe: PathBuf,
+    url: String,
+    workdir: PathBuf,
+    unsandboxed: bool,
+    agents: Vec<Agent>,
+}
 
-impl Drop for Agents {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
+struct Agent {
+    site: String,
+    token_file: PathBuf,
+    child: Option<std::process::Child>,
+    restarts: u32,
+    next_start: std::time::Instant,
+}
+
+impl Supervisor {
+    fn spawn(&self, agent: &Agent) -> anyhow::Result<std::process::Child> {
+        let mut command = std::process::Command::new(&self.exe);
+        command
+            .args(["agent", "--server", &self.url, "--site", &agent.site, "--backend", "local", "--token-file"])
+            .arg(&agent.token_file)
+            .arg("--workdir")
+            .arg(self.workdir.join(&agent.site))
+            .env_remove("SUANWANG_TOKEN")
+            .stdin(std::process::Stdio::null());
+        if self.unsandboxed {
+            command.arg("--unsandboxed");
+        }
+        command.spawn().with_context(|| format!("starting the agent of {}", agent.site))
+    }
+
+    /// Restarts agents that died, each after a back-off that doubles per
+    /// restart (up to a minute).
+    fn check(&mut self) {
+        let now = std::time::Instant::now();
+        for i in 0..self.agents.len() {
+            let exited = match self.agents[i].child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(status))) => Some(status),
+                _ => None,
+            };
+            if let Some(status) = exited {
+                let a = &mut self.agents[i];
+                a.child = None;
+                a.restarts += 1;
+                let wait = std::time::Duration::from_millis(500u64.saturating_mul(1 << a.restarts.min(7)));
+                a.next_start = now + wait;
+                eprintln!("suanwang up: the agent of {} exited ({status}); restarting in {wait:?}", a.site);
+            }
+            if self.agents[i].child.is_none() && now >= self.agents[i].next_start {
+                match self.spawn(&self.agents[i]) {
+                    Ok(child) => self.agents[i].child = Some(child),
+                    Err(e) => eprintln!("suanwang up: {e:#}"),
+                }
+            }
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for a in &mut self.agents {
+            if let Some(child) = a.child.as_mut() {
+                // SAFETY: SIGTERM to our own child.
+                unsafe {
+                    libc::kill(child.id() as i32, libc::SIGTERM);
+                }
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        for a in &mut self.agents {
+            if let Some(mut child) = a.child.take() {
+                while std::time::Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }
 
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// A token kept in a file (mode 0600) and reused while it stays valid;
+/// otherwise a new one is made and the older ones of the same purpose are
+/// revoked, so restarts do not pile up live tokens.
+fn stored_token(db: &Path, file: &Path, role: &Role, label: &str) -> anyhow::Result<String> {
+    if let Ok(text) = std::fs::read_to_string(file) {
+        let token = text.trim().to_string();
+        if !token.is_empty() && suanwang_server::admin::token_valid(db, &token)? {
+            return Ok(token);
+        }
+    }
+    let (token, _) = suanwang_server::admin::create_token(db, role, label, None)?;
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    }
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, format!("{token}\n"))?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::fs::rename(&tmp, file)?;
+    suanwang_server::admin::revoke_others(db, role, label, &token)?;
+    Ok(token)
+}
+
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let db = &args.serve.db;
+    let timings = server_config(&args.serve).timings;
+    timings.check().map_err(|e| anyhow!(e))?;
     let topology = suanwang_topology::load(&args.serve.topology)?;
+    if !args.unsandboxed {
+        // Refuse early, with the reason, rather than have every agent refuse.
+        let scratch = args.workdir.join(".up-check");
+        std::fs::create_dir_all(&scratch)?;
+        let check = suanwang_agent::sandbox::Isolation::sandboxed("up-check", &scratch, Default::default());
+        let _ = std::fs::remove_dir_all(&scratch);
+        if let Err(e) = check {
+            bail!(
+                "the job sandbox cannot be set up: {e}\n(jobs would run unisolated: pass --unsandboxed to accept that)"
+            );
+        }
+    } else {
+        eprintln!("suanwang up: WARNING: --unsandboxed: jobs run as this user, without isolation");
+    }
     let operator = match suanwang_server::admin::bootstrap(db, false) {
         Ok(token) => Some(token),
         Err(suanwang_server::admin::AdminError::Invalid(_)) => None,
         Err(e) => return Err(e.into()),
     };
     // A demo organisation with money, so a job can be submitted at once.
-    // Both steps are idempotent: running `up` again changes nothing.
+    // Every step is idempotent: running `up` again changes nothing.
     let home = topology
         .sites
         .iter()
@@ -527,31 +783,49 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             1_000_000,
         )?;
     }
-    let demo = suanwang_server::admin::create_token(db, &Role::Consumer { org: "demo".into() }, "suanwang up demo")?;
+    let tokens = args.workdir.join(".tokens");
+    let demo =
+        stored_token(db, &tokens.join("demo.token"), &Role::Consumer { org: "demo".into() }, "suanwang up demo")?;
+    let mut agents = Vec::new();
+    for site in &topology.sites {
+        let file = tokens.join(format!("{}.token", site.key));
+        stored_token(db, &file, &Role::Provider { site: site.key.clone() }, "suanwang up")?;
+        agents.push(Agent {
+            site: site.key.clone(),
+            token_file: file,
+            child: None,
+            restarts: 0,
+            next_start: std::time::Instant::now(),
+        });
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let server = tokio::spawn(suanwang_server::serve(server_config(&args.serve), Some(tx)));
-        let address = rx.await.map_err(|_| anyhow!("server did not start"))?;
+        let mut server = tokio::spawn(suanwang_server::serve(server_config(&args.serve), Some(tx)));
+        let address = match rx.await {
+            Ok(address) => address,
+            // The server ended before listening: say why.
+            Err(_) => return match server.await {
+                Ok(Err(e)) => Err(anyhow!(e)),
+                Ok(Ok(())) => Err(anyhow!("the server stopped before it listened")),
+                Err(e) => Err(anyhow!(e)),
+            },
+        };
         let url = format!("http://{address}");
-        let exe = std::env::current_exe()?;
-        let mut agents = Agents(Vec::new());
-        for site in &topology.sites {
-            let token =
-                suanwang_server::admin::create_token(db, &Role::Provider { site: site.key.clone() }, "suanwang up")?;
-            let child = std::process::Command::new(&exe)
-                .args(["agent", "--server", &url, "--site", &site.key, "--backend", "local", "--workdir"])
-                .arg(args.workdir.join(&site.key))
-                .env("SUANWANG_TOKEN", token)
-                .spawn()
-                .with_context(|| format!("starting the agent of {}", site.key))?;
-            agents.0.push(child);
-        }
+        let mut supervisor = Supervisor {
+            exe: std::env::current_exe()?,
+            url: url.clone(),
+            workdir: args.workdir.clone(),
+            unsandboxed: args.unsandboxed,
+            agents,
+        };
+        supervisor.check();
         println!(
-            "suanwang is up at {url}: server, database {}, {} local agents (one per site of {}).",
+            "suanwang is up at {url}: server, database {}, {} local agents (one per site of {}{}).",
             db.display(),
-            agents.0.len(),
-            topology.name
+            supervisor.agents.len(),
+            topology.name,
+            if args.unsandboxed { ", UNSANDBOXED" } else { ", jobs sandboxed" }
         );
         match &operator {
             Some(token) => println!("operator token (shown once): {token}"),
@@ -564,22 +838,50 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         println!("  export SUANWANG_SERVER={url} SUANWANG_TOKEN={demo}");
         println!("  suanwang quote examples/job.toml; suanwang submit examples/job.toml; suanwang jobs; suanwang logs -f 1");
         println!("more organisations and tokens: suanwang admin --db {} org ID --kind enterprise|university|institute; suanwang admin --db {} token --role consumer --org ID", db.display(), db.display());
-        let outcome = server.await;
-        drop(agents);
-        outcome?.map_err(anyhow::Error::from)
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        let outcome = loop {
+            tokio::select! {
+                result = &mut server => break result.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)),
+                _ = tokio::signal::ctrl_c() => { eprintln!("suanwang up: interrupted; stopping the agents"); break Ok(()) }
+                _ = terminate.recv() => { eprintln!("suanwang up: terminated; stopping the agents"); break Ok(()) }
+                _ = tick.tick() => supervisor.check(),
+            }
+        };
+        supervisor.stop_all();
+        outcome
     })
 }
 
-pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
+pub fn agent(args: AgentArgs, connection: &Connection) -> anyhow::Result<()> {
     if args.backend != "local" {
         bail!("--backend: '{}' is not available here (available: local)", args.backend);
     }
-    let _ = &args.site;
+    suanwang_server::validate::identifier("site", &args.site).map_err(|e| anyhow!("--site: {}", e.body.message))?;
+    let token = match (&args.token_file, &args.agent_token, &connection.token) {
+        (Some(file), _, _) => suanwang_agent::TokenSource::File(file.clone()),
+        (None, Some(token), _) | (None, None, Some(token)) => suanwang_agent::TokenSource::Value(token.clone()),
+        (None, None, None) => bail!("no token: pass --token-file FILE (or set SUANWANG_TOKEN)"),
+    };
+    // The token must not linger where a child could find it.
+    // SAFETY: single-threaded here, before the agent starts any thread.
+    unsafe {
+        std::env::remove_var("SUANWANG_TOKEN");
+    }
     suanwang_agent::run(suanwang_agent::AgentConfig {
         server: args.server,
-        token: args.token,
+        token,
+        site: args.site,
         workdir: args.workdir,
         poll_wait_s: 20,
+        unsandboxed: args.unsandboxed,
+        defaults: suanwang_agent::sandbox::Defaults {
+            memory_mb_per_gpu: args.memory_mb_per_gpu,
+            cpus_per_gpu: args.cpus_per_gpu,
+            pids_max: args.pids_max,
+            host_network: args.job_host_network,
+        },
+        retention_s: args.retention_s,
     })?;
     Ok(())
 }
@@ -614,6 +916,7 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
                     number(3)? as i64,
                 ));
             }
+            suanwang_server::validate::identifier("id", &id).map_err(|e| anyhow!("site id: {}", e.body.message))?;
             let site = suanwang_core::topology::SiteSpec {
                 id: id.clone(),
                 name: name.unwrap_or_else(|| id.clone()),
@@ -648,14 +951,36 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
             suanwang_server::admin::add_org(&args.db, &id, &kind, &name, home.as_deref())?;
             println!("organisation {id} registered");
         }
-        AdminCommand::Token { role, org, site, label } => {
-            let role = match (role.as_str(), org, site) {
-                ("operator", None, None) => Role::Operator,
-                ("provider", None, Some(site)) => Role::Provider { site },
-                ("consumer", Some(org), None) => Role::Consumer { org },
+        AdminCommand::Token { action: Some(TokenAction::List), .. } => {
+            let tokens = suanwang_server::admin::list_tokens(&args.db)?;
+            let rows: Vec<Vec<String>> = tokens
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.clone(),
+                        t.role.clone(),
+                        t.site.clone().or_else(|| t.org.clone()).unwrap_or_else(|| "-".into()),
+                        t.label.clone(),
+                        when(t.created_at),
+                        t.expires_at.map_or("never".into(), when),
+                        t.revoked_at.map_or("-".into(), when),
+                    ]
+                })
+                .collect();
+            print!("{}", table::render(&["id", "role", "site/org", "label", "created", "expires", "revoked"], &rows));
+        }
+        AdminCommand::Token { action: Some(TokenAction::Revoke { id }), .. } => {
+            let t = suanwang_server::admin::revoke_token(&args.db, &id)?;
+            println!("token {} ({} {}) revoked", t.id, t.role, t.site.or(t.org).unwrap_or_default());
+        }
+        AdminCommand::Token { action: None, role, org, site, label, expires_in_s } => {
+            let role = match (role.as_deref(), org, site) {
+                (Some("operator"), None, None) => Role::Operator,
+                (Some("provider"), None, Some(site)) => Role::Provider { site },
+                (Some("consumer"), Some(org), None) => Role::Consumer { org },
                 _ => bail!("--role: operator (no --org/--site), provider --site SITE, or consumer --org ORG"),
             };
-            println!("{}", suanwang_server::admin::create_token(&args.db, &role, &label)?);
+            println!("{}", suanwang_server::admin::create_token(&args.db, &role, &label, expires_in_s)?.0);
         }
     }
     Ok(())

@@ -79,11 +79,13 @@ pub fn results(policies: &[PolicySummary]) -> String {
 }
 
 /// Prints `value` as one line of JSON, or the table `text` makes.
+/// Prints JSON or text on stdout; a closed pipe is an error the caller
+/// can recognise (`main` ends quietly on it), never a panic.
 pub fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string(value)?);
-    } else {
-        print!("{}", text());
-    }
+    use std::io::Write as _;
+    let out = if json { format!("{}\n", serde_json::to_string(value)?) } else { text() };
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(out.as_bytes())?;
+    stdout.flush()?;
     Ok(())
 }

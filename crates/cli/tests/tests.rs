@@ -1,7 +1,9 @@
 //! End-to-end tests of the `suanwang` binary: `simulate` in both output
 //! formats, the report, determinism, every bad-input path, `topology`, the
-//! ledger commands, and (module `platform`) the running server and agents.
+//! ledger commands, and the running platform: `platform` (a job's life,
+//! recovery, tenancy) and `hostile` (the platform under attack by tenants).
 
+mod hostile;
 mod platform;
 
 use std::path::{Path, PathBuf};

@@ -80,6 +80,11 @@ pub struct JobSpec {
     /// Most the owner will pay for compute and transfer, in fen.
     pub budget_fen: Option<i64>,
     pub weights: Weights,
+    /// How often the job may be run again after failing by its own fault
+    /// (a non-zero exit, its time limit). Infrastructure faults (a lost
+    /// lease, a site down) are retried regardless and do not count.
+    #[serde(default)]
+    pub retries: u32,
 }
 
 /// Why a job description is not acceptable at all.
@@ -93,6 +98,8 @@ pub struct InvalidJob {
 
 /// The most accelerators a single job may ask for.
 pub const MAX_GANG: u32 = 100_000;
+/// The most retries a job may ask for after its own failures.
+pub const MAX_RETRIES: u32 = 10;
 /// The longest estimate a job may give: ten years.
 pub const MAX_ESTIMATE_S: u64 = 10 * 365 * 86_400;
 
@@ -112,6 +119,7 @@ impl JobSpec {
             deadline_s: None,
             budget_fen: None,
             weights: Weights::BALANCED,
+            retries: 0,
         }
     }
 
@@ -146,6 +154,9 @@ impl JobSpec {
             if d.size_mb > 1_000_000_000 {
                 return fail("datasets", format!("size_mb must be at most 1,000,000,000 (1 PB), got {}", d.size_mb));
             }
+        }
+        if self.retries > MAX_RETRIES {
+            return fail("retries", format!("must be at most {MAX_RETRIES}, got {}", self.retries));
         }
         if self.weights.total() == 0 {
             return fail("weights", "time, cost and carbon weights are all zero".into());

@@ -31,8 +31,17 @@ pub enum Event {
         job: JobId,
         attempt: u32,
     },
-    /// The attempt failed (non-zero exit, backend error, lost lease).
+    /// The attempt failed by the job's own fault (a non-zero exit, its time
+    /// limit, its memory limit). The job runs again only while it has
+    /// retries left (`JobSpec::retries`).
     Failed {
+        job: JobId,
+        attempt: u32,
+    },
+    /// The attempt was lost to an infrastructure fault (its agent fell
+    /// silent, the sandbox could not be made, the provider killed it). The
+    /// job is queued again; after `max_lost` such losses it is given up.
+    Lost {
         job: JobId,
         attempt: u32,
     },
@@ -70,8 +79,23 @@ pub enum StopReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequeueReason {
+    /// The site went down under the attempt.
     SiteDown,
+    /// The job failed and has retries left.
     Failed,
+    /// The attempt was lost to an infrastructure fault.
+    Lost,
+}
+
+impl RequeueReason {
+    /// In words, for events and the command line.
+    pub fn describe(self) -> &'static str {
+        match self {
+            RequeueReason::SiteDown => "its site went down",
+            RequeueReason::Failed => "it failed and has retries left",
+            RequeueReason::Lost => "it was lost to an infrastructure fault",
+        }
+    }
 }
 
 /// Why a job can never run.
@@ -107,11 +131,23 @@ pub enum Decision {
         #[serde(flatten)]
         reason: Rejection,
     },
-    /// The job failed `attempts` times and will not be retried.
+    /// The job failed (by its own fault with no retries left, or lost to
+    /// faults too often) after `attempts` attempts and will not run again.
     GiveUp {
         job: JobId,
         attempts: u32,
+        reason: GiveUpReason,
     },
+}
+
+/// Why the scheduler gave a job up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GiveUpReason {
+    /// It failed by its own fault and has no retries left.
+    Failed,
+    /// It was lost to infrastructure faults `max_lost` times.
+    LostTooOften,
 }
 
 /// Operating errors of the core: the driver sent something impossible.
@@ -141,15 +177,17 @@ pub struct Counters {
     pub stale_reports: u64,
 }
 
-/// Attempts a failing job gets before the scheduler gives up on it.
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Attempts a job may lose to infrastructure faults before the scheduler
+/// gives up on it (a bound, so a job that crashes every agent that runs it
+/// cannot circulate forever).
+pub const DEFAULT_MAX_LOST: u32 = 5;
 
 pub struct Scheduler {
     topology: Arc<Topology>,
     policy: Box<dyn Policy>,
     state: State,
     now_s: u64,
-    max_attempts: u32,
+    max_lost: u32,
     check_invariants: bool,
     counters: Counters,
 }
@@ -162,15 +200,16 @@ impl Scheduler {
             policy,
             state,
             now_s: 0,
-            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            max_lost: DEFAULT_MAX_LOST,
             // Debug builds (and so every test) check all invariants after every step.
             check_invariants: cfg!(debug_assertions),
             counters: Counters::default(),
         }
     }
 
-    pub fn with_max_attempts(mut self, attempts: u32) -> Scheduler {
-        self.max_attempts = attempts.max(1);
+    /// Sets how many attempts a job may lose to infrastructure faults.
+    pub fn with_max_lost(mut self, attempts: u32) -> Scheduler {
+        self.max_lost = attempts.max(1);
         self
     }
 
@@ -248,6 +287,7 @@ impl Scheduler {
     pub fn apply(&mut self, now_s: u64, event: Event) -> Result<Vec<Decision>, CoreError> {
         self.advance(now_s)?;
         let mut out = Vec::new();
+        let own_fault = matches!(event, Event::Failed { .. });
         match event {
             Event::Submit(spec) => self.submit(spec, &mut out)?,
             Event::Finished { job, attempt } => {
@@ -258,16 +298,24 @@ impl Scheduler {
                     self.counters.stale_reports += 1;
                 }
             }
-            Event::Failed { job, attempt } => {
+            Event::Failed { job, attempt } | Event::Lost { job, attempt } => {
                 if self.is_current_attempt(job, attempt) {
                     self.end_attempt(job);
-                    let attempts = self.state.jobs[&job].attempts;
-                    if attempts >= self.max_attempts {
-                        self.forget(job);
-                        out.push(Decision::GiveUp { job, attempts });
+                    let live = self.state.jobs.get_mut(&job).expect("live job");
+                    let (retry, reason, give_up) = if own_fault {
+                        live.failures += 1;
+                        (live.failures <= live.spec.retries, RequeueReason::Failed, GiveUpReason::Failed)
                     } else {
+                        live.lost += 1;
+                        (live.lost < self.max_lost, RequeueReason::Lost, GiveUpReason::LostTooOften)
+                    };
+                    let attempts = live.attempts;
+                    if retry {
                         self.requeue(job);
-                        out.push(Decision::Requeue { job, attempt, reason: RequeueReason::Failed });
+                        out.push(Decision::Requeue { job, attempt, reason });
+                    } else {
+                        self.forget(job);
+                        out.push(Decision::GiveUp { job, attempts, reason: give_up });
                     }
                 } else {
                     self.counters.stale_reports += 1;
@@ -375,6 +423,8 @@ impl Scheduler {
             submit_s: started_s,
             enqueued_s: started_s,
             attempts: attempt,
+            failures: 0,
+            lost: 0,
             attained_gpu_s: 0,
             done_ref_s: 0,
             key: (0, 0),
@@ -430,6 +480,8 @@ impl Scheduler {
             submit_s: self.now_s,
             enqueued_s: self.now_s,
             attempts: 0,
+            failures: 0,
+            lost: 0,
             attained_gpu_s: 0,
             done_ref_s: 0,
             key: (0, 0),

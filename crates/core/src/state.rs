@@ -35,6 +35,10 @@ pub(crate) struct LiveJob {
     /// When the job last entered the pending queue.
     pub enqueued_s: u64,
     pub attempts: u32,
+    /// Attempts that failed by the job's own fault (counted against `spec.retries`).
+    pub failures: u32,
+    /// Attempts lost to infrastructure faults (lost lease, site down).
+    pub lost: u32,
     /// GPU-seconds of compute received in earlier (preempted) attempts.
     pub attained_gpu_s: u64,
     /// Reference-speed seconds of work done in earlier (preempted) attempts.

@@ -150,6 +150,7 @@ fn run(t: &Arc<Topology>, policy_name: &str, ops: &[Op]) -> Vec<Decision> {
                 spec.accepted =
                     (0..3).filter(|b| types & (1 << b) != 0).map(|b| t.accelerator_id(TYPES[b]).unwrap()).collect();
                 spec.oracle_s = Some(estimate_s / 2 + 1);
+                spec.retries = (next_id % 3) as u32;
                 spec.weights = Weights { time: (next_id % 5) as u32, cost: 3, carbon: 1 };
                 if budget {
                     spec.budget_fen = Some(gpus as i64 * estimate_s as i64 / 10);
@@ -163,8 +164,10 @@ fn run(t: &Arc<Topology>, policy_name: &str, ops: &[Op]) -> Vec<Decision> {
                     if matches!(op, Op::Finish(_)) {
                         model.remove(&job);
                         s.handle(now, Event::Finished { job, attempt })
-                    } else {
+                    } else if k % 2 == 0 {
                         s.handle(now, Event::Failed { job, attempt })
+                    } else {
+                        s.handle(now, Event::Lost { job, attempt })
                     }
                 }
                 None => continue,

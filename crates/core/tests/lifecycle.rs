@@ -1,7 +1,7 @@
 //! Attempts, fencing of stale reports, retries, cancels and site outages.
 
 use suanwang_core::JobId;
-use suanwang_core::scheduler::{CoreError, Decision, Event, Rejection, RequeueReason, StopReason};
+use suanwang_core::scheduler::{CoreError, Decision, Event, GiveUpReason, Rejection, RequeueReason, StopReason};
 
 use crate::support::{job, scheduler, site_of, starts, three_sites};
 
@@ -10,8 +10,8 @@ fn a_stale_report_from_an_old_attempt_is_ignored() {
     let t = three_sites();
     let mut s = scheduler(&t, "fifo");
     s.handle(0, Event::Submit(job(&t, 1, 4, 1000, &["A100"]))).unwrap();
-    let decisions = s.handle(10, Event::Failed { job: JobId(1), attempt: 1 }).unwrap();
-    assert_eq!(decisions[0], Decision::Requeue { job: JobId(1), attempt: 1, reason: RequeueReason::Failed });
+    let decisions = s.handle(10, Event::Lost { job: JobId(1), attempt: 1 }).unwrap();
+    assert_eq!(decisions[0], Decision::Requeue { job: JobId(1), attempt: 1, reason: RequeueReason::Lost });
     assert_eq!(starts(&decisions)[0].attempt, 2);
     // Attempt 1 reports success late: it does not count.
     assert!(s.handle(20, Event::Finished { job: JobId(1), attempt: 1 }).unwrap().is_empty());
@@ -22,14 +22,37 @@ fn a_stale_report_from_an_old_attempt_is_ignored() {
 }
 
 #[test]
-fn a_job_that_keeps_failing_is_given_up() {
+fn a_job_that_keeps_getting_lost_is_given_up() {
     let t = three_sites();
-    let mut s = scheduler(&t, "fifo").with_max_attempts(2);
+    let mut s = scheduler(&t, "fifo").with_max_lost(2);
     s.handle(0, Event::Submit(job(&t, 1, 4, 1000, &["A100"]))).unwrap();
-    s.handle(1, Event::Failed { job: JobId(1), attempt: 1 }).unwrap();
-    let decisions = s.handle(2, Event::Failed { job: JobId(1), attempt: 2 }).unwrap();
-    assert_eq!(decisions, vec![Decision::GiveUp { job: JobId(1), attempts: 2 }]);
+    s.handle(1, Event::Lost { job: JobId(1), attempt: 1 }).unwrap();
+    let decisions = s.handle(2, Event::Lost { job: JobId(1), attempt: 2 }).unwrap();
+    assert_eq!(decisions, vec![Decision::GiveUp { job: JobId(1), attempts: 2, reason: GiveUpReason::LostTooOften }]);
     assert_eq!(s.running_count() + s.pending_count(), 0);
+}
+
+#[test]
+fn a_job_s_own_failure_ends_it_unless_it_asked_for_retries() {
+    let t = three_sites();
+    let mut s = scheduler(&t, "fifo");
+    s.handle(0, Event::Submit(job(&t, 1, 4, 1000, &["A100"]))).unwrap();
+    let decisions = s.handle(1, Event::Failed { job: JobId(1), attempt: 1 }).unwrap();
+    assert_eq!(decisions, vec![Decision::GiveUp { job: JobId(1), attempts: 1, reason: GiveUpReason::Failed }]);
+    assert_eq!(s.running_count() + s.pending_count(), 0);
+
+    let mut retried = job(&t, 2, 4, 1000, &["A100"]);
+    retried.retries = 2;
+    s.handle(2, Event::Submit(retried)).unwrap();
+    // Infrastructure losses do not use up the retries.
+    let d = s.handle(3, Event::Lost { job: JobId(2), attempt: 1 }).unwrap();
+    assert_eq!(d[0], Decision::Requeue { job: JobId(2), attempt: 1, reason: RequeueReason::Lost });
+    for attempt in 2..=3 {
+        let d = s.handle(3 + attempt as u64, Event::Failed { job: JobId(2), attempt }).unwrap();
+        assert_eq!(d[0], Decision::Requeue { job: JobId(2), attempt, reason: RequeueReason::Failed });
+    }
+    let d = s.handle(10, Event::Failed { job: JobId(2), attempt: 4 }).unwrap();
+    assert_eq!(d, vec![Decision::GiveUp { job: JobId(2), attempts: 4, reason: GiveUpReason::Failed }]);
 }
 
 #[test]

@@ -11,7 +11,7 @@ use suanwang_ledger::voucher::{self, OrgKind};
 use suanwang_ledger::{Ledger, LedgerError};
 
 use crate::auth::{self, Role};
-use crate::world::{SCHEMA, unix_now};
+use crate::world::{migrate, unix_now};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -25,7 +25,7 @@ fn open(db: &Path) -> Result<Ledger, AdminError> {
     let now = unix_now();
     let mut ledger = voucher::open(db, now)?;
     ledger.write(now, |b| {
-        b.sql().execute_batch(SCHEMA)?;
+        migrate(b.sql())?;
         Ok(())
     })?;
     Ok(ledger)
@@ -42,24 +42,102 @@ pub fn bootstrap(db: &Path, force: bool) -> Result<String, AdminError> {
     if existing.is_some() && !force {
         return Err(AdminError::Invalid("an operator token exists already; pass --force to make another".into()));
     }
-    token(&mut ledger, &Role::Operator, "bootstrap")
+    Ok(token(&mut ledger, &Role::Operator, "bootstrap", None)?.0)
 }
 
-fn token(ledger: &mut Ledger, role: &Role, label: &str) -> Result<String, AdminError> {
+/// A server-side refusal (bad label, bad expiry) as an admin error.
+fn refusal(e: crate::error::Error) -> AdminError {
+    match e.body.field {
+        Some(field) => AdminError::Invalid(format!("--{}: {}", field.replace('_', "-"), e.body.message)),
+        None => AdminError::Invalid(e.body.message),
+    }
+}
+
+fn token(
+    ledger: &mut Ledger,
+    role: &Role,
+    label: &str,
+    expires_in_s: Option<u64>,
+) -> Result<(String, String), AdminError> {
+    let now = unix_now();
+    let mut out = None;
+    let mut refused = None;
+    ledger.write(now, |b| {
+        match auth::create(b.sql(), role, label, now, expires_in_s) {
+            Ok(made) => out = Some(made),
+            Err(e) => refused = Some(e),
+        }
+        Ok(())
+    })?;
+    match (out, refused) {
+        (Some(made), _) => Ok(made),
+        (None, Some(e)) => Err(refusal(e)),
+        (None, None) => unreachable!("a token is made or refused"),
+    }
+}
+
+/// Every token (never the tokens themselves).
+pub fn list_tokens(db: &Path) -> Result<Vec<suanwang_api::TokenInfo>, AdminError> {
+    let ledger = open(db)?;
+    auth::list(ledger.connection()).map_err(refusal)
+}
+
+/// Revokes a token by its public id.
+pub fn revoke_token(db: &Path, id: &str) -> Result<suanwang_api::TokenInfo, AdminError> {
+    let mut ledger = open(db)?;
     let now = unix_now();
     let mut out = None;
     ledger.write(now, |b| {
-        out = Some(
-            auth::create(b.sql(), role, label, now)
-                .map_err(|e| LedgerError::Corrupt { path: "tokens".into(), problem: e.body.message })?,
-        );
+        out = Some(auth::revoke(b.sql(), id, now));
         Ok(())
     })?;
-    Ok(out.expect("token created").0)
+    out.expect("ran").map_err(refusal)
+}
+
+/// Is this token known, unrevoked and unexpired? (For reusing a stored token.)
+pub fn token_valid(db: &Path, token: &str) -> Result<bool, AdminError> {
+    let ledger = open(db)?;
+    let now = unix_now();
+    let valid: Option<i64> = ledger
+        .connection()
+        .query_row(
+            "SELECT 1 FROM tokens WHERE hash = ?1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?2)",
+            params![auth::hash(token).to_vec(), now],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(LedgerError::from)?;
+    Ok(valid.is_some())
+}
+
+/// Revokes every unrevoked token with this role, site or organisation and
+/// label except `keep` (so a restarted `suanwang up` leaves one live token
+/// per agent); returns how many it revoked.
+pub fn revoke_others(db: &Path, role: &Role, label: &str, keep: &str) -> Result<usize, AdminError> {
+    let mut ledger = open(db)?;
+    let now = unix_now();
+    let (org, site) = match role {
+        Role::Operator => (None, None),
+        Role::Provider { site } => (None, Some(site.clone())),
+        Role::Consumer { org } => (Some(org.clone()), None),
+    };
+    let keep = auth::public_id(&auth::hash(keep));
+    let mut revoked = 0;
+    ledger.write(now, |b| {
+        revoked = b.sql().execute(
+            "UPDATE tokens SET revoked_at = ?1 WHERE revoked_at IS NULL AND role = ?2 AND org IS ?3 AND site IS ?4 AND label = ?5 AND id != ?6",
+            params![now, role.name(), org, site, label, keep],
+        )?;
+        Ok(())
+    })?;
+    Ok(revoked)
 }
 
 /// Registers an organisation (idempotent) with an optional home site.
 pub fn add_org(db: &Path, id: &str, kind: &str, name: &str, home: Option<&str>) -> Result<(), AdminError> {
+    crate::validate::identifier("id", id).map_err(|e| AdminError::Invalid(e.body.message))?;
+    crate::validate::display_name("name", name)
+        .map_err(|e| AdminError::Invalid(format!("--name: {}", e.body.message)))?;
     let kind: OrgKind = kind.parse().map_err(|e: suanwang_ledger::Refusal| AdminError::Invalid(e.to_string()))?;
     let mut ledger = open(db)?;
     ledger.write(unix_now(), |b| {
@@ -72,8 +150,14 @@ pub fn add_org(db: &Path, id: &str, kind: &str, name: &str, home: Option<&str>) 
     Ok(())
 }
 
-/// Creates a token for a role; the token is returned once.
-pub fn create_token(db: &Path, role: &Role, label: &str) -> Result<String, AdminError> {
+/// Creates a token for a role; the token and its public id are returned
+/// (the token this once).
+pub fn create_token(
+    db: &Path,
+    role: &Role,
+    label: &str,
+    expires_in_s: Option<u64>,
+) -> Result<(String, String), AdminError> {
     let mut ledger = open(db)?;
     if let Role::Consumer { org } = role {
         let known: Option<i64> = ledger
@@ -85,7 +169,7 @@ pub fn create_token(db: &Path, role: &Role, label: &str) -> Result<String, Admin
             return Err(AdminError::Invalid(format!("organisation '{org}' not found")));
         }
     }
-    token(&mut ledger, role, label)
+    token(&mut ledger, role, label, expires_in_s)
 }
 
 const NETWORK_TABLE: &str =

@@ -1,17 +1,28 @@
 //! Bearer tokens and roles. Tokens are random 256-bit values shown once;
-//! only their SHA-256 is stored. An operator sees everything; a provider
-//! token is bound to one site (its agent); a consumer token to one
+//! only their SHA-256 is stored, with a public id (the first 12 hex digits
+//! of the hash) for listing and revoking. An operator sees everything; a
+//! provider token is bound to one site (its agent); a consumer token to one
 //! organisation, whose jobs, bills and vouchers are all it can see.
+//!
+//! A token may expire and may be revoked, by the API or by `suanwang admin`
+//! on the database file while the server runs: the in-memory cache re-reads
+//! a token's row when its entry is older than [`RECHECK`], so a revocation
+//! made behind the server's back takes effect within that time.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 use sha2::{Digest, Sha256};
+use suanwang_api::TokenInfo;
 
 use crate::error::{Error, Result};
+
+/// How long a cached token is trusted before its row is read again.
+pub const RECHECK: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
@@ -58,6 +69,16 @@ pub fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// A token's public id: the first 12 hex digits of its hash.
+pub fn public_id(hash: &[u8]) -> String {
+    hash.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Compares two secrets' hashes without an early exit.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// A fresh token: 32 random bytes from the kernel, as hex, with a prefix
 /// that says what it is.
 pub fn new_token() -> std::io::Result<String> {
@@ -66,56 +87,69 @@ pub fn new_token() -> std::io::Result<String> {
     Ok(format!("sw_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
 }
 
+#[derive(Clone)]
+struct Cached {
+    principal: Principal,
+    expires_at: Option<i64>,
+    checked: Instant,
+}
+
 /// The tokens, cached in memory for the request path (the database is the
-/// source of truth; the cache is filled at start and on every new token).
+/// source of truth).
 #[derive(Clone, Default)]
 pub struct Tokens {
-    map: Arc<RwLock<HashMap<[u8; 32], Principal>>>,
-    /// The database, for tokens created by `suanwang admin` while serving.
+    map: Arc<RwLock<HashMap<[u8; 32], Cached>>>,
+    /// The database, for tokens created or revoked by `suanwang admin` while serving.
     db: PathBuf,
 }
 
+/// A token's row: role, org, site, label, expiry, revocation.
+type TokenRow = (String, Option<String>, Option<String>, String, Option<i64>, Option<i64>);
+
+fn read_row(sql: &rusqlite::Connection, h: &[u8; 32]) -> rusqlite::Result<Option<TokenRow>> {
+    sql.query_row(
+        "SELECT role, org, site, label, expires_at, revoked_at FROM tokens WHERE hash = ?1",
+        [h.to_vec()],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+    )
+    .optional()
+}
+
 impl Tokens {
-    pub fn load(sql: &rusqlite::Connection, db: PathBuf) -> rusqlite::Result<Tokens> {
-        let tokens = Tokens { map: Default::default(), db };
-        let mut stmt = sql.prepare("SELECT hash, role, org, site, label FROM tokens")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<String>>(2)?,
-                r.get::<_, Option<String>>(3)?,
-                r.get::<_, String>(4)?,
-            ))
-        })?;
-        for row in rows {
-            let (h, role, org, site, label) = row?;
-            if let (Ok(h), Some(role)) = (<[u8; 32]>::try_from(h.as_slice()), role_of(&role, org, site)) {
-                tokens.map.write().expect("tokens lock").insert(h, Principal { role, label });
-            }
-        }
-        Ok(tokens)
+    pub fn new(db: PathBuf) -> Tokens {
+        Tokens { map: Default::default(), db }
     }
 
-    pub fn insert(&self, h: [u8; 32], principal: Principal) {
-        self.map.write().expect("tokens lock").insert(h, principal);
+    /// Forgets a token at once (revoked through the API).
+    pub fn forget(&self, id: &str) {
+        self.map.write().expect("tokens lock").retain(|h, _| public_id(h) != id);
     }
 
-    pub fn find(&self, token: &str) -> Option<Principal> {
+    /// The principal of a valid token: known, not revoked, not expired.
+    pub fn find(&self, token: &str, now: i64) -> Option<Principal> {
         let h = hash(token);
-        if let Some(p) = self.map.read().expect("tokens lock").get(&h) {
-            return Some(p.clone());
+        if let Some(c) = self.map.read().expect("tokens lock").get(&h)
+            && c.checked.elapsed() < RECHECK
+        {
+            return c.expires_at.is_none_or(|at| now < at).then(|| c.principal.clone());
         }
-        // Not cached: it may have been created offline since the start.
         let conn = rusqlite::Connection::open_with_flags(&self.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
-        let (role, org, site, label): (String, Option<String>, Option<String>, String) = conn
-            .query_row("SELECT role, org, site, label FROM tokens WHERE hash = ?1", [h.to_vec()], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
-            .ok()?;
+        conn.busy_timeout(Duration::from_secs(5)).ok()?;
+        let row = read_row(&conn, &h).ok()?;
+        let Some((role, org, site, label, expires_at, revoked_at)) = row else {
+            self.map.write().expect("tokens lock").remove(&h);
+            return None;
+        };
+        if revoked_at.is_some() {
+            self.map.write().expect("tokens lock").remove(&h);
+            return None;
+        }
         let principal = Principal { role: role_of(&role, org, site)?, label };
-        self.insert(h, principal.clone());
-        Some(principal)
+        self.map
+            .write()
+            .expect("tokens lock")
+            .insert(h, Cached { principal: principal.clone(), expires_at, checked: Instant::now() });
+        expires_at.is_none_or(|at| now < at).then_some(principal)
     }
 }
 
@@ -128,18 +162,64 @@ fn role_of(role: &str, org: Option<String>, site: Option<String>) -> Option<Role
     }
 }
 
-/// Stores a new token's hash; returns the token (the only time it is seen).
-pub fn create(sql: &rusqlite::Connection, role: &Role, label: &str, now: i64) -> Result<(String, [u8; 32])> {
+/// Stores a new token's hash; returns the token (the only time it is seen)
+/// and its public id.
+pub fn create(
+    sql: &rusqlite::Connection,
+    role: &Role,
+    label: &str,
+    now: i64,
+    expires_in_s: Option<u64>,
+) -> Result<(String, String)> {
+    crate::validate::display_name("label", label)?;
+    if let Some(s) = expires_in_s
+        && (s == 0 || s > 10 * 365 * 86_400)
+    {
+        return Err(Error::invalid("expires_in_s", format!("must be between 1 and {}, got {s}", 10 * 365 * 86_400)));
+    }
     let token = new_token().map_err(Error::internal)?;
     let h = hash(&token);
+    let id = public_id(&h);
     let (org, site) = match role {
         Role::Operator => (None, None),
         Role::Provider { site } => (None, Some(site.clone())),
         Role::Consumer { org } => (Some(org.clone()), None),
     };
     sql.execute(
-        "INSERT INTO tokens (hash, role, org, site, label, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![h.to_vec(), role.name(), org, site, label, now],
+        "INSERT INTO tokens (hash, role, org, site, label, created_at, id, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![h.to_vec(), role.name(), org, site, label, now, id, expires_in_s.map(|s| now + s as i64)],
     )?;
-    Ok((token, h))
+    Ok((token, id))
+}
+
+/// Every token, oldest first (never the tokens themselves).
+pub fn list(sql: &rusqlite::Connection) -> Result<Vec<TokenInfo>> {
+    let mut stmt = sql.prepare(
+        "SELECT id, role, org, site, label, created_at, expires_at, revoked_at FROM tokens ORDER BY created_at, id",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(TokenInfo {
+                id: r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                role: r.get(1)?,
+                org: r.get(2)?,
+                site: r.get(3)?,
+                label: r.get(4)?,
+                created_at: r.get(5)?,
+                expires_at: r.get(6)?,
+                revoked_at: r.get(7)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+/// Revokes a token by its public id; revoking twice is accepted.
+pub fn revoke(sql: &rusqlite::Connection, id: &str, now: i64) -> Result<TokenInfo> {
+    let changed =
+        sql.execute("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1", params![id, now])?;
+    if changed == 0 {
+        return Err(Error::not_found("token", id));
+    }
+    list(sql)?.into_iter().find(|t| t.id == id).ok_or_else(|| Error::not_found("token", id))
 }

@@ -95,9 +95,22 @@ impl FromRequestParts<AppState> for Auth {
         let token = header.strip_prefix("Bearer ").unwrap_or_default().trim();
         state
             .tokens
-            .find(token)
+            .find(token, crate::world::unix_now())
             .map(Auth)
-            .ok_or_else(|| Error::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown token"))
+            .ok_or_else(|| Error::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown, expired or revoked token"))
+    }
+}
+
+/// The secret of the attempt a report is about (`X-Attempt-Secret`).
+pub struct AttemptSecret(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for AttemptSecret {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self> {
+        Ok(AttemptSecret(
+            parts.headers.get("x-attempt-secret").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(),
+        ))
     }
 }
 
@@ -121,6 +134,8 @@ impl FromRequestParts<AppState> for Auth {
         bill,
         create_org,
         create_token,
+        list_tokens,
+        revoke_token,
         lease,
         attempt_start,
         attempt_heartbeat,
@@ -140,8 +155,13 @@ impl FromRequestParts<AppState> for Auth {
         api::Lease,
         api::LeaseRequest,
         api::LeaseResponse,
+        api::AttemptRef,
+        api::Capabilities,
         api::HeartbeatResponse,
+        api::LogAck,
+        api::AttemptEnd,
         api::FinishRequest,
+        api::TokenInfo,
         api::Site,
         api::SitePool,
         api::OrgRequest,
@@ -151,16 +171,32 @@ impl FromRequestParts<AppState> for Auth {
         api::VoucherBalance,
         api::Bill,
         api::BillLine
-    ))
+    )),
+    modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
+
+/// Declares the bearer-token scheme every operation but `/v1/health` uses.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("sw_...").build()),
+        );
+    }
+}
 
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .route("/v1/health", get(|| async { Json(serde_json::json!({"ok": true})) }))
         .route("/v1/orgs", post(create_org))
-        .route("/v1/tokens", post(create_token))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{id}/revoke", post(revoke_token))
         .route("/v1/jobs", post(submit).get(list_jobs))
         .route("/v1/quote", post(quote))
         .route("/v1/jobs/{id}", get(get_job))
@@ -207,9 +243,56 @@ fn provider_site(who: &Principal, topology: &Topology) -> Result<SiteId> {
     }
 }
 
+/// What a provider may see of a job that ran at its site: what it needs to
+/// run and account for it, without the job's environment.
+fn redact_for_provider(mut job: api::Job) -> api::Job {
+    job.request.env.clear();
+    job.request.secret_env.clear();
+    job
+}
+
 /// A job the principal may see; others' jobs are "not found", not "forbidden",
-/// so ids do not leak.
+/// so ids do not leak. A provider sees the jobs that had an attempt at its
+/// site, redacted.
 async fn visible_job(state: &AppState, who: &Principal, id: u64) -> Result<api::Job> {
+    let site = match &who.role {
+        Role::Provider { site } => Some(site.clone()),
+        _ => None,
+    };
+    let (job, ran_here) = state
+        .world
+        .call(move |s, b| {
+            let job = load_job(b.sql(), id)?;
+            let ran_here = match &site {
+                Some(site) => s.ran_at(b, id, site)?,
+                None => false,
+            };
+            Ok((job, ran_here))
+        })
+        .await?;
+    let job = job.ok_or_else(|| Error::not_found("job", id))?;
+    match &who.role {
+        Role::Provider { .. } if ran_here => Ok(redact_for_provider(job)),
+        _ if who.may_act_for(&job.org) => Ok(job),
+        _ => Err(Error::not_found("job", id)),
+    }
+}
+
+/// An explanation as JSON, each filtered site with its reason in words.
+fn explanation_json(e: &suanwang_core::explain::Explanation) -> Result<serde_json::Value> {
+    let mut value = serde_json::to_value(e).map_err(Error::internal)?;
+    if let Some(sites) = value["sites"].as_array_mut() {
+        for (json, verdict) in sites.iter_mut().zip(&e.sites) {
+            if let suanwang_core::explain::Verdict::Filtered(filter) = &verdict.verdict {
+                json["reason"] = serde_json::Value::String(filter.to_string());
+            }
+        }
+    }
+    Ok(value)
+}
+
+/// A job the principal may act on (cancel): its owner or an operator.
+async fn owned_job(state: &AppState, who: &Principal, id: u64) -> Result<api::Job> {
     let job = state.world.call(move |_, b| load_job(b.sql(), id)).await?.ok_or_else(|| Error::not_found("job", id))?;
     if !who.may_act_for(&job.org) {
         return Err(Error::not_found("job", id));
@@ -217,27 +300,30 @@ async fn visible_job(state: &AppState, who: &Principal, id: u64) -> Result<api::
     Ok(job)
 }
 
-#[utoipa::path(post, path = "/v1/jobs", request_body = api::JobRequest, responses((status = 201, body = api::Job), (status = 400, body = api::ApiError)))]
+#[utoipa::path(post, path = "/v1/jobs", request_body = api::JobRequest, responses((status = 201, body = api::Job), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError), (status = 404, body = api::ApiError), (status = 413, body = api::ApiError), (status = 415, body = api::ApiError)), security(("bearer" = [])))]
 async fn submit(
     State(state): State<AppState>,
     Auth(who): Auth,
     ApiJson(req): ApiJson<api::JobRequest>,
 ) -> Result<Response> {
     let org = acting_org(&who, req.org.as_deref())?;
+    crate::validate::job_request(&req)?;
     let job = state.world.call(move |s, b| s.submit(b, &org, req)).await?;
     Ok((StatusCode::CREATED, Json(job)).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/quote", request_body = api::JobRequest, responses((status = 200, body = api::Quote)))]
+#[utoipa::path(post, path = "/v1/quote", request_body = api::JobRequest, responses((status = 200, body = api::Quote), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError), (status = 404, body = api::ApiError), (status = 413, body = api::ApiError), (status = 415, body = api::ApiError)), security(("bearer" = [])))]
 async fn quote(
     State(state): State<AppState>,
     Auth(who): Auth,
     ApiJson(req): ApiJson<api::JobRequest>,
 ) -> Result<Json<api::Quote>> {
     let org = acting_org(&who, req.org.as_deref())?;
+    crate::validate::job_request(&req)?;
     let quote = state
         .world
         .call(move |s, b| {
+            s.check_capabilities(&req)?;
             let spec = s.spec(b, u64::MAX, &org, &req)?;
             let now = b.now().max(0) as u64;
             let explanation = s.scheduler.explain(now, &spec);
@@ -262,11 +348,7 @@ async fn quote(
                 }
                 None => None,
             };
-            Ok(api::Quote {
-                explanation: serde_json::to_value(&explanation).map_err(Error::internal)?,
-                bill,
-                best_site: best.map(|(site, _)| site),
-            })
+            Ok(api::Quote { explanation: explanation_json(&explanation)?, bill, best_site: best.map(|(site, _)| site) })
         })
         .await?;
     Ok(Json(quote))
@@ -281,7 +363,7 @@ struct ListQuery {
     org: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/jobs", params(("state" = Option<String>, Query), ("limit" = Option<u32>, Query), ("org" = Option<String>, Query)), responses((status = 200, body = api::JobList)))]
+#[utoipa::path(get, path = "/v1/jobs", params(("state" = Option<api::JobState>, Query), ("limit" = Option<u32>, Query, minimum = 1, maximum = 10000), ("org" = Option<String>, Query, description = "operators only")), responses((status = 200, body = api::JobList), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError)), security(("bearer" = [])))]
 async fn list_jobs(
     State(state): State<AppState>,
     Auth(who): Auth,
@@ -301,24 +383,26 @@ async fn list_jobs(
     if q.org.is_some() && !matches!(who.role, Role::Operator) {
         return Err(Error::invalid("org", "only an operator may filter by organisation"));
     }
-    let jobs = state.world.call(move |s, b| s.list(b, &who, q.org.as_deref(), job_state, limit)).await?;
-    Ok(Json(api::JobList { jobs }))
+    let provider = matches!(who.role, Role::Provider { .. });
+    let (jobs, total) = state.world.call(move |s, b| s.list(b, &who, q.org.as_deref(), job_state, limit)).await?;
+    let jobs = if provider { jobs.into_iter().map(redact_for_provider).collect() } else { jobs };
+    Ok(Json(api::JobList { jobs, total }))
 }
 
-#[utoipa::path(get, path = "/v1/jobs/{id}", responses((status = 200, body = api::Job), (status = 404, body = api::ApiError)))]
+#[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = u64, Path)), responses((status = 200, body = api::Job), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 404, body = api::ApiError)), security(("bearer" = [])))]
 async fn get_job(State(state): State<AppState>, Auth(who): Auth, Path(id): Path<String>) -> Result<Json<api::Job>> {
     let id = parse_id("id", &id)?;
     Ok(Json(visible_job(&state, &who, id).await?))
 }
 
-#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", responses((status = 200, body = api::Job)))]
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = u64, Path)), responses((status = 200, body = api::Job), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 404, body = api::ApiError), (status = 409, body = api::ApiError)), security(("bearer" = [])))]
 async fn cancel_job(State(state): State<AppState>, Auth(who): Auth, Path(id): Path<String>) -> Result<Json<api::Job>> {
     let id = parse_id("id", &id)?;
-    visible_job(&state, &who, id).await?;
+    owned_job(&state, &who, id).await?;
     Ok(Json(state.world.call(move |s, b| s.cancel(b, id)).await?))
 }
 
-#[utoipa::path(get, path = "/v1/jobs/{id}/events", responses((status = 200, body = [api::JobEvent])))]
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", params(("id" = u64, Path)), responses((status = 200, body = [api::JobEvent]), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 404, body = api::ApiError)), security(("bearer" = [])))]
 async fn job_events(
     State(state): State<AppState>,
     Auth(who): Auth,
@@ -329,7 +413,7 @@ async fn job_events(
     Ok(Json(state.world.call(move |s, b| s.events(b, id)).await?))
 }
 
-#[utoipa::path(get, path = "/v1/jobs/{id}/why", responses((status = 200, body = Object)))]
+#[utoipa::path(get, path = "/v1/jobs/{id}/why", params(("id" = u64, Path)), responses((status = 200, body = Object), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 404, body = api::ApiError), (status = 409, body = api::ApiError)), security(("bearer" = [])))]
 async fn job_why(
     State(state): State<AppState>,
     Auth(who): Auth,
@@ -339,7 +423,7 @@ async fn job_why(
     let job = visible_job(&state, &who, id).await?;
     let explanation = state.world.call(move |s, _| Ok(s.scheduler.explain_job(JobId(id)))).await?;
     match explanation {
-        Some(e) => Ok(Json(serde_json::to_value(e).map_err(Error::internal)?)),
+        Some(e) => Ok(Json(explanation_json(&e)?)),
         None => Err(Error::conflict("not_queued", format!("job {id} is {}, not waiting", job.state.as_str()))),
     }
 }
@@ -357,23 +441,55 @@ fn reader(db: &std::path::Path) -> Result<rusqlite::Connection> {
     Ok(conn)
 }
 
-/// Log chunks: (sequence number, bytes).
-type LogChunks = Vec<(i64, Vec<u8>)>;
+/// Log chunks: (sequence number, attempt, site, bytes).
+type LogChunks = Vec<(i64, u32, String, Vec<u8>)>;
 
 /// Log chunks after `after`, and whether the job is finished.
 fn read_logs(db: &std::path::Path, job: u64, after: i64) -> Result<(LogChunks, bool)> {
     let conn = reader(db)?;
-    let mut stmt = conn.prepare("SELECT seq, data FROM logs WHERE job = ?1 AND seq > ?2 ORDER BY seq")?;
-    let chunks = stmt
-        .query_map(params![job as i64, after], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+    // Whether the job is finished is read first: chunks stored before it
+    // finished are then all in the answer, so a follower misses nothing.
     let state: Option<String> =
         conn.query_row("SELECT state FROM jobs WHERE id = ?1", [job as i64], |r| r.get(0)).optional()?;
     let done = state.as_deref().and_then(api::JobState::parse).is_none_or(|s| s.is_terminal());
+    let mut stmt = conn.prepare(
+        "SELECT l.seq, l.attempt, a.site, l.data FROM logs l JOIN attempts a ON a.job = l.job AND a.attempt = l.attempt
+         WHERE l.job = ?1 AND l.seq > ?2 ORDER BY l.seq",
+    )?;
+    let chunks = stmt
+        .query_map(params![job as i64, after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok((chunks, done))
 }
 
-#[utoipa::path(get, path = "/v1/jobs/{id}/logs", params(("follow" = Option<bool>, Query)), responses((status = 200, description = "the job's output, streamed while it runs when follow=true")))]
+/// Turns chunks into the bytes a reader sees: each attempt's output starts
+/// with a marker line naming the attempt and its site.
+struct LogRenderer {
+    attempt: Option<u32>,
+    at_line_start: bool,
+}
+
+impl LogRenderer {
+    fn new() -> LogRenderer {
+        LogRenderer { attempt: None, at_line_start: true }
+    }
+
+    fn render(&mut self, attempt: u32, site: &str, data: &[u8], out: &mut Vec<u8>) {
+        if self.attempt != Some(attempt) {
+            if !self.at_line_start {
+                out.push(b'\n');
+            }
+            out.extend_from_slice(format!("=== attempt {attempt} at {site} ===\n").as_bytes());
+            self.attempt = Some(attempt);
+        }
+        out.extend_from_slice(data);
+        if let Some(&last) = data.last() {
+            self.at_line_start = last == b'\n';
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{id}/logs", params(("id" = u64, Path), ("follow" = Option<bool>, Query)), responses((status = 200, description = "the job's output, each attempt's after a marker line; streamed while it runs when follow=true", content_type = "text/plain"), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 404, body = api::ApiError)), security(("bearer" = [])))]
 async fn job_logs(
     State(state): State<AppState>,
     Auth(who): Auth,
@@ -387,20 +503,27 @@ async fn job_logs(
     if !q.follow {
         let (chunks, _) =
             tokio::task::spawn_blocking(move || read_logs(&db, id, 0)).await.map_err(Error::internal)??;
-        let bytes: Vec<u8> = chunks.into_iter().flat_map(|(_, d)| d).collect();
+        let mut renderer = LogRenderer::new();
+        let mut bytes = Vec::new();
+        for (_, attempt, site, data) in chunks {
+            renderer.render(attempt, &site, &data, &mut bytes);
+        }
         return Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response());
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
         let mut after = 0;
+        let mut renderer = LogRenderer::new();
         loop {
             let db2 = db.clone();
             let Ok(Ok((chunks, done))) = tokio::task::spawn_blocking(move || read_logs(&db2, id, after)).await else {
                 break;
             };
-            for (seq, data) in chunks {
+            for (seq, attempt, site, data) in chunks {
                 after = seq;
-                if tx.send(Ok(Bytes::from(data))).await.is_err() {
+                let mut bytes = Vec::with_capacity(data.len() + 64);
+                renderer.render(attempt, &site, &data, &mut bytes);
+                if tx.send(Ok(Bytes::from(bytes))).await.is_err() {
                     return;
                 }
             }
@@ -414,10 +537,10 @@ async fn job_logs(
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/sites", responses((status = 200, body = [api::Site])))]
+#[utoipa::path(get, path = "/v1/sites", responses((status = 200, body = [api::Site]), (status = 401, body = api::ApiError)), security(("bearer" = [])))]
 async fn sites(State(state): State<AppState>, Auth(_who): Auth) -> Result<Json<Vec<api::Site>>> {
     let t = state.topology.clone();
-    let (up, free) = state.world.call(|s, _| Ok(s.capacity())).await?;
+    let status = state.world.call(|s, _| Ok(s.capacity())).await?;
     Ok(Json(
         t.sites
             .iter()
@@ -427,7 +550,9 @@ async fn sites(State(state): State<AppState>, Auth(_who): Auth) -> Result<Json<V
                 name: site.name.clone(),
                 city: site.city.clone(),
                 level: site.level.to_string(),
-                up: up[i],
+                up: status.up[i],
+                capabilities: status.caps[i],
+                last_seen: status.seen[i],
                 pools: site
                     .pools
                     .iter()
@@ -436,7 +561,7 @@ async fn sites(State(state): State<AppState>, Auth(_who): Auth) -> Result<Json<V
                         api::SitePool {
                             accelerator: t.accelerator(pool.accel).name.clone(),
                             count: pool.count,
-                            free: free[&p.0],
+                            free: status.free[&p.0],
                             price_fen_per_hour: pool.price_fen_per_hour,
                         }
                     })
@@ -452,7 +577,7 @@ struct OrgQuery {
     org: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/vouchers", params(("org" = Option<String>, Query)), responses((status = 200, body = api::Balances)))]
+#[utoipa::path(get, path = "/v1/vouchers", params(("org" = Option<String>, Query, description = "an operator names the organisation")), responses((status = 200, body = api::Balances), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError), (status = 404, body = api::ApiError)), security(("bearer" = [])))]
 async fn vouchers(
     State(state): State<AppState>,
     Auth(who): Auth,
@@ -490,7 +615,7 @@ async fn vouchers(
     Ok(Json(balances))
 }
 
-#[utoipa::path(get, path = "/v1/bill", params(("org" = Option<String>, Query)), responses((status = 200, body = api::Bill)))]
+#[utoipa::path(get, path = "/v1/bill", params(("org" = Option<String>, Query, description = "an operator names the organisation")), responses((status = 200, body = api::Bill), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError)), security(("bearer" = [])))]
 async fn bill(
     State(state): State<AppState>,
     Auth(who): Auth,
@@ -500,41 +625,71 @@ async fn bill(
     let org = acting_org(&who, q.org.as_deref())?;
     let db = state.db.clone();
     let bill = tokio::task::spawn_blocking(move || -> Result<api::Bill> {
-        let st = audit::statement_of(&reader(&db)?, audit::Party::Org(&org), i64::MIN, i64::MAX)?;
-        let jobs = st
-            .lines
-            .iter()
-            .map(|l| api::BillLine {
-                job: crate::world::job_of_billing_key(&l.job).unwrap_or(0),
+        let conn = reader(&db)?;
+        let st = audit::statement_of(&conn, audit::Party::Org(&org), i64::MIN, i64::MAX)?;
+        let mut cause_of = conn.prepare("SELECT cause, exit_code FROM attempts WHERE job = ?1 AND attempt = ?2")?;
+        let mut lines = Vec::new();
+        let mut total = api::Bill {
+            org: org.clone(),
+            lines: Vec::new(),
+            compute_fen: 0,
+            card_fen: 0,
+            subsidy_fen: 0,
+            transfer_fen: 0,
+            org_fen: 0,
+        };
+        for l in &st.lines {
+            let (job, attempt) = crate::world::attempt_of_billing_key(&l.job).unwrap_or((0, 0));
+            let cause: Option<(Option<String>, Option<i32>)> =
+                cause_of.query_row(params![job as i64, attempt], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+            let cause = match cause {
+                Some((Some(c), code)) => match c.as_str() {
+                    "failed" => format!("failed (exit code {})", code.unwrap_or(-1)),
+                    "time_limit" => "time limit".into(),
+                    "memory_limit" => "memory limit".into(),
+                    other => other.to_string(),
+                },
+                _ => "settled".into(),
+            };
+            let card_fen = l.compute_fen - l.voucher_fen - l.org_fen;
+            let line = api::BillLine {
+                job,
+                attempt,
+                cause,
                 site: l.site.clone(),
                 accelerator: l.accel.clone(),
+                settled_at: l.settled_at,
                 accel_seconds: l.accel_seconds,
                 compute_fen: l.compute_fen,
+                card_fen,
                 subsidy_fen: l.voucher_fen,
+                transfer_fen: l.transfer_fen,
                 org_fen: l.org_fen + l.transfer_fen,
-            })
-            .collect();
-        let t = &st.total;
-        Ok(api::Bill {
-            org: org.clone(),
-            jobs,
-            compute_fen: t.compute_fen,
-            subsidy_fen: t.voucher_fen,
-            org_fen: t.org_fen + t.transfer_fen,
-        })
+            };
+            total.compute_fen += line.compute_fen;
+            total.card_fen += line.card_fen;
+            total.subsidy_fen += line.subsidy_fen;
+            total.transfer_fen += line.transfer_fen;
+            total.org_fen += line.org_fen;
+            lines.push(line);
+        }
+        total.lines = lines;
+        Ok(total)
     })
     .await
     .map_err(Error::internal)??;
     Ok(Json(bill))
 }
 
-#[utoipa::path(post, path = "/v1/orgs", request_body = api::OrgRequest, responses((status = 201)))]
+#[utoipa::path(post, path = "/v1/orgs", request_body = api::OrgRequest, responses((status = 201, body = Object), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError), (status = 409, body = api::ApiError), (status = 413, body = api::ApiError), (status = 415, body = api::ApiError)), security(("bearer" = [])))]
 async fn create_org(
     State(state): State<AppState>,
     Auth(who): Auth,
     ApiJson(req): ApiJson<api::OrgRequest>,
 ) -> Result<Response> {
     who.require_operator()?;
+    crate::validate::identifier("id", &req.id)?;
+    crate::validate::display_name("name", &req.name)?;
     let kind: OrgKind =
         req.kind.parse().map_err(|e: suanwang_ledger::Refusal| Error::invalid("kind", e.to_string()))?;
     if let Some(home) = &req.home
@@ -556,7 +711,7 @@ async fn create_org(
     Ok((StatusCode::CREATED, Json(serde_json::json!({"ok": true}))).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/tokens", request_body = api::TokenRequest, responses((status = 201, body = api::TokenResponse)))]
+#[utoipa::path(post, path = "/v1/tokens", request_body = api::TokenRequest, responses((status = 201, body = api::TokenResponse), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError), (status = 404, body = api::ApiError), (status = 413, body = api::ApiError), (status = 415, body = api::ApiError)), security(("bearer" = [])))]
 async fn create_token(
     State(state): State<AppState>,
     Auth(who): Auth,
@@ -571,7 +726,10 @@ async fn create_token(
             }
             Role::Provider { site }
         }
-        ("consumer", Some(org), None) => Role::Consumer { org },
+        ("consumer", Some(org), None) => {
+            crate::validate::identifier("org", &org)?;
+            Role::Consumer { org }
+        }
         ("operator" | "provider" | "consumer", _, _) => {
             return Err(Error::invalid(
                 "role",
@@ -579,12 +737,19 @@ async fn create_token(
             ));
         }
         (other, _, _) => {
-            return Err(Error::invalid("role", format!("unknown role '{other}' (operator, provider, consumer)")));
+            return Err(Error::invalid(
+                "role",
+                format!(
+                    "unknown role '{}' (operator, provider, consumer)",
+                    other.chars().filter(|c| !c.is_control()).take(32).collect::<String>()
+                ),
+            ));
         }
     };
     let label = req.label.clone();
     let r = role.clone();
-    let (token, h) = state
+    let expires_in_s = req.expires_in_s;
+    let (token, id) = state
         .world
         .call(move |_, b| {
             if let Role::Consumer { org } = &r {
@@ -593,81 +758,129 @@ async fn create_token(
                     .optional()?
                     .ok_or_else(|| Error::not_found("organisation", org))?;
             }
-            auth::create(b.sql(), &r, &label, b.now())
+            auth::create(b.sql(), &r, &label, b.now(), expires_in_s)
         })
         .await?;
-    state.tokens.insert(h, Principal { role: role.clone(), label: req.label });
-    Ok((StatusCode::CREATED, Json(api::TokenResponse { token, role: role.name().into() })).into_response())
+    Ok((StatusCode::CREATED, Json(api::TokenResponse { token, id, role: role.name().into() })).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/agent/lease", request_body = api::LeaseRequest, responses((status = 200, body = api::LeaseResponse)))]
+#[utoipa::path(get, path = "/v1/tokens", responses((status = 200, body = [api::TokenInfo]), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError)), security(("bearer" = [])))]
+async fn list_tokens(State(state): State<AppState>, Auth(who): Auth) -> Result<Json<Vec<api::TokenInfo>>> {
+    who.require_operator()?;
+    Ok(Json(state.world.call(|_, b| auth::list(b.sql())).await?))
+}
+
+#[utoipa::path(post, path = "/v1/tokens/{id}/revoke", params(("id" = String, Path, description = "the token's public id")), responses((status = 200, body = api::TokenInfo), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError), (status = 404, body = api::ApiError)), security(("bearer" = [])))]
+async fn revoke_token(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<api::TokenInfo>> {
+    who.require_operator()?;
+    let key = id.clone();
+    let info = state.world.call(move |_, b| auth::revoke(b.sql(), &key, b.now())).await?;
+    state.tokens.forget(&id);
+    Ok(Json(info))
+}
+
+#[utoipa::path(post, path = "/v1/agent/lease", request_body = api::LeaseRequest, responses((status = 200, body = api::LeaseResponse), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError), (status = 413, body = api::ApiError), (status = 415, body = api::ApiError)), security(("bearer" = [])))]
 async fn lease(
     State(state): State<AppState>,
     Auth(who): Auth,
     ApiJson(req): ApiJson<api::LeaseRequest>,
 ) -> Result<Json<api::LeaseResponse>> {
     let site = provider_site(&who, &state.topology)?;
+    if req.running.len() > 100_000 {
+        return Err(Error::invalid("running", "at most 100000 attempts"));
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(req.wait_s.min(60));
+    let running = Arc::new(req.running);
+    let caps = req.capabilities;
     loop {
         let notified = state.world.work_ready.notified();
-        let lease = state.world.call(move |s, b| s.lease(b, site)).await?;
-        if lease.is_some() || tokio::time::Instant::now() >= deadline {
-            return Ok(Json(api::LeaseResponse { lease }));
+        let r = running.clone();
+        let (lease, stop) = state
+            .world
+            .call(move |s, b| {
+                let stop = s.stops(b, site, &r)?;
+                Ok((s.lease(b, site, caps)?, stop))
+            })
+            .await?;
+        if lease.is_some() || !stop.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(api::LeaseResponse { lease, stop }));
         }
         let _ = tokio::time::timeout_at(deadline, notified).await;
     }
 }
 
-#[utoipa::path(post, path = "/v1/agent/attempts/{job}/{attempt}/start", responses((status = 200)))]
+fn attempt_path(job: &str, attempt: &str) -> Result<(u64, u32)> {
+    let job = parse_id("job", job)?;
+    let attempt = u32::try_from(parse_id("attempt", attempt)?).map_err(|_| Error::invalid("attempt", "too large"))?;
+    Ok((job, attempt))
+}
+
+#[utoipa::path(post, path = "/v1/agent/attempts/{job}/{attempt}/start", params(("job" = u64, Path), ("attempt" = u32, Path), ("X-Attempt-Secret" = String, Header, description = "the secret of the attempt's lease")), responses((status = 200, body = Object), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError), (status = 404, body = api::ApiError)), security(("bearer" = [])))]
 async fn attempt_start(
     State(state): State<AppState>,
     Auth(who): Auth,
+    AttemptSecret(secret): AttemptSecret,
     Path((job, attempt)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>> {
-    let job = parse_id("job", &job)?;
-    let attempt = u32::try_from(parse_id("attempt", &attempt)?).map_err(|_| Error::invalid("attempt", "too large"))?;
+    let (job, attempt) = attempt_path(&job, &attempt)?;
     let site = provider_site(&who, &state.topology)?;
-    let ok = state.world.call(move |s, b| s.started(b, site, job, attempt)).await?;
+    let ok = state.world.call(move |s, b| s.started(b, site, job, attempt, &secret)).await?;
     Ok(Json(serde_json::json!({"ok": ok})))
 }
 
-#[utoipa::path(post, path = "/v1/agent/attempts/{job}/{attempt}/heartbeat", responses((status = 200, body = api::HeartbeatResponse)))]
+#[utoipa::path(post, path = "/v1/agent/attempts/{job}/{attempt}/heartbeat", params(("job" = u64, Path), ("attempt" = u32, Path), ("X-Attempt-Secret" = String, Header, description = "the secret of the attempt's lease")), responses((status = 200, body = api::HeartbeatResponse), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError), (status = 404, body = api::ApiError)), security(("bearer" = [])))]
 async fn attempt_heartbeat(
     State(state): State<AppState>,
     Auth(who): Auth,
+    AttemptSecret(secret): AttemptSecret,
     Path((job, attempt)): Path<(String, String)>,
 ) -> Result<Json<api::HeartbeatResponse>> {
-    let job = parse_id("job", &job)?;
-    let attempt = u32::try_from(parse_id("attempt", &attempt)?).map_err(|_| Error::invalid("attempt", "too large"))?;
+    let (job, attempt) = attempt_path(&job, &attempt)?;
     let site = provider_site(&who, &state.topology)?;
-    let stop = state.world.call(move |s, b| s.heartbeat(b, site, job, attempt)).await?;
+    let stop = state.world.call(move |s, b| s.heartbeat(b, site, job, attempt, &secret)).await?;
     Ok(Json(api::HeartbeatResponse { stop }))
 }
 
-#[utoipa::path(post, path = "/v1/agent/attempts/{job}/{attempt}/logs", request_body(content = String, content_type = "application/octet-stream"), responses((status = 200)))]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogChunkQuery {
+    /// Where the chunk starts in the attempt's output stream.
+    offset: u64,
+    /// The chunk is the final tail sent after the quota ran out.
+    #[serde(default)]
+    tail: bool,
+}
+
+#[utoipa::path(post, path = "/v1/agent/attempts/{job}/{attempt}/logs", params(("job" = u64, Path), ("attempt" = u32, Path), ("offset" = u64, Query, description = "where the chunk starts in the attempt's output"), ("tail" = Option<bool>, Query, description = "the final tail after the quota ran out"), ("X-Attempt-Secret" = String, Header, description = "the secret of the attempt's lease")), request_body(content = String, content_type = "application/octet-stream", description = "at most 262144 bytes"), responses((status = 200, body = api::LogAck), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError), (status = 404, body = api::ApiError), (status = 409, body = api::ApiError), (status = 413, body = api::ApiError)), security(("bearer" = [])))]
 async fn attempt_logs(
     State(state): State<AppState>,
     Auth(who): Auth,
+    AttemptSecret(secret): AttemptSecret,
     Path((job, attempt)): Path<(String, String)>,
+    query: std::result::Result<Query<LogChunkQuery>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
-) -> Result<Json<serde_json::Value>> {
-    let job = parse_id("job", &job)?;
-    let attempt = u32::try_from(parse_id("attempt", &attempt)?).map_err(|_| Error::invalid("attempt", "too large"))?;
+) -> Result<Json<api::LogAck>> {
+    let (job, attempt) = attempt_path(&job, &attempt)?;
+    let Query(q) = query.map_err(|e| Error::invalid("offset", e.body_text()))?;
     let site = provider_site(&who, &state.topology)?;
-    state.world.call(move |s, b| s.logs(b, site, job, attempt, &body)).await?;
-    Ok(Json(serde_json::json!({"ok": true})))
+    let ack = state.world.call(move |s, b| s.logs(b, site, job, attempt, &secret, q.offset, q.tail, &body)).await?;
+    Ok(Json(ack))
 }
 
-#[utoipa::path(post, path = "/v1/agent/attempts/{job}/{attempt}/finish", request_body = api::FinishRequest, responses((status = 200), (status = 409, body = api::ApiError)))]
+#[utoipa::path(post, path = "/v1/agent/attempts/{job}/{attempt}/finish", params(("job" = u64, Path), ("attempt" = u32, Path), ("X-Attempt-Secret" = String, Header, description = "the secret of the attempt's lease")), request_body = api::FinishRequest, responses((status = 200, body = Object), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError), (status = 404, body = api::ApiError), (status = 409, body = api::ApiError), (status = 413, body = api::ApiError), (status = 415, body = api::ApiError)), security(("bearer" = [])))]
 async fn attempt_finish(
     State(state): State<AppState>,
     Auth(who): Auth,
+    AttemptSecret(secret): AttemptSecret,
     Path((job, attempt)): Path<(String, String)>,
     ApiJson(report): ApiJson<api::FinishRequest>,
 ) -> Result<Json<serde_json::Value>> {
-    let job = parse_id("job", &job)?;
-    let attempt = u32::try_from(parse_id("attempt", &attempt)?).map_err(|_| Error::invalid("attempt", "too large"))?;
+    let (job, attempt) = attempt_path(&job, &attempt)?;
     let site = provider_site(&who, &state.topology)?;
-    state.world.call(move |s, b| s.finished(b, site, job, attempt, &report)).await?;
+    state.world.call(move |s, b| s.finished(b, site, job, attempt, &secret, &report)).await?;
     Ok(Json(serde_json::json!({"ok": true})))
 }

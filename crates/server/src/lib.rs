@@ -8,12 +8,14 @@
 //! - [`world`]: the state, the writer with group commit, every state change;
 //! - [`http`]: routes, extractors, handlers, OpenAPI;
 //! - [`auth`]: tokens and roles;
-//! - [`admin`]: bootstrap and administration straight on the database file.
+//! - [`admin`]: bootstrap and administration straight on the database file;
+//! - [`validate`]: the limits every request field is checked against.
 
 pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod http;
+pub mod validate;
 pub mod world;
 
 use std::net::SocketAddr;
@@ -48,6 +50,8 @@ pub enum ServeError {
     Tokens(#[from] rusqlite::Error),
     #[error("{0}")]
     Network(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Opens the database and starts the writer; returns the router's state.
@@ -55,6 +59,7 @@ pub enum ServeError {
 /// given; later starts use the stored one (which `suanwang admin site`
 /// extends), and refuse a different network.
 pub fn open(config: &ServerConfig) -> Result<http::AppState, ServeError> {
+    config.timings.check().map_err(ServeError::Config)?;
     let requested = suanwang_topology::load_spec(&config.topology)?;
     let spec = match admin::stored_network(&config.db).map_err(|e| ServeError::Network(e.to_string()))? {
         Some(stored) if stored.name != requested.name => {
@@ -75,7 +80,7 @@ pub fn open(config: &ServerConfig) -> Result<http::AppState, ServeError> {
     let topology = Arc::new(suanwang_topology::build(&spec, std::path::Path::new(&config.topology))?);
     let ledger = Ledger::open(&config.db)?;
     let world = world::start(ledger, topology.clone(), &config.policy, config.timings)?;
-    let tokens = auth::Tokens::load(&rusqlite::Connection::open(&config.db)?, config.db.clone())?;
+    let tokens = auth::Tokens::new(config.db.clone());
     Ok(http::AppState { world, tokens, topology, db: config.db.clone() })
 }
 
@@ -86,7 +91,16 @@ pub async fn serve(
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), ServeError> {
     let state = open(&config)?;
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| {
+        ServeError::Config(if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!(
+                "cannot listen on {}: the port is in use (another suanwang?); choose another with --listen",
+                config.listen
+            )
+        } else {
+            format!("cannot listen on {}: {e}", config.listen)
+        })
+    })?;
     let address = listener.local_addr()?;
     let world = state.world.clone();
     tokio::spawn(async move {

@@ -18,9 +18,11 @@ use std::sync::mpsc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{OptionalExtension, params};
-use suanwang_api::{FinishRequest, Job, JobEvent, JobRequest, JobState, Lease};
+use suanwang_api::{
+    AttemptEnd, AttemptRef, Capabilities, FinishRequest, Job, JobEvent, JobRequest, JobState, Lease, LogAck,
+};
 use suanwang_core::job::{DatasetRef, JobId, JobSpec, OrgId, OrgKind, Weights};
-use suanwang_core::scheduler::{Decision, Event, Scheduler, StopReason};
+use suanwang_core::scheduler::{Decision, Event, GiveUpReason, Scheduler, StopReason};
 use suanwang_core::topology::{PoolId, SiteId, Topology};
 use suanwang_ledger::ledger::Batch;
 use suanwang_ledger::voucher::{self, Placement, Usage};
@@ -37,7 +39,10 @@ CREATE TABLE IF NOT EXISTS tokens (
     org TEXT,
     site TEXT,
     label TEXT NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    id TEXT,
+    expires_at INTEGER,
+    revoked_at INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS org_homes (org TEXT PRIMARY KEY, home TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -54,11 +59,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at INTEGER,
     exit_code INTEGER,
     billed_fen INTEGER,
-    subsidy_fen INTEGER
+    subsidy_fen INTEGER,
+    secret_keys TEXT
 );
+-- Secret environment of jobs not yet finished; deleted when the job ends.
+CREATE TABLE IF NOT EXISTS job_secrets (job INTEGER PRIMARY KEY, env TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS jobs_org ON jobs(org, id);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
--- One row per attempt: assigned -> leased -> running -> done | failed | lost | stopped | refused.
+-- One row per attempt: assigned -> leased -> running -> done | failed | lost | stopping -> stopped | refused.
+-- `cause` says how it ended (succeeded, failed, time_limit, memory_limit,
+-- cancelled, preempted, lost, site_down, infrastructure, refused).
+-- `log_received` is the offset in the attempt's output stream up to which
+-- the server has it; `log_stored` the bytes stored; `log_dropped` those
+-- dropped over the quota.
 CREATE TABLE IF NOT EXISTS attempts (
     job INTEGER NOT NULL,
     attempt INTEGER NOT NULL,
@@ -70,6 +83,14 @@ CREATE TABLE IF NOT EXISTS attempts (
     ended_at INTEGER,
     accel_seconds_est INTEGER NOT NULL,
     transfer_fen INTEGER NOT NULL,
+    secret_hash BLOB,
+    leased_at INTEGER,
+    cause TEXT,
+    exit_code INTEGER,
+    wall_s INTEGER,
+    log_received INTEGER NOT NULL DEFAULT 0,
+    log_stored INTEGER NOT NULL DEFAULT 0,
+    log_dropped INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job, attempt)
 );
 CREATE INDEX IF NOT EXISTS attempts_site ON attempts(site, state);
@@ -80,22 +101,97 @@ CREATE TABLE IF NOT EXISTS logs (seq INTEGER PRIMARY KEY, job INTEGER NOT NULL, 
 CREATE INDEX IF NOT EXISTS logs_job ON logs(job, seq);
 ";
 
-/// Timings of leases and liveness.
+/// Columns added since the first release of the schema: a database made
+/// by an older server gets them at the next start.
+const MIGRATIONS: &[(&str, &str, &str)] = &[
+    ("tokens", "id", "TEXT"),
+    ("tokens", "expires_at", "INTEGER"),
+    ("tokens", "revoked_at", "INTEGER"),
+    ("jobs", "secret_keys", "TEXT"),
+    ("attempts", "secret_hash", "BLOB"),
+    ("attempts", "leased_at", "INTEGER"),
+    ("attempts", "cause", "TEXT"),
+    ("attempts", "exit_code", "INTEGER"),
+    ("attempts", "wall_s", "INTEGER"),
+    ("attempts", "log_received", "INTEGER NOT NULL DEFAULT 0"),
+    ("attempts", "log_stored", "INTEGER NOT NULL DEFAULT 0"),
+    ("attempts", "log_dropped", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+/// Creates the tables and adds columns an older database lacks.
+pub fn migrate(sql: &rusqlite::Connection) -> rusqlite::Result<()> {
+    sql.execute_batch(SCHEMA)?;
+    for (table, column, decl) in MIGRATIONS {
+        let has: bool =
+            sql.prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?.exists([column])?;
+        if !has {
+            sql.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    // Tokens made before tokens had public ids get one from their hash.
+    let unnamed: Vec<Vec<u8>> = {
+        let mut stmt = sql.prepare("SELECT hash FROM tokens WHERE id IS NULL")?;
+        stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+    };
+    for hash in unnamed {
+        sql.execute("UPDATE tokens SET id = ?2 WHERE hash = ?1", params![hash, crate::auth::public_id(&hash)])?;
+    }
+    Ok(())
+}
+
+/// Timings of leases and liveness, and the log quota.
 #[derive(Debug, Clone, Copy)]
 pub struct Timings {
     /// An attempt whose agent has not been heard of for this long is lost.
     pub lease_s: i64,
     /// Agents send heartbeats this often.
     pub heartbeat_s: u64,
-    /// A site whose agent has not polled for this long is down.
+    /// A site whose agent has not polled for this long is down. Never
+    /// shorter than the lease: a site goes down (and its jobs move) only
+    /// once its attempts' leases have expired, so that their agents have
+    /// killed them first.
     pub site_timeout_s: i64,
+    /// Most bytes of output kept per attempt.
+    pub log_quota_bytes: u64,
 }
 
 impl Default for Timings {
     fn default() -> Self {
-        Timings { lease_s: 30, heartbeat_s: 5, site_timeout_s: 20 }
+        Timings { lease_s: 30, heartbeat_s: 5, site_timeout_s: 30, log_quota_bytes: 100 << 20 }
     }
 }
+
+impl Timings {
+    /// Refuses settings that would let two copies of a job run at once.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.lease_s < 2 {
+            return Err(format!("--lease-s must be at least 2, got {}", self.lease_s));
+        }
+        if self.heartbeat_s == 0 || self.heartbeat_s as i64 * 2 > self.lease_s {
+            return Err(format!(
+                "--heartbeat-s must be between 1 and half the lease ({} s), got {}",
+                self.lease_s / 2,
+                self.heartbeat_s
+            ));
+        }
+        if self.site_timeout_s < self.lease_s {
+            return Err(format!(
+                "--site-timeout-s ({}) must be at least --lease-s ({}): a site may go down only after its leases expired",
+                self.site_timeout_s, self.lease_s
+            ));
+        }
+        if self.log_quota_bytes < 4096 {
+            return Err(format!("the log quota must be at least 4096 bytes, got {}", self.log_quota_bytes));
+        }
+        Ok(())
+    }
+}
+
+/// The most bytes of an attempt's output kept after its quota is used up
+/// (its last lines, usually where the error is).
+pub const LOG_TAIL_BYTES: u64 = 64 * 1024;
+/// Largest chunk of output an agent may send in one request.
+pub const LOG_CHUNK_BYTES: usize = 256 * 1024;
 
 pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
@@ -108,9 +204,12 @@ pub struct State {
     pub timings: Timings,
     /// When each site's agent was last heard from.
     site_seen: HashMap<SiteId, i64>,
+    /// What each site's agent said it can run.
+    site_caps: HashMap<SiteId, Capabilities>,
     last_now: i64,
-    /// New work was assigned to some site in this group: wake the agents.
-    assigned: bool,
+    /// Work was assigned or an attempt must stop in this group: wake the
+    /// agents' long polls.
+    wake_agents: bool,
 }
 
 type Work = Box<dyn FnOnce(&mut State, &mut Batch<'_>) -> Box<dyn FnOnce(bool) + Send> + Send>;
@@ -157,13 +256,21 @@ pub fn start(
     let now = unix_now();
     voucher::init(&mut ledger, now)?;
     ledger.write(now, |b| {
-        b.sql().execute_batch(SCHEMA)?;
+        migrate(b.sql())?;
         Ok(())
     })?;
     let policy = suanwang_core::policy::by_name(policy)
         .map_err(|e| LedgerError::Corrupt { path: "policy".into(), problem: e.to_string() })?;
     let scheduler = Scheduler::new(topology.clone(), policy).with_invariant_checks(cfg!(debug_assertions));
-    let mut state = State { topology, scheduler, timings, site_seen: HashMap::new(), last_now: now, assigned: false };
+    let mut state = State {
+        topology,
+        scheduler,
+        timings,
+        site_seen: HashMap::new(),
+        site_caps: HashMap::new(),
+        last_now: now,
+        wake_agents: false,
+    };
     ledger.write(now, |b| {
         state.restore(b).map_err(|e| LedgerError::Corrupt { path: "jobs".into(), problem: e.body.message })
     })?;
@@ -204,7 +311,7 @@ pub fn start(
                 for finish in finishers {
                     finish(committed);
                 }
-                if std::mem::take(&mut state.assigned) {
+                if std::mem::take(&mut state.wake_agents) {
                     notify.notify_waiters();
                 }
             }
@@ -228,7 +335,21 @@ fn set_state(b: &Batch<'_>, job: u64, state: JobState, reason: Option<&str>) -> 
     b.sql()
         .prepare_cached("UPDATE jobs SET state = ?2, reason = COALESCE(?3, reason), finished_at = COALESCE(?4, finished_at) WHERE id = ?1")?
         .execute(params![job as i64, state.as_str(), reason, finished])?;
+    if state.is_terminal() {
+        // A finished job's secrets are needed by no one any more.
+        b.sql().prepare_cached("DELETE FROM job_secrets WHERE job = ?1")?.execute([job as i64])?;
+    }
     event(b, job, state.as_str(), reason.unwrap_or(""))
+}
+
+/// Sets an attempt's final state and cause.
+fn end_attempt_row(b: &Batch<'_>, job: u64, attempt: u32, state: &str, cause: &str) -> Result<()> {
+    b.sql()
+        .prepare_cached(
+            "UPDATE attempts SET state = ?3, cause = COALESCE(cause, ?4), ended_at = COALESCE(ended_at, ?5) WHERE job = ?1 AND attempt = ?2",
+        )?
+        .execute(params![job as i64, attempt, state, cause, b.now()])?;
+    Ok(())
 }
 
 /// The ledger's name for one attempt's bill: each attempt is held apart, so
@@ -237,9 +358,10 @@ pub fn billing_key(job: u64, attempt: u32) -> String {
     format!("job-{job}-{attempt}")
 }
 
-/// The job of a [`billing_key`].
-pub fn job_of_billing_key(key: &str) -> Option<u64> {
-    key.strip_prefix("job-")?.split('-').next()?.parse().ok()
+/// The job and attempt of a [`billing_key`].
+pub fn attempt_of_billing_key(key: &str) -> Option<(u64, u32)> {
+    let (job, attempt) = key.strip_prefix("job-")?.split_once('-')?;
+    Some((job.parse().ok()?, attempt.parse().ok()?))
 }
 
 fn read_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
@@ -260,6 +382,10 @@ fn read_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         exit_code: row.get("exit_code")?,
         billed_fen: row.get("billed_fen")?,
         subsidy_fen: row.get("subsidy_fen")?,
+        secret_keys: row
+            .get::<_, Option<String>>("secret_keys")?
+            .map(|text| serde_json::from_str(&text).unwrap_or_default())
+            .unwrap_or_default(),
         request: serde_json::from_str(&request).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
     })
     .map(|mut j| {
@@ -283,11 +409,15 @@ impl State {
         b.now().max(0) as u64
     }
 
-    /// The job a request describes, checked against the topology.
+    /// The job a request describes, checked against the topology. The
+    /// request's own limits are checked at the door (`validate`).
     pub fn spec(&self, b: &Batch<'_>, id: u64, org: &str, req: &JobRequest) -> Result<JobSpec> {
         let t = &self.topology;
-        if req.gpus == 0 || req.gpus > 100_000 {
-            return Err(Error::invalid("gpus", format!("must be between 1 and 100000, got {}", req.gpus)));
+        if req.gpus == 0 || req.gpus > suanwang_core::job::MAX_GANG {
+            return Err(Error::invalid(
+                "gpus",
+                format!("must be between 1 and {}, got {}", suanwang_core::job::MAX_GANG, req.gpus),
+            ));
         }
         if req.estimate_s == 0 || req.estimate_s > suanwang_core::job::MAX_ESTIMATE_S {
             return Err(Error::invalid(
@@ -300,9 +430,16 @@ impl State {
         }
         let mut accepted = Vec::new();
         for name in &req.accelerators {
-            let a = t
-                .accelerator_id(name)
-                .ok_or_else(|| Error::invalid("accelerators", format!("unknown accelerator type '{name}'")))?;
+            let a = t.accelerator_id(name).ok_or_else(|| {
+                Error::invalid(
+                    "accelerators",
+                    format!(
+                        "unknown accelerator type '{}' (known: {})",
+                        name.chars().take(64).filter(|c| !c.is_control()).collect::<String>(),
+                        t.accelerators.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            })?;
             if !accepted.contains(&a) {
                 accepted.push(a);
             }
@@ -357,19 +494,46 @@ impl State {
         spec.datasets = datasets;
         spec.weights = weights;
         spec.budget_fen = req.budget_fen;
+        spec.retries = req.retries;
         spec.deadline_s = req.deadline_s.map(|d| Self::core_now(b) + d);
         spec.validate(t).map_err(|e| Error::invalid(e.field, e.problem))?;
         Ok(spec)
     }
 
-    /// Stores a new job and gives it to the scheduler.
-    pub fn submit(&mut self, b: &mut Batch<'_>, org: &str, req: JobRequest) -> Result<Job> {
+    /// Refuses a job no site can run now for want of a capability.
+    pub fn check_capabilities(&self, req: &JobRequest) -> Result<()> {
+        if req.image.is_some() && !self.site_caps.values().any(|c| c.images) {
+            return Err(Error::invalid(
+                "image",
+                "no site of this network can run container images now (no agent reports the capability); give a command instead",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Stores a new job and gives it to the scheduler. The secret
+    /// environment is kept apart from the request, which is shown to people.
+    pub fn submit(&mut self, b: &mut Batch<'_>, org: &str, mut req: JobRequest) -> Result<Job> {
+        self.check_capabilities(&req)?;
         let now = b.now();
+        let secrets = std::mem::take(&mut req.secret_env);
         let text = serde_json::to_string(&req).map_err(Error::internal)?;
+        let secret_keys = (!secrets.is_empty())
+            .then(|| serde_json::to_string(&secrets.keys().collect::<Vec<_>>()))
+            .transpose()
+            .map_err(Error::internal)?;
         b.sql()
-            .prepare_cached("INSERT INTO jobs (org, request, state, submitted_at) VALUES (?1, ?2, 'pending', ?3)")?
-            .execute(params![org, text, now])?;
+            .prepare_cached(
+                "INSERT INTO jobs (org, request, state, submitted_at, secret_keys) VALUES (?1, ?2, 'pending', ?3, ?4)",
+            )?
+            .execute(params![org, text, now, secret_keys])?;
         let id = b.sql().last_insert_rowid() as u64;
+        if !secrets.is_empty() {
+            b.sql().execute(
+                "INSERT INTO job_secrets (job, env) VALUES (?1, ?2)",
+                params![id as i64, serde_json::to_string(&secrets).map_err(Error::internal)?],
+            )?;
+        }
         let spec = self.spec(b, id, org, &req)?;
         event(b, id, "submitted", "")?;
         // Last: the scheduler cannot be rolled back.
@@ -381,24 +545,53 @@ impl State {
         load_job(b.sql(), id)?.ok_or_else(|| Error::internal("job vanished"))
     }
 
-    /// Cancels a job, pending or running, and releases its hold.
+    /// Cancels a job, pending or running. A running attempt is billed for
+    /// the time it ran (the owner chose to stop it), then killed.
     pub fn cancel(&mut self, b: &mut Batch<'_>, id: u64) -> Result<Job> {
         let job = load_job(b.sql(), id)?.ok_or_else(|| Error::not_found("job", id))?;
         if job.state.is_terminal() {
             return Err(Error::conflict("already_finished", format!("job {id} is already {}", job.state.as_str())));
         }
         if let Some((attempt, _)) = self.scheduler.running_attempt(JobId(id)) {
-            voucher::release_in(b, &billing_key(id, attempt))?;
+            let started: Option<i64> = b.sql().query_row(
+                "SELECT started_at FROM attempts WHERE job = ?1 AND attempt = ?2",
+                params![id as i64, attempt],
+                |r| r.get(0),
+            )?;
+            match started {
+                Some(started) => {
+                    let wall_s = (b.now() - started).max(1) as u64;
+                    self.bill_attempt(b, id, attempt, job.request.gpus, wall_s)?;
+                }
+                None => voucher::release_in(b, &billing_key(id, attempt))?,
+            }
             b.sql().execute(
-                "UPDATE attempts SET state = 'stopping' WHERE job = ?1 AND attempt = ?2",
+                "UPDATE attempts SET state = 'stopping', cause = 'cancelled' WHERE job = ?1 AND attempt = ?2",
                 params![id as i64, attempt],
             )?;
+            self.wake_agents = true;
         }
         set_state(b, id, JobState::Cancelled, Some("cancelled by its owner"))?;
         let decisions =
             self.scheduler.apply(Self::core_now(b), Event::Cancel { job: JobId(id) }).map_err(Error::internal)?;
         self.apply(b, decisions)?;
         load_job(b.sql(), id)?.ok_or_else(|| Error::internal("job vanished"))
+    }
+
+    /// Settles an attempt's hold with its usage and adds the bill to the job's.
+    fn bill_attempt(&mut self, b: &mut Batch<'_>, job: u64, attempt: u32, gpus: u32, wall_s: u64) -> Result<()> {
+        let transfer_fen: i64 = b.sql().query_row(
+            "SELECT transfer_fen FROM attempts WHERE job = ?1 AND attempt = ?2",
+            params![job as i64, attempt],
+            |r| r.get(0),
+        )?;
+        let usage = Usage { accel_seconds: gpus as i64 * wall_s.max(1) as i64, transfer_fen };
+        let settled = voucher::settle_in(b, &billing_key(job, attempt), &usage)?;
+        b.sql().execute(
+            "UPDATE jobs SET billed_fen = COALESCE(billed_fen, 0) + ?2, subsidy_fen = COALESCE(subsidy_fen, 0) + ?3 WHERE id = ?1",
+            params![job as i64, settled.bill.org_total_fen, settled.bill.subsidy_fen],
+        )?;
+        Ok(())
     }
 
     /// One scheduling pass, decisions applied.
@@ -416,11 +609,17 @@ impl State {
                     queue.extend(more);
                 }
                 Decision::Stop { job, attempt, reason } => {
+                    let cause = match reason {
+                        StopReason::Preempted => "preempted",
+                        StopReason::Cancelled => "cancelled",
+                    };
                     b.sql().execute(
-                        "UPDATE attempts SET state = 'stopping' WHERE job = ?1 AND attempt = ?2 AND state IN ('assigned', 'leased', 'running')",
-                        params![job.0 as i64, attempt],
+                        "UPDATE attempts SET state = 'stopping', cause = COALESCE(cause, ?3) WHERE job = ?1 AND attempt = ?2 AND state IN ('assigned', 'leased', 'running')",
+                        params![job.0 as i64, attempt, cause],
                     )?;
+                    self.wake_agents = true;
                     if reason == StopReason::Preempted {
+                        // The platform's choice: never billed.
                         voucher::release_in(b, &billing_key(job.0, attempt))?;
                         set_state(b, job.0, JobState::Pending, Some("preempted"))?;
                     }
@@ -431,11 +630,36 @@ impl State {
                         "UPDATE jobs SET state = 'pending', site = NULL, accel = NULL WHERE id = ?1",
                         params![job.0 as i64],
                     )?;
-                    event(b, job.0, "requeued", &format!("attempt {attempt}: {reason:?}"))?;
+                    event(
+                        b,
+                        job.0,
+                        "requeued",
+                        &format!("attempt {attempt} ended: {}; queued again", reason.describe()),
+                    )?;
                 }
                 Decision::Reject { job, reason } => set_state(b, job.0, JobState::Rejected, Some(&reason.to_string()))?,
-                Decision::GiveUp { job, attempts } => {
-                    set_state(b, job.0, JobState::Failed, Some(&format!("failed {attempts} times")))?
+                Decision::GiveUp { job, attempts, reason } => {
+                    let why = match reason {
+                        GiveUpReason::Failed => {
+                            let last: Option<(Option<String>, Option<i32>)> = b
+                                .sql()
+                                .query_row(
+                                    "SELECT cause, exit_code FROM attempts WHERE job = ?1 ORDER BY attempt DESC LIMIT 1",
+                                    [job.0 as i64],
+                                    |r| Ok((r.get(0)?, r.get(1)?)),
+                                )
+                                .optional()?;
+                            let how = match last {
+                                Some((Some(cause), code)) => describe_cause(&cause, code),
+                                _ => "failed".into(),
+                            };
+                            format!("attempt {attempts} {how}; no retries left")
+                        }
+                        GiveUpReason::LostTooOften => {
+                            format!("lost to infrastructure faults too often ({attempts} attempts)")
+                        }
+                    };
+                    set_state(b, job.0, JobState::Failed, Some(&why))?
                 }
             }
         }
@@ -464,7 +688,7 @@ impl State {
         let held = voucher::hold_in(b, &billing_key(job, start.attempt), &org, &placement, &usage, 30 * 86_400);
         b.sql()
             .prepare_cached(
-                "INSERT INTO attempts (job, attempt, site, pool, state, lease_until, accel_seconds_est, transfer_fen) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO attempts (job, attempt, site, pool, state, lease_until, accel_seconds_est, transfer_fen, cause) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
             .execute(params![
                 job as i64,
@@ -474,7 +698,8 @@ impl State {
                 if held.is_ok() { "assigned" } else { "refused" },
                 b.now() + self.timings.lease_s,
                 accel_seconds,
-                e.transfer_cost_fen
+                e.transfer_cost_fen,
+                if held.is_ok() { None } else { Some("refused") }
             ])?;
         match held {
             Ok(_) => {
@@ -488,11 +713,17 @@ impl State {
                     "placed",
                     &format!("attempt {} on {} ({} x {})", start.attempt, site.key, e.gpus, accel.name),
                 )?;
-                self.assigned = true;
+                self.wake_agents = true;
                 Ok(Vec::new())
             }
             Err(refusal) => {
-                let reason = format!("billing refused: [{}] {refusal}", refusal.code());
+                let reason = match &refusal {
+                    LedgerError::Refused(suanwang_ledger::Refusal::InsufficientFunds { .. }) => format!(
+                        "the organisation cannot pay: its wallet and vouchers hold less than the {} fen this attempt needs held",
+                        voucher::bill(b, &org, &placement, &usage).map(|bill| bill.org_total_fen).unwrap_or(0)
+                    ),
+                    other => format!("billing refused: {other}"),
+                };
                 set_state(b, job, JobState::Failed, Some(&reason))?;
                 self.scheduler.apply(Self::core_now(b), Event::Cancel { job: start.job }).map_err(Error::internal)
             }
@@ -509,9 +740,30 @@ impl State {
         Ok(())
     }
 
-    /// Gives the oldest assigned attempt of the site to its agent.
-    pub fn lease(&mut self, b: &mut Batch<'_>, site: SiteId) -> Result<Option<Lease>> {
+    /// The attempts among `running` (those an agent says it runs) that must
+    /// be killed: not current any more, or not this site's at all.
+    pub fn stops(&self, b: &Batch<'_>, site: SiteId, running: &[AttemptRef]) -> Result<Vec<AttemptRef>> {
+        let key = &self.topology.site(site).key;
+        let mut stop = Vec::new();
+        for r in running {
+            let row: Option<(String, String)> = b
+                .sql()
+                .prepare_cached("SELECT site, state FROM attempts WHERE job = ?1 AND attempt = ?2")?
+                .query_row(params![r.job as i64, r.attempt], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?;
+            let keep = row.is_some_and(|(at, state)| &at == key && matches!(state.as_str(), "leased" | "running"));
+            if !keep {
+                stop.push(*r);
+            }
+        }
+        Ok(stop)
+    }
+
+    /// Gives the oldest assigned attempt of the site to its agent, with a
+    /// fresh secret for that attempt alone.
+    pub fn lease(&mut self, b: &mut Batch<'_>, site: SiteId, caps: Capabilities) -> Result<Option<Lease>> {
         self.seen(b, site)?;
+        self.site_caps.insert(site, caps);
         let key = self.topology.site(site).key.clone();
         let next: Option<(i64, u32)> = b
             .sql()
@@ -519,43 +771,66 @@ impl State {
             .query_row([&key], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let Some((job, attempt)) = next else { return Ok(None) };
+        let secret = crate::auth::new_token().map_err(Error::internal)?;
         b.sql().execute(
-            "UPDATE attempts SET state = 'leased', lease_until = ?3 WHERE job = ?1 AND attempt = ?2",
-            params![job, attempt, b.now() + self.timings.lease_s],
+            "UPDATE attempts SET state = 'leased', lease_until = ?3, leased_at = ?4, secret_hash = ?5 WHERE job = ?1 AND attempt = ?2",
+            params![job, attempt, b.now() + self.timings.lease_s, b.now(), crate::auth::hash(&secret).to_vec()],
         )?;
         let j = load_job(b.sql(), job as u64)?.ok_or_else(|| Error::internal("attempt of unknown job"))?;
-        event(b, job as u64, "leased", &format!("attempt {attempt} by the agent of {key}"))?;
+        let secret_env: BTreeMap<String, String> = b
+            .sql()
+            .query_row("SELECT env FROM job_secrets WHERE job = ?1", [job], |r| r.get::<_, String>(0))
+            .optional()?
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(Error::internal)?
+            .unwrap_or_default();
+        event(b, job as u64, "leased", &format!("attempt {attempt} taken by the agent of {key}"))?;
         let r = &j.request;
         Ok(Some(Lease {
             job: job as u64,
             attempt,
+            secret,
             command: r.command.clone(),
             env: r.env.clone(),
+            secret_env,
             image: r.image.clone(),
             gpus: r.gpus,
             accelerator: j.accelerator.clone().unwrap_or_default(),
             time_limit_s: r.time_limit_s.unwrap_or(r.estimate_s.saturating_mul(2).saturating_add(60)),
+            memory_mb: r.memory_mb,
+            cpus: r.cpus,
             heartbeat_s: self.timings.heartbeat_s,
+            lease_s: self.timings.lease_s as u64,
+            log_quota_bytes: self.timings.log_quota_bytes,
         }))
     }
 
-    /// The attempt, if it is the current one of the job and at this site.
-    fn current(&self, b: &Batch<'_>, site: SiteId, job: u64, attempt: u32) -> Result<String> {
-        let row: Option<(String, String)> = b
+    /// The state of an attempt reported on by `site`'s agent holding
+    /// `secret`: another site's attempt, or a wrong or missing secret, is
+    /// refused (403) — a provider token alone cannot touch an attempt.
+    fn current(&self, b: &Batch<'_>, site: SiteId, job: u64, attempt: u32, secret: &str) -> Result<String> {
+        let row: Option<(String, String, Option<Vec<u8>>)> = b
             .sql()
-            .prepare_cached("SELECT site, state FROM attempts WHERE job = ?1 AND attempt = ?2")?
-            .query_row(params![job as i64, attempt], |r| Ok((r.get(0)?, r.get(1)?)))
+            .prepare_cached("SELECT site, state, secret_hash FROM attempts WHERE job = ?1 AND attempt = ?2")?
+            .query_row(params![job as i64, attempt], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
-        let Some((at, state)) = row else { return Err(Error::not_found("attempt", format!("{job}/{attempt}"))) };
+        let Some((at, state, hash)) = row else { return Err(Error::not_found("attempt", format!("{job}/{attempt}"))) };
         if at != self.topology.site(site).key {
             return Err(Error::forbidden(format!("attempt {job}/{attempt} belongs to another site")));
+        }
+        let presented = crate::auth::hash(secret);
+        if hash.is_none_or(|h| !crate::auth::constant_time_eq(&h, &presented)) {
+            return Err(Error::forbidden(format!(
+                "attempt {job}/{attempt}: missing or wrong attempt secret (header X-Attempt-Secret)"
+            )));
         }
         Ok(state)
     }
 
-    pub fn started(&mut self, b: &mut Batch<'_>, site: SiteId, job: u64, attempt: u32) -> Result<bool> {
+    pub fn started(&mut self, b: &mut Batch<'_>, site: SiteId, job: u64, attempt: u32, secret: &str) -> Result<bool> {
+        let state = self.current(b, site, job, attempt, secret)?;
         self.seen(b, site)?;
-        let state = self.current(b, site, job, attempt)?;
         if state != "leased" {
             return Ok(state == "running");
         }
@@ -572,9 +847,9 @@ impl State {
     }
 
     /// Extends the lease; answers whether the agent must stop the attempt.
-    pub fn heartbeat(&mut self, b: &mut Batch<'_>, site: SiteId, job: u64, attempt: u32) -> Result<bool> {
+    pub fn heartbeat(&mut self, b: &mut Batch<'_>, site: SiteId, job: u64, attempt: u32, secret: &str) -> Result<bool> {
+        let state = self.current(b, site, job, attempt, secret)?;
         self.seen(b, site)?;
-        let state = self.current(b, site, job, attempt)?;
         if !matches!(state.as_str(), "leased" | "running") {
             return Ok(true);
         }
@@ -585,26 +860,113 @@ impl State {
         Ok(false)
     }
 
-    pub fn logs(&mut self, b: &mut Batch<'_>, site: SiteId, job: u64, attempt: u32, data: &[u8]) -> Result<()> {
-        self.current(b, site, job, attempt)?;
-        b.sql()
-            .prepare_cached("INSERT INTO logs (job, attempt, data) VALUES (?1, ?2, ?3)")?
-            .execute(params![job as i64, attempt, data])?;
-        Ok(())
+    /// A chunk of an attempt's output, starting at `offset` of its stream.
+    /// Chunks already received are acknowledged and ignored (the agent
+    /// retries after a lost answer); past the quota only the final tail is
+    /// kept, after a marker that says how much was dropped.
+    #[allow(clippy::too_many_arguments)]
+    pub fn logs(
+        &mut self,
+        b: &mut Batch<'_>,
+        site: SiteId,
+        job: u64,
+        attempt: u32,
+        secret: &str,
+        offset: u64,
+        tail: bool,
+        data: &[u8],
+    ) -> Result<LogAck> {
+        self.current(b, site, job, attempt, secret)?;
+        if data.len() > LOG_CHUNK_BYTES {
+            return Err(Error::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("a log chunk may hold at most {LOG_CHUNK_BYTES} bytes, got {}", data.len()),
+            ));
+        }
+        let (received, stored, dropped): (i64, i64, i64) = b.sql().query_row(
+            "SELECT log_received, log_stored, log_dropped FROM attempts WHERE job = ?1 AND attempt = ?2",
+            params![job as i64, attempt],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let (received, stored, dropped) = (received as u64, stored as u64, dropped as u64);
+        let quota = self.timings.log_quota_bytes;
+        let end = offset.saturating_add(data.len() as u64);
+        if end <= received {
+            return Ok(LogAck { received, over_quota: stored >= quota });
+        }
+        let insert = |bytes: &[u8]| -> Result<()> {
+            b.sql()
+                .prepare_cached("INSERT INTO logs (job, attempt, data) VALUES (?1, ?2, ?3)")?
+                .execute(params![job as i64, attempt, bytes])?;
+            Ok(())
+        };
+        if tail {
+            // The last part of the output after the quota ran out: whatever
+            // lies between what was received and this tail was dropped.
+            if offset < received || data.len() as u64 > LOG_TAIL_BYTES {
+                return Err(Error::invalid(
+                    "offset",
+                    format!("a tail must start at or after {received} and hold at most {LOG_TAIL_BYTES} bytes"),
+                ));
+            }
+            let lost = dropped + (offset - received);
+            if lost > 0 {
+                insert(format!("\n[truncated: {lost} bytes dropped]\n").as_bytes())?;
+                event(
+                    b,
+                    job,
+                    "log_truncated",
+                    &format!(
+                        "attempt {attempt}: output over the log quota of {quota} bytes; {lost} bytes dropped, the last {} bytes kept",
+                        data.len()
+                    ),
+                )?;
+            }
+            insert(data)?;
+            b.sql().execute(
+                "UPDATE attempts SET log_received = ?3, log_stored = log_stored + ?4, log_dropped = ?5 WHERE job = ?1 AND attempt = ?2",
+                params![job as i64, attempt, end as i64, data.len() as i64, lost as i64],
+            )?;
+            return Ok(LogAck { received: end, over_quota: true });
+        }
+        if offset > received {
+            return Err(Error::conflict(
+                "log_gap",
+                format!("attempt {job}/{attempt}: the server has {received} bytes of output; send from there"),
+            ));
+        }
+        let fresh = &data[(received - offset) as usize..];
+        let room = quota.saturating_sub(stored) as usize;
+        let kept = &fresh[..fresh.len().min(room)];
+        let lost = (fresh.len() - kept.len()) as u64;
+        if !kept.is_empty() {
+            insert(kept)?;
+        }
+        b.sql().execute(
+            "UPDATE attempts SET log_received = ?3, log_stored = log_stored + ?4, log_dropped = log_dropped + ?5 WHERE job = ?1 AND attempt = ?2",
+            params![job as i64, attempt, end as i64, kept.len() as i64, lost as i64],
+        )?;
+        Ok(LogAck { received: end, over_quota: stored + kept.len() as u64 >= quota })
     }
 
     /// The agent's report that an attempt ended. Only the current attempt
     /// counts; a late report from a dead attempt is refused (409).
+    ///
+    /// What the job did is billed: a success, a failure by its own fault
+    /// (exit code, time limit, memory limit). What the site did is not: an
+    /// infrastructure fault releases the hold and the job is queued again.
     pub fn finished(
         &mut self,
         b: &mut Batch<'_>,
         site: SiteId,
         job: u64,
         attempt: u32,
+        secret: &str,
         report: &FinishRequest,
     ) -> Result<()> {
+        let state = self.current(b, site, job, attempt, secret)?;
         self.seen(b, site)?;
-        let state = self.current(b, site, job, attempt)?;
         let current = self.scheduler.running_attempt(JobId(job)).is_some_and(|(a, _)| a == attempt);
         if !current || !matches!(state.as_str(), "leased" | "running") {
             b.sql().execute(
@@ -613,55 +975,68 @@ impl State {
             )?;
             return Err(Error::conflict("stale_attempt", format!("attempt {attempt} of job {job} no longer counts")));
         }
-        let ok = report.exit_code == 0 && report.killed.is_none();
-        b.sql().execute(
-            "UPDATE attempts SET state = ?3, ended_at = ?4 WHERE job = ?1 AND attempt = ?2",
-            params![job as i64, attempt, if ok { "done" } else { "failed" }, b.now()],
+        if report.end == AttemptEnd::Stopped {
+            return Err(Error::invalid("end", "the server did not ask to stop this attempt"));
+        }
+        // The usage billed is what the agent measured, but never more than
+        // the server saw pass since it handed out the lease.
+        let leased_at: Option<i64> = b.sql().query_row(
+            "SELECT leased_at FROM attempts WHERE job = ?1 AND attempt = ?2",
+            params![job as i64, attempt],
+            |r| r.get(0),
         )?;
-        b.sql().execute("UPDATE jobs SET exit_code = ?2 WHERE id = ?1", params![job as i64, report.exit_code])?;
-        let key = billing_key(job, attempt);
+        let seen_s = (b.now() - leased_at.unwrap_or(b.now())).max(0) as u64 + 1;
+        let wall_s = report.wall_s.clamp(1, seen_s);
+        let cause = match report.end {
+            AttemptEnd::Exited if report.exit_code == 0 => "succeeded",
+            AttemptEnd::Exited => "failed",
+            AttemptEnd::TimeLimit => "time_limit",
+            AttemptEnd::MemoryLimit => "memory_limit",
+            AttemptEnd::Stopped => unreachable!("refused above"),
+            AttemptEnd::Infrastructure => "infrastructure",
+        };
+        b.sql().execute(
+            "UPDATE attempts SET state = ?3, cause = ?4, exit_code = ?5, wall_s = ?6, ended_at = ?7 WHERE job = ?1 AND attempt = ?2",
+            params![
+                job as i64,
+                attempt,
+                if cause == "succeeded" { "done" } else { "failed" },
+                cause,
+                report.exit_code,
+                wall_s as i64,
+                b.now()
+            ],
+        )?;
+        let gpus: u32 = load_job(b.sql(), job)?.ok_or_else(|| Error::internal("unknown job"))?.request.gpus;
         let core_now = Self::core_now(b);
-        if ok {
-            let (gpus, transfer_fen): (i64, i64) = {
-                let j = load_job(b.sql(), job)?.ok_or_else(|| Error::internal("unknown job"))?;
-                let transfer: i64 = b.sql().query_row(
-                    "SELECT transfer_fen FROM attempts WHERE job = ?1 AND attempt = ?2",
-                    params![job as i64, attempt],
-                    |r| r.get(0),
-                )?;
-                (j.request.gpus as i64, transfer)
-            };
-            let usage = Usage { accel_seconds: gpus * report.wall_s.max(1) as i64, transfer_fen };
-            let settled = voucher::settle_in(b, &key, &usage)?;
-            b.sql().execute(
-                "UPDATE jobs SET billed_fen = ?2, subsidy_fen = ?3 WHERE id = ?1",
-                params![job as i64, settled.bill.org_total_fen, settled.bill.subsidy_fen],
-            )?;
+        let mut detail = format!("attempt {attempt} {}", describe_cause(cause, Some(report.exit_code)));
+        if let Some(message) = &report.message {
+            // The agent's words go into events people read: no control characters.
+            let clean: String = message.chars().filter(|c| !c.is_control()).take(1000).collect();
+            detail.push_str(&format!(": {clean}"));
+        }
+        if report.end.is_job_fault() {
+            b.sql().execute("UPDATE jobs SET exit_code = ?2 WHERE id = ?1", params![job as i64, report.exit_code])?;
+            self.bill_attempt(b, job, attempt, gpus, wall_s)?;
+        } else {
+            voucher::release_in(b, &billing_key(job, attempt))?;
+        }
+        if cause == "succeeded" {
             set_state(b, job, JobState::Succeeded, None)?;
             let decisions = self
                 .scheduler
                 .apply(core_now, Event::Finished { job: JobId(job), attempt })
                 .map_err(Error::internal)?;
-            self.apply(b, decisions)
-        } else {
-            voucher::release_in(b, &key)?;
-            let why = report.killed.clone().unwrap_or_else(|| format!("exit code {}", report.exit_code));
-            event(b, job, "attempt_failed", &format!("attempt {attempt}: {why}"))?;
-            if report.killed.as_deref() == Some("time limit") {
-                set_state(b, job, JobState::Failed, Some("killed at its time limit"))?;
-                let decisions =
-                    self.scheduler.apply(core_now, Event::Cancel { job: JobId(job) }).map_err(Error::internal)?;
-                return self.apply(b, decisions);
-            }
-            let decisions =
-                self.scheduler.apply(core_now, Event::Failed { job: JobId(job), attempt }).map_err(Error::internal)?;
-            let gave_up = decisions.iter().any(|d| matches!(d, Decision::GiveUp { .. }));
-            self.apply(b, decisions)?;
-            if gave_up {
-                set_state(b, job, JobState::Failed, Some(&format!("attempt {attempt}: {why}")))?;
-            }
-            Ok(())
+            return self.apply(b, decisions);
         }
+        event(b, job, "attempt_failed", &detail)?;
+        let event = if report.end.is_job_fault() {
+            Event::Failed { job: JobId(job), attempt }
+        } else {
+            Event::Lost { job: JobId(job), attempt }
+        };
+        let decisions = self.scheduler.apply(core_now, event).map_err(Error::internal)?;
+        self.apply(b, decisions)
     }
 
     /// Periodic work: lost leases, silent sites, due timers.
@@ -675,25 +1050,19 @@ impl State {
             stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<std::result::Result<_, _>>()?
         };
         for (job, attempt, state) in expired {
-            b.sql().execute(
-                "UPDATE attempts SET state = ?3, ended_at = ?4 WHERE job = ?1 AND attempt = ?2",
-                params![job, attempt, if state == "stopping" { "stopped" } else { "lost" }, now],
-            )?;
             if state == "stopping" {
+                end_attempt_row(b, job as u64, attempt, "stopped", "cancelled")?;
                 continue;
             }
+            end_attempt_row(b, job as u64, attempt, "lost", "lost")?;
             event(b, job as u64, "lease_lost", &format!("attempt {attempt}: no word from its agent"))?;
             if self.scheduler.running_attempt(JobId(job as u64)).is_some_and(|(a, _)| a == attempt) {
                 voucher::release_in(b, &billing_key(job as u64, attempt))?;
                 let decisions = self
                     .scheduler
-                    .apply(core_now, Event::Failed { job: JobId(job as u64), attempt })
+                    .apply(core_now, Event::Lost { job: JobId(job as u64), attempt })
                     .map_err(Error::internal)?;
-                let gave_up = decisions.iter().any(|d| matches!(d, Decision::GiveUp { .. }));
                 self.apply(b, decisions)?;
-                if gave_up {
-                    set_state(b, job as u64, JobState::Failed, Some("lost too many times"))?;
-                }
             }
         }
         let silent: Vec<SiteId> = (0..self.topology.sites.len() as u32)
@@ -704,13 +1073,11 @@ impl State {
             })
             .collect();
         for site in silent {
+            self.site_caps.remove(&site);
             let decisions = self.scheduler.apply(core_now, Event::SiteDown(site)).map_err(Error::internal)?;
             for d in &decisions {
                 if let Decision::Requeue { job, attempt, .. } = d {
-                    b.sql().execute(
-                        "UPDATE attempts SET state = 'lost', ended_at = ?3 WHERE job = ?1 AND attempt = ?2",
-                        params![job.0 as i64, attempt, now],
-                    )?;
+                    end_attempt_row(b, job.0, *attempt, "lost", "site_down")?;
                 }
             }
             self.apply(b, decisions)?;
@@ -725,7 +1092,8 @@ impl State {
     /// Rebuilds the scheduler from the database after a (re)start: pending
     /// jobs are queued again; attempts that were running are adopted, their
     /// sites given a grace period to hear from their agents again. Sites
-    /// with nothing running start down until their agent polls.
+    /// with nothing running start down until their agent polls. Retries
+    /// already used are subtracted from each job's allowance.
     fn restore(&mut self, b: &mut Batch<'_>) -> Result<()> {
         let now = b.now();
         let core_now = Self::core_now(b);
@@ -740,7 +1108,8 @@ impl State {
         };
         for (id, org, request, attempt, pool) in running {
             let req: JobRequest = serde_json::from_str(&request).map_err(Error::internal)?;
-            let spec = self.spec(b, id as u64, &org, &req)?;
+            let mut spec = self.spec(b, id as u64, &org, &req)?;
+            spec.retries = spec.retries.saturating_sub(own_failures(b, id)?);
             let started: i64 = b.sql().query_row(
                 "SELECT COALESCE(started_at, ?3) FROM attempts WHERE job = ?1 AND attempt = ?2",
                 params![id, attempt, now],
@@ -762,7 +1131,8 @@ impl State {
         };
         for (id, org, request) in pending {
             let req: JobRequest = serde_json::from_str(&request).map_err(Error::internal)?;
-            let spec = self.spec(b, id as u64, &org, &req)?;
+            let mut spec = self.spec(b, id as u64, &org, &req)?;
+            spec.retries = spec.retries.saturating_sub(own_failures(b, id)?);
             let decisions = self.scheduler.apply(core_now, Event::Submit(spec)).map_err(Error::internal)?;
             self.apply(b, decisions)?;
         }
@@ -777,7 +1147,9 @@ impl State {
         Ok(())
     }
 
-    /// Jobs visible to a principal, newest first.
+    /// Jobs visible to a principal, newest first, and how many match in
+    /// all: a consumer's own; a provider's, those with an attempt at its
+    /// site; an operator's, all (or one organisation's).
     pub fn list(
         &self,
         b: &Batch<'_>,
@@ -785,18 +1157,31 @@ impl State {
         org: Option<&str>,
         state: Option<JobState>,
         limit: u32,
-    ) -> Result<Vec<Job>> {
-        let org = match &who.role {
-            Role::Consumer { org } => Some(org.clone()),
-            _ => org.map(str::to_string),
+    ) -> Result<(Vec<Job>, u64)> {
+        let (org, site) = match &who.role {
+            Role::Consumer { org } => (Some(org.clone()), None),
+            Role::Provider { site } => (None, Some(site.clone())),
+            Role::Operator => (org.map(str::to_string), None),
         };
-        let mut stmt = b.sql().prepare_cached(
-            "SELECT * FROM jobs WHERE (?1 IS NULL OR org = ?1) AND (?2 IS NULL OR state = ?2) ORDER BY id DESC LIMIT ?3",
-        )?;
+        let filter = "(?1 IS NULL OR org = ?1) AND (?2 IS NULL OR state = ?2)
+             AND (?3 IS NULL OR id IN (SELECT job FROM attempts WHERE site = ?3))";
+        let mut stmt =
+            b.sql().prepare_cached(&format!("SELECT * FROM jobs WHERE {filter} ORDER BY id DESC LIMIT ?4"))?;
         let jobs = stmt
-            .query_map(params![org, state.map(|s| s.as_str()), limit], read_job)?
+            .query_map(params![org, state.map(|s| s.as_str()), site, limit], read_job)?
             .collect::<std::result::Result<_, _>>()?;
-        Ok(jobs)
+        let total: i64 = b
+            .sql()
+            .prepare_cached(&format!("SELECT COUNT(*) FROM jobs WHERE {filter}"))?
+            .query_row(params![org, state.map(|s| s.as_str()), site], |r| r.get(0))?;
+        Ok((jobs, total as u64))
+    }
+
+    /// Has the job ever had an attempt at this site? (What a provider may see.)
+    pub fn ran_at(&self, b: &Batch<'_>, job: u64, site: &str) -> Result<bool> {
+        Ok(b.sql()
+            .prepare_cached("SELECT 1 FROM attempts WHERE job = ?1 AND site = ?2 LIMIT 1")?
+            .exists(params![job as i64, site])?)
     }
 
     pub fn events(&self, b: &Batch<'_>, job: u64) -> Result<Vec<JobEvent>> {
@@ -807,10 +1192,54 @@ impl State {
         Ok(events)
     }
 
-    /// Free accelerators per pool, and whether each site is up.
-    pub fn capacity(&self) -> (Vec<bool>, BTreeMap<u32, u32>) {
-        let up = (0..self.topology.sites.len() as u32).map(|s| self.scheduler.site_up(SiteId(s))).collect();
-        let free = (0..self.topology.pools.len() as u32).map(|p| (p, self.scheduler.free(PoolId(p)))).collect();
-        (up, free)
+    /// Free accelerators per pool, whether each site is up, what its agent
+    /// can run and when it was last heard from.
+    pub fn capacity(&self) -> SiteStatus {
+        let sites = self.topology.sites.len() as u32;
+        SiteStatus {
+            up: (0..sites).map(|s| self.scheduler.site_up(SiteId(s))).collect(),
+            caps: (0..sites).map(|s| self.site_caps.get(&SiteId(s)).copied().unwrap_or_default()).collect(),
+            seen: (0..sites).map(|s| self.site_seen.get(&SiteId(s)).copied()).collect(),
+            free: (0..self.topology.pools.len() as u32).map(|p| (p, self.scheduler.free(PoolId(p)))).collect(),
+        }
+    }
+}
+
+/// The live state of every site, by site index.
+pub struct SiteStatus {
+    pub up: Vec<bool>,
+    pub caps: Vec<Capabilities>,
+    pub seen: Vec<Option<i64>>,
+    pub free: BTreeMap<u32, u32>,
+}
+
+/// Attempts of a job that failed by its own fault.
+fn own_failures(b: &Batch<'_>, job: i64) -> Result<u32> {
+    let n: i64 = b.sql().query_row(
+        "SELECT COUNT(*) FROM attempts WHERE job = ?1 AND cause IN ('failed', 'time_limit', 'memory_limit')",
+        [job],
+        |r| r.get(0),
+    )?;
+    Ok(n as u32)
+}
+
+/// An attempt's end in words.
+pub fn describe_cause(cause: &str, exit_code: Option<i32>) -> String {
+    match cause {
+        "succeeded" => "succeeded".into(),
+        "failed" => match exit_code {
+            Some(code) if code > 128 => format!("was killed by signal {}", code - 128),
+            Some(code) => format!("exited with code {code}"),
+            None => "failed".into(),
+        },
+        "time_limit" => "was killed at its time limit".into(),
+        "memory_limit" => "was killed for going over its memory limit".into(),
+        "cancelled" => "was cancelled by its owner".into(),
+        "preempted" => "was preempted".into(),
+        "lost" => "was lost (no word from its agent)".into(),
+        "site_down" => "was lost (its site went down)".into(),
+        "infrastructure" => "could not run because of a site fault (not billed)".into(),
+        "refused" => "was refused by billing".into(),
+        other => other.to_string(),
     }
 }

@@ -1,0 +1,248 @@
+//! How an attempt's process is started and how its whole tree is killed.
+//!
+//! Sandboxed (the default): the attempt runs as its own unprivileged user
+//! (uid and gid [`JOB_ID_BASE`] + job id, never root, never the agent's),
+//! under bubblewrap with every namespace unshared (no network, its own pid
+//! space, no view of the host's processes or files), the host's `/usr`
+//! read-only, a private `/tmp`, and its own directory (mode 0700, owned by
+//! its user) as `/work`; inside a cgroup of its own with memory, CPU and
+//! process limits. The agent's files, the database, other jobs'
+//! directories and the agent's credentials are not in its file system.
+//!
+//! Unsandboxed (`--unsandboxed`, for machines without bubblewrap or
+//! cgroups): the attempt runs as the agent's user in its own process group,
+//! with the same clean environment; a `setsid` can escape the kill.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::cgroup::{Cgroups, Group, Limits};
+
+/// Jobs run as uid and gid `JOB_ID_BASE + job id`.
+pub const JOB_ID_BASE: u32 = 1_000_000_000;
+/// The largest job id that still maps to a valid uid.
+pub const MAX_JOB_ID: u64 = (u32::MAX - 2 - JOB_ID_BASE) as u64;
+
+/// The paths of the host a sandboxed job may read.
+const READ_ONLY: [&str; 1] = ["/usr"];
+/// Files of `/etc` programs commonly need (absent ones are skipped).
+const ETC_FILES: [&str; 6] =
+    ["/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime", "/etc/ssl", "/etc/ca-certificates", "/etc/mime.types"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")]
+    NoBubblewrap,
+    #[error("the sandbox needs root to run jobs as their own users (the agent runs as uid {0})")]
+    NotRoot(u32),
+    #[error("cgroups: {0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("a trial sandbox failed: {0}")]
+    Trial(String),
+    #[error("job id {0} is too large to map to a user id")]
+    JobIdTooLarge(u64),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Site-wide resource defaults for attempts that do not ask.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    pub memory_mb_per_gpu: u64,
+    pub cpus_per_gpu: u32,
+    pub pids_max: u64,
+    /// Give jobs the host's network (default: none, only their own loopback).
+    pub host_network: bool,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults { memory_mb_per_gpu: 8192, cpus_per_gpu: 2, pids_max: 1024, host_network: false }
+    }
+}
+
+/// How this agent isolates attempts.
+#[derive(Debug)]
+pub enum Isolation {
+    Sandboxed { cgroups: Cgroups, defaults: Defaults },
+    Unsandboxed,
+}
+
+/// One attempt's isolation, made before it starts and undone after.
+pub struct Prepared {
+    pub group: Option<Group>,
+    pub uid: Option<u32>,
+    /// The attempt's directory as the job sees it.
+    pub workdir_inside: PathBuf,
+}
+
+fn bwrap_path() -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/bin")])
+        .map(|d| d.join("bwrap"))
+        .find(|p| p.is_file())
+}
+
+impl Isolation {
+    /// Sets up the sandbox for `site` and proves it works with a trial run
+    /// in a directory under `scratch` (which jobs' users must be able to
+    /// traverse); kills what is left of attempts of a previous life of the
+    /// agent.
+    pub fn sandboxed(site: &str, scratch: &Path, defaults: Defaults) -> Result<(Isolation, usize), SandboxError> {
+        let bwrap = bwrap_path().ok_or(SandboxError::NoBubblewrap)?;
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        if euid != 0 {
+            return Err(SandboxError::NotRoot(euid));
+        }
+        let cgroups = Cgroups::for_site(site)?;
+        let swept = cgroups.sweep();
+        let isolation = Isolation::Sandboxed { cgroups, defaults };
+        // A trial: the real path, as a job would take it.
+        let dir = std::fs::canonicalize(scratch)?.join(".sandbox-trial");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let prepared = isolation.prepare(0, 0, &dir, 1, None, None).map_err(|e| SandboxError::Trial(e.to_string()))?;
+        let mut command = isolation.command(
+            &prepared,
+            &dir,
+            &["sh".into(), "-c".into(), "test \"$(id -u)\" != 0 && touch /work/ok".into()],
+            &Default::default(),
+        );
+        let status = command.status().map_err(|e| SandboxError::Trial(format!("{}: {e}", bwrap.display())))?;
+        let ok = status.success() && dir.join("ok").exists();
+        isolation.cleanup(&prepared);
+        let _ = std::fs::remove_dir_all(&dir);
+        if !ok {
+            return Err(SandboxError::Trial(format!(
+                "bwrap exited with {status} (are unprivileged user namespaces enabled?)"
+            )));
+        }
+        Ok((isolation, swept))
+    }
+
+    pub fn is_sandboxed(&self) -> bool {
+        matches!(self, Isolation::Sandboxed { .. })
+    }
+
+    /// Makes the attempt's cgroup and hands its directory to its user.
+    pub fn prepare(
+        &self,
+        job: u64,
+        attempt: u32,
+        dir: &Path,
+        gpus: u32,
+        memory_mb: Option<u64>,
+        cpus: Option<u32>,
+    ) -> Result<Prepared, SandboxError> {
+        match self {
+            Isolation::Unsandboxed => Ok(Prepared { group: None, uid: None, workdir_inside: dir.to_path_buf() }),
+            Isolation::Sandboxed { cgroups, defaults } => {
+                if job > MAX_JOB_ID {
+                    return Err(SandboxError::JobIdTooLarge(job));
+                }
+                let uid = JOB_ID_BASE + job as u32;
+                std::os::unix::fs::chown(dir, Some(uid), Some(uid))?;
+                std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+                let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+                let cpus = cpus.map_or(gpus as u64 * defaults.cpus_per_gpu as u64, u64::from).clamp(1, host_cpus);
+                let memory_mb = memory_mb.unwrap_or(gpus as u64 * defaults.memory_mb_per_gpu);
+                let limits = Limits {
+                    memory_bytes: memory_mb.saturating_mul(1 << 20),
+                    cpu_quota_us: cpus * 100_000,
+                    pids: defaults.pids_max,
+                };
+                let group = cgroups.create(&format!("job-{job}-{attempt}"), limits)?;
+                Ok(Prepared { group: Some(group), uid: Some(uid), workdir_inside: PathBuf::from("/work") })
+            }
+        }
+    }
+
+    /// The command that runs `argv` for a prepared attempt, with exactly
+    /// `env` as its environment. Nothing of the agent's environment passes.
+    pub fn command(
+        &self,
+        prepared: &Prepared,
+        dir: &Path,
+        argv: &[String],
+        env: &std::collections::BTreeMap<String, String>,
+    ) -> Command {
+        let mut command = match (self, &prepared.group, prepared.uid) {
+            (Isolation::Sandboxed { defaults, .. }, Some(group), Some(uid)) => {
+                let mut c = Command::new(bwrap_path().unwrap_or_else(|| PathBuf::from("/usr/bin/bwrap")));
+                c.args(["--die-with-parent", "--new-session", "--unshare-user", "--unshare-ipc", "--unshare-pid"]);
+                c.args(["--unshare-uts", "--unshare-cgroup-try", "--hostname", "job"]);
+                if !defaults.host_network {
+                    c.arg("--unshare-net");
+                }
+                for path in READ_ONLY {
+                    c.args(["--ro-bind", path, path]);
+                }
+                for link in ["bin", "lib", "lib64", "sbin"] {
+                    let target = format!("usr/{link}");
+                    if Path::new("/usr").join(link).exists() {
+                        c.args(["--symlink", &target, &format!("/{link}")]);
+                    }
+                }
+                for path in ETC_FILES {
+                    c.args(["--ro-bind-try", path, path]);
+                }
+                c.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
+                c.arg("--bind").arg(dir).arg("/work");
+                c.args(["--chdir", "/work", "--"]);
+                c.args(argv);
+                let files = group.procs_files();
+                // SAFETY: the closure runs in the forked child before exec
+                // and only makes async-signal-safe system calls: it joins
+                // the attempt's cgroups while still root, then drops to the
+                // job's user for good.
+                unsafe {
+                    c.pre_exec(move || {
+                        crate::cgroup::join_in_child(&files)?;
+                        if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(uid) != 0 || libc::setuid(uid) != 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                c
+            }
+            _ => {
+                let mut c = Command::new(&argv[0]);
+                c.args(&argv[1..]).current_dir(dir).process_group(0);
+                c
+            }
+        };
+        command.env_clear().envs(env);
+        command
+    }
+
+    /// Kills the attempt's whole process tree (`leader` is the process the
+    /// agent started).
+    pub fn kill(&self, prepared: &Prepared, leader: u32) {
+        match &prepared.group {
+            Some(group) => group.kill_all(),
+            // SAFETY: kill(2) of the process group the agent created for the attempt.
+            None => unsafe {
+                libc::kill(-(leader as i32), libc::SIGKILL);
+            },
+        }
+    }
+
+    /// Did the attempt hit its memory limit?
+    pub fn oom_killed(&self, prepared: &Prepared) -> bool {
+        prepared.group.as_ref().is_some_and(|g| g.oom_killed())
+    }
+
+    /// Kills anything left and removes the attempt's cgroup.
+    pub fn cleanup(&self, prepared: &Prepared) {
+        if let Some(group) = &prepared.group {
+            group.kill_all();
+            group.remove();
+        }
+    }
+}
