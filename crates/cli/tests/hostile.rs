@@ -593,3 +593,26 @@ fn the_command_line_reports_rejections_closed_pipes_and_busy_ports() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("--listen"), "{err}");
 }
+
+#[test]
+fn an_agent_cut_off_from_the_server_kills_its_attempt_before_the_lease_ends() {
+    let mut p = Platform::new("cutoff");
+    p.start_agent("a");
+    let acme = p.org("acme", "a");
+    let mut quiet = job("sleep 9991");
+    quiet.gpus = 1;
+    let id = submit(&acme, &quiet);
+    wait_alive("sleep 9991");
+    p.kill_server();
+    let cut = Instant::now();
+    wait_dead("sleep 9991", Duration::from_secs(8));
+    // The server would expire the lease 4 s after the last heartbeat it got.
+    assert!(cut.elapsed() < Duration::from_secs(4), "killed only {:?} after the server went away", cut.elapsed());
+    p.start_server();
+    let acme = Client::new(&p.url, &run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "acme"]));
+    let again = p.wait(&acme, id, "run again", |j| j.attempts == 2 && j.started_at.is_some());
+    assert_eq!(again.state, JobState::Running);
+    let bill = bill_lines(&acme);
+    assert!(bill.lines.iter().all(|l| l.org_fen == 0), "the lost attempt is not billed: {bill:?}");
+    let _: Job = acme.post(&format!("/v1/jobs/{id}/cancel"), &()).unwrap();
+}

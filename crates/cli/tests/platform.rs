@@ -366,8 +366,12 @@ fn a_killed_agent_s_job_is_requeued_run_elsewhere_and_billed_once() {
     let events: Vec<JobEvent> = acme.get(&format!("/v1/jobs/{id}/events")).unwrap();
     assert!(events.iter().any(|e| e.kind == "requeued"), "{events:?}");
     let bill = bill_lines(&acme);
-    assert_eq!(bill.lines.len(), 1, "billed once: {bill:?}");
-    assert_eq!((bill.lines[0].site.as_str(), bill.lines[0].attempt), ("b", 2));
+    let causes: Vec<(u32, &str, &str, i64)> =
+        bill.lines.iter().map(|l| (l.attempt, l.site.as_str(), l.cause.as_str(), l.org_fen)).collect();
+    assert_eq!(causes.len(), 2, "{bill:?}");
+    assert_eq!((causes[0].0, causes[0].1, causes[0].3), (1, "a", 0), "{bill:?}");
+    assert!(["lost (not billed)", "site down (not billed)"].contains(&causes[0].2), "{bill:?}");
+    assert_eq!((causes[1].0, causes[1].1, causes[1].2), (2, "b", "succeeded"), "billed once: {bill:?}");
     let balances: Balances = acme.get("/v1/vouchers").unwrap();
     assert_eq!((balances.wallet_held_fen, balances.wallet_fen), (0, 10_000_000 - bill.org_fen));
     let out = logs(&acme, id);
@@ -557,4 +561,97 @@ fn admin_adds_a_site_that_the_server_uses_after_a_restart() {
     let other = run(&["serve", "--db", p.db(), "--topology", "shandong", "--listen", "127.0.0.1:0"]);
     assert!(!other.status.success());
     assert!(String::from_utf8_lossy(&other.stderr).contains("holds network 'two-sites', not 'shandong'"));
+}
+
+/// Processes whose command line contains `text`.
+fn processes(text: &str) -> Vec<u32> {
+    let o = Command::new("pgrep").args(["-f", text]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+#[test]
+fn up_supervises_its_agents_stops_them_on_sigterm_and_reuses_its_tokens() {
+    let dir = std::env::temp_dir().join(format!("suanwang-platform-{}-up", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let topology = dir.join("net.toml");
+    std::fs::write(&topology, TOPOLOGY).unwrap();
+    let db = dir.join("up.db");
+    let workdir = dir.join("work");
+    let start = || {
+        let mut child = Command::new(exe())
+            .args(["up", "--listen", "127.0.0.1:0", "--topology", topology.to_str().unwrap()])
+            .args(["--db", db.to_str().unwrap(), "--workdir", workdir.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut url = String::new();
+        let mut operator = None;
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+            if let Some(rest) = line.strip_prefix("suanwang is up at ") {
+                url = rest.split(':').take(3).collect::<Vec<_>>().join(":");
+            }
+            if let Some(token) = line.strip_prefix("operator token (shown once): ") {
+                operator = Some(token.to_string());
+            }
+            if line.starts_with("more organisations") {
+                break;
+            }
+        }
+        assert!(url.starts_with("http://127.0.0.1:"), "up did not start");
+        (child, url, operator)
+    };
+    let (mut up, url, operator) = start();
+    let operator = Client::new(&url, &operator.expect("a first start makes an operator token"));
+    let wait_up = |what: &str| {
+        let started = Instant::now();
+        loop {
+            let sites: Vec<suanwang_api::Site> = operator.get("/v1/sites").unwrap();
+            if sites.iter().all(|s| s.up && s.capabilities.sandboxed) {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{what}: {sites:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_up("both agents start sandboxed");
+    let agent_of_a = format!("agent --server {url} --site a ");
+    let first = processes(&agent_of_a);
+    assert_eq!(first.len(), 1, "{first:?}");
+    // An agent that dies is restarted.
+    Command::new("kill").args(["-9", &first[0].to_string()]).status().unwrap();
+    let started = Instant::now();
+    loop {
+        let now = processes(&agent_of_a);
+        if now.len() == 1 && now != first {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the agent of a was not restarted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tokens_before = std::fs::read_to_string(workdir.join(".tokens/a.token")).unwrap();
+    // SIGTERM: every agent stops, then up.
+    Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
+    let status = up.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(processes(&format!("agent --server {url} ")).is_empty(), "agents left behind");
+    // A second start reuses its tokens instead of minting more.
+    let (mut up, url, operator_again) = start();
+    assert!(operator_again.is_none());
+    assert_eq!(std::fs::read_to_string(workdir.join(".tokens/a.token")).unwrap(), tokens_before);
+    let listed = run_ok(&["admin", "--db", db.to_str().unwrap(), "token", "list"]);
+    let live_provider_tokens =
+        listed.lines().filter(|l| l.contains("provider") && l.trim_end().ends_with(" -")).count();
+    assert_eq!(live_provider_tokens, 2, "{listed}");
+    Command::new("kill").args(["-INT", &up.id().to_string()]).status().unwrap();
+    assert!(up.wait().unwrap().success());
+    assert!(processes(&format!("agent --server {url} ")).is_empty(), "agents left behind after SIGINT");
 }

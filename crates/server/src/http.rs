@@ -673,6 +673,31 @@ async fn bill(
             total.org_fen += line.org_fen;
             lines.push(line);
         }
+        // Attempts that ended by no fault of the job: listed, never billed.
+        let mut unbilled = conn.prepare(
+            "SELECT a.job, a.attempt, a.cause, a.site, COALESCE(j.accel, ''), COALESCE(a.ended_at, 0) FROM attempts a JOIN jobs j ON j.id = a.job
+             WHERE j.org = ?1 AND a.cause IN ('lost', 'site_down', 'infrastructure', 'preempted', 'refused') ORDER BY a.ended_at, a.job, a.attempt",
+        )?;
+        let rows = unbilled.query_map([&org], |r| {
+            Ok(api::BillLine {
+                job: r.get::<_, i64>(0)? as u64,
+                attempt: r.get(1)?,
+                cause: format!("{} (not billed)", r.get::<_, String>(2)?.replace('_', " ")),
+                site: r.get(3)?,
+                accelerator: r.get(4)?,
+                settled_at: r.get(5)?,
+                accel_seconds: 0,
+                compute_fen: 0,
+                card_fen: 0,
+                subsidy_fen: 0,
+                transfer_fen: 0,
+                org_fen: 0,
+            })
+        })?;
+        for line in rows {
+            lines.push(line?);
+        }
+        lines.sort_by_key(|l| (l.job, l.attempt));
         total.lines = lines;
         Ok(total)
     })
