@@ -24,6 +24,7 @@ pub struct ApiError {
 #[serde(deny_unknown_fields)]
 pub struct DatasetRequest {
     pub site: String,
+    #[schema(minimum = 0, maximum = 1000000)]
     pub size_gb: f64,
 }
 
@@ -31,8 +32,11 @@ pub struct DatasetRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WeightsRequest {
+    #[schema(maximum = 1000000)]
     pub time: u32,
+    #[schema(maximum = 1000000)]
     pub cost: u32,
+    #[schema(maximum = 1000000)]
     pub carbon: u32,
 }
 
@@ -40,54 +44,71 @@ pub struct WeightsRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
+    /// Shown in listings: at most 256 characters, no control characters.
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub name: String,
-    /// The program and its arguments.
+    /// The program and its arguments (no NUL bytes).
     #[serde(default)]
+    #[schema(max_items = 4096)]
     pub command: Vec<String>,
-    /// Environment variables of the job (POSIX names; `SUANWANG_*` is reserved).
+    /// Environment variables of the job (POSIX names; `SUANWANG_*` is reserved;
+    /// at most 256 with `secret_env`).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Secret environment variables: delivered only to the agent of the
     /// site that runs an attempt, never shown again by the API.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secret_env: BTreeMap<String, String>,
-    /// A container image, for backends that run containers.
+    /// A container image, for sites that run containers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 256, pattern = "^[A-Za-z0-9._/:@-]+$")]
     pub image: Option<String>,
     /// Accelerators wanted, all at one site.
+    #[schema(minimum = 1, maximum = 100000)]
     pub gpus: u32,
-    /// Acceptable accelerator types (e.g. `["H100", "A100"]`).
+    /// Acceptable accelerator types (e.g. `["H100", "A100"]`), each once.
+    #[schema(min_items = 1, max_items = 16)]
     pub accelerators: Vec<String>,
     /// Estimated run time on a reference accelerator (A100), seconds.
+    #[schema(minimum = 1, maximum = 315360000)]
     pub estimate_s: u64,
     /// Kill after this many seconds of running (default: twice the estimate plus a minute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 31536000)]
     pub time_limit_s: Option<u64>,
     /// Memory limit in MiB for the whole attempt (default: the site's per-accelerator share).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 16, maximum = 16777216)]
     pub memory_mb: Option<u64>,
     /// CPU cores for the attempt (default: the site's per-accelerator share).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 4096)]
     pub cpus: Option<u32>,
     /// How often to run the job again after it fails by its own fault
     /// (each attempt is billed). Infrastructure faults are retried anyway.
     #[serde(default, skip_serializing_if = "is_zero")]
+    #[schema(minimum = 0, maximum = 10)]
     pub retries: u32,
     #[serde(default)]
+    #[schema(max_items = 64)]
     pub datasets: Vec<DatasetRequest>,
     /// Wanted completion, seconds after submission.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 315360000)]
     pub deadline_s: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 10000000000_i64)]
     pub budget_fen: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<WeightsRequest>,
     /// The site nearest to the submitter (default: the organisation's home site).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")]
     pub origin: Option<String>,
     /// The owning organisation; only an operator may name one, consumers submit for their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")]
     pub org: Option<String>,
 }
 
@@ -354,10 +375,11 @@ pub struct SitePool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrgRequest {
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")]
     pub id: String,
-    /// enterprise, university or institute
-    pub kind: String,
+    pub kind: OrgKind,
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub name: String,
     /// Home site (origin of its jobs by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -368,16 +390,49 @@ pub struct OrgRequest {
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     /// operator, provider (with `site`) or consumer (with `org`)
-    pub role: String,
+    pub role: Role,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub label: String,
     /// The token stops working this many seconds after its creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 315360000)]
     pub expires_in_s: Option<u64>,
+}
+
+/// The kinds of organisation (voucher programmes are for some of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OrgKind {
+    Enterprise,
+    University,
+    Institute,
+}
+
+impl OrgKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrgKind::Enterprise => "enterprise",
+            OrgKind::University => "university",
+            OrgKind::Institute => "institute",
+        }
+    }
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything: programmes, organisations, tokens, every job.
+    Operator,
+    /// One site's agent: leases and reports of that site's attempts only.
+    Provider,
+    /// One organisation: its jobs, bills and vouchers.
+    Consumer,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -386,14 +441,14 @@ pub struct TokenResponse {
     pub token: String,
     /// Its public id, for listing and revoking.
     pub id: String,
-    pub role: String,
+    pub role: Role,
 }
 
 /// A token as listed (never the token itself).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct TokenInfo {
     pub id: String,
-    pub role: String,
+    pub role: Role,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -78,6 +78,20 @@ pub enum BenchCommand {
         #[arg(long, default_value = "network")]
         policy: String,
     },
+    /// The job sandbox: start overhead against unsandboxed starts, and the
+    /// agent's memory while a job prints a lot (a real server and agent).
+    Sandbox {
+        #[arg(long, default_value = "target/bench-sandbox")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 200)]
+        starts: usize,
+        /// Output of the loud job, MB.
+        #[arg(long, default_value_t = 1000)]
+        output_mb: u64,
+        /// The server's log quota, MiB.
+        #[arg(long, default_value_t = 100)]
+        quota_mb: u64,
+    },
     /// A replicated trace of a million jobs on a network of hundreds of sites.
     Scale {
         #[arg(long, default_value = "../shared/traces/microsoft_itp_2021/raw/cluster04.csv")]
@@ -115,6 +129,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         BenchCommand::Decide { sites, queued, samples, policy } => {
             crate::bench_platform::decide(sites, queued, samples, &policy)
+        }
+        BenchCommand::Sandbox { dir, starts, output_mb, quota_mb } => {
+            crate::bench_sandbox::run(&dir, starts, output_mb, quota_mb)
         }
         BenchCommand::Ledger { dir, batches, batch_size, clients, per_client } => {
             crate::bench_ledger::run(&dir, batches, batch_size, clients, per_client)

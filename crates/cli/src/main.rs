@@ -6,6 +6,7 @@
 mod bench;
 mod bench_ledger;
 mod bench_platform;
+mod bench_sandbox;
 mod ledger_cmd;
 mod platform;
 mod simulate;

@@ -958,7 +958,7 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
                 .map(|t| {
                     vec![
                         t.id.clone(),
-                        t.role.clone(),
+                        format!("{:?}", t.role).to_lowercase(),
                         t.site.clone().or_else(|| t.org.clone()).unwrap_or_else(|| "-".into()),
                         t.label.clone(),
                         when(t.created_at),
@@ -971,7 +971,7 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
         }
         AdminCommand::Token { action: Some(TokenAction::Revoke { id }), .. } => {
             let t = suanwang_server::admin::revoke_token(&args.db, &id)?;
-            println!("token {} ({} {}) revoked", t.id, t.role, t.site.or(t.org).unwrap_or_default());
+            println!("token {} ({:?} {}) revoked", t.id, t.role, t.site.or(t.org).unwrap_or_default());
         }
         AdminCommand::Token { action: None, role, org, site, label, expires_in_s } => {
             let role = match (role.as_deref(), org, site) {

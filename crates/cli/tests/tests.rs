@@ -1,8 +1,10 @@
 //! End-to-end tests of the `suanwang` binary: `simulate` in both output
 //! formats, the report, determinism, every bad-input path, `topology`, the
 //! ledger commands, and the running platform: `platform` (a job's life,
-//! recovery, tenancy) and `hostile` (the platform under attack by tenants).
+//! recovery, tenancy), `hostile` (the platform under attack by tenants)
+//! and `conformance` (every operation against the OpenAPI document).
 
+mod conformance;
 mod hostile;
 mod platform;
 

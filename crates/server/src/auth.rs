@@ -39,6 +39,15 @@ impl Role {
             Role::Consumer { .. } => "consumer",
         }
     }
+
+    /// The role as the API names it.
+    pub fn api(&self) -> suanwang_api::Role {
+        match self {
+            Role::Operator => suanwang_api::Role::Operator,
+            Role::Provider { .. } => suanwang_api::Role::Provider,
+            Role::Consumer { .. } => suanwang_api::Role::Consumer,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,9 +208,14 @@ pub fn list(sql: &rusqlite::Connection) -> Result<Vec<TokenInfo>> {
     )?;
     let rows = stmt
         .query_map([], |r| {
+            let role: String = r.get(1)?;
             Ok(TokenInfo {
                 id: r.get::<_, Option<String>>(0)?.unwrap_or_default(),
-                role: r.get(1)?,
+                role: match role.as_str() {
+                    "operator" => suanwang_api::Role::Operator,
+                    "provider" => suanwang_api::Role::Provider,
+                    _ => suanwang_api::Role::Consumer,
+                },
                 org: r.get(2)?,
                 site: r.get(3)?,
                 label: r.get(4)?,

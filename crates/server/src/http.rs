@@ -162,6 +162,8 @@ impl<S: Send + Sync> FromRequestParts<S> for AttemptSecret {
         api::AttemptEnd,
         api::FinishRequest,
         api::TokenInfo,
+        api::OrgKind,
+        api::Role,
         api::Site,
         api::SitePool,
         api::OrgRequest,
@@ -190,9 +192,23 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// The OpenAPI document, with this server's network in it: the accepted
+/// accelerator types are an enum of the types its sites have.
+async fn openapi(State(state): State<AppState>) -> Result<Json<serde_json::Value>> {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).map_err(Error::internal)?;
+    let names: Vec<&str> = state.topology.accelerators.iter().map(|a| a.name.as_str()).collect();
+    let job = &mut doc["components"]["schemas"]["JobRequest"]["properties"];
+    job["accelerators"]["items"]["enum"] = serde_json::json!(names);
+    // Bounds utoipa's attributes cannot express.
+    job["accelerators"]["uniqueItems"] = serde_json::json!(true);
+    job["env"]["maxProperties"] = serde_json::json!(crate::validate::MAX_ENV_ENTRIES);
+    job["secret_env"]["maxProperties"] = serde_json::json!(crate::validate::MAX_ENV_ENTRIES);
+    Ok(Json(doc))
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .route("/openapi.json", get(openapi))
         .route("/v1/health", get(|| async { Json(serde_json::json!({"ok": true})) }))
         .route("/v1/orgs", post(create_org))
         .route("/v1/tokens", post(create_token).get(list_tokens))
@@ -716,7 +732,7 @@ async fn create_org(
     crate::validate::identifier("id", &req.id)?;
     crate::validate::display_name("name", &req.name)?;
     let kind: OrgKind =
-        req.kind.parse().map_err(|e: suanwang_ledger::Refusal| Error::invalid("kind", e.to_string()))?;
+        req.kind.as_str().parse().map_err(|e: suanwang_ledger::Refusal| Error::invalid("kind", e.to_string()))?;
     if let Some(home) = &req.home
         && state.topology.site_id(home).is_none()
     {
@@ -743,31 +759,22 @@ async fn create_token(
     ApiJson(req): ApiJson<api::TokenRequest>,
 ) -> Result<Response> {
     who.require_operator()?;
-    let role = match (req.role.as_str(), req.org, req.site) {
-        ("operator", None, None) => Role::Operator,
-        ("provider", None, Some(site)) => {
+    let role = match (req.role, req.org, req.site) {
+        (api::Role::Operator, None, None) => Role::Operator,
+        (api::Role::Provider, None, Some(site)) => {
             if state.topology.site_id(&site).is_none() {
                 return Err(Error::invalid("site", format!("unknown site '{site}'")));
             }
             Role::Provider { site }
         }
-        ("consumer", Some(org), None) => {
+        (api::Role::Consumer, Some(org), None) => {
             crate::validate::identifier("org", &org)?;
             Role::Consumer { org }
         }
-        ("operator" | "provider" | "consumer", _, _) => {
+        _ => {
             return Err(Error::invalid(
                 "role",
                 "operator takes no org or site; provider needs site; consumer needs org",
-            ));
-        }
-        (other, _, _) => {
-            return Err(Error::invalid(
-                "role",
-                format!(
-                    "unknown role '{}' (operator, provider, consumer)",
-                    other.chars().filter(|c| !c.is_control()).take(32).collect::<String>()
-                ),
             ));
         }
     };
@@ -786,7 +793,7 @@ async fn create_token(
             auth::create(b.sql(), &r, &label, b.now(), expires_in_s)
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(api::TokenResponse { token, id, role: role.name().into() })).into_response())
+    Ok((StatusCode::CREATED, Json(api::TokenResponse { token, id, role: role.api() })).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/tokens", responses((status = 200, body = [api::TokenInfo]), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError)), security(("bearer" = [])))]
@@ -818,7 +825,10 @@ async fn lease(
     if req.running.len() > 100_000 {
         return Err(Error::invalid("running", "at most 100000 attempts"));
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(req.wait_s.min(60));
+    if req.wait_s > 60 {
+        return Err(Error::invalid("wait_s", format!("must be at most 60, got {}", req.wait_s)));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(req.wait_s);
     let running = Arc::new(req.running);
     let caps = req.capabilities;
     loop {
