@@ -303,11 +303,11 @@ impl Scheduler {
                     self.end_attempt(job);
                     let live = self.state.jobs.get_mut(&job).expect("live job");
                     let (retry, reason, give_up) = if own_fault {
-                        live.failures += 1;
-                        (live.failures <= live.spec.retries, RequeueReason::Failed, GiveUpReason::Failed)
+                        live.failures = live.failures.saturating_add(1);
+                        (u32::from(live.failures) <= live.spec.retries, RequeueReason::Failed, GiveUpReason::Failed)
                     } else {
-                        live.lost += 1;
-                        (live.lost < self.max_lost, RequeueReason::Lost, GiveUpReason::LostTooOften)
+                        live.lost = live.lost.saturating_add(1);
+                        (u32::from(live.lost) < self.max_lost, RequeueReason::Lost, GiveUpReason::LostTooOften)
                     };
                     let attempts = live.attempts;
                     if retry {

@@ -36,9 +36,11 @@ pub(crate) struct LiveJob {
     pub enqueued_s: u64,
     pub attempts: u32,
     /// Attempts that failed by the job's own fault (counted against `spec.retries`).
-    pub failures: u32,
+    /// (u16, with `lost`: the two fit where padding was, so the hot
+    /// `LiveJob` does not grow.)
+    pub failures: u16,
     /// Attempts lost to infrastructure faults (lost lease, site down).
-    pub lost: u32,
+    pub lost: u16,
     /// GPU-seconds of compute received in earlier (preempted) attempts.
     pub attained_gpu_s: u64,
     /// Reference-speed seconds of work done in earlier (preempted) attempts.
