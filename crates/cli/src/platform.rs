@@ -41,8 +41,8 @@ pub struct ServeArgs {
     /// (at least the lease, so a lost attempt is dead before it runs again).
     #[arg(long, default_value_t = 30)]
     pub site_timeout_s: i64,
-    /// Most output kept per attempt, in MiB; past it the log keeps the
-    /// last 64 KiB and says how much was dropped.
+    /// Most output kept per job (all attempts together), in MiB; past it
+    /// an attempt's log keeps its last 64 KiB and says how much was dropped.
     #[arg(long, default_value_t = 100)]
     pub log_quota_mb: u64,
 }
@@ -304,11 +304,11 @@ pub enum ClientCommand {
     Jobs {
         #[arg(long)]
         state: Option<String>,
-        /// At most this many (see --all).
+        /// At most this many, up to 1,000 (see --all).
         #[arg(long, default_value_t = 50)]
         limit: u32,
-        /// Every job (up to 10,000).
-        #[arg(long, conflicts_with = "limit")]
+        /// Every job (fetched a thousand at a time).
+        #[arg(long)]
         all: bool,
     },
     /// One job, with its events.
@@ -430,12 +430,26 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
             })
         }
         ClientCommand::Jobs { state, limit, all } => {
-            let limit = if all { 10_000 } else { limit };
-            let mut path = format!("/v1/jobs?limit={limit}");
-            if let Some(s) = state {
-                path.push_str(&format!("&state={s}"));
+            let page = if all { 1000 } else { limit.clamp(1, 1000) };
+            let mut list = JobList { jobs: Vec::new(), total: 0 };
+            loop {
+                let mut path = format!("/v1/jobs?limit={page}");
+                if let Some(s) = &state {
+                    path.push_str(&format!("&state={s}"));
+                }
+                if let Some(last) = list.jobs.last() {
+                    path.push_str(&format!("&before={}", last.id));
+                }
+                let next: JobList = c.get(&path)?;
+                let got = next.jobs.len();
+                if list.jobs.is_empty() {
+                    list.total = next.total;
+                }
+                list.jobs.extend(next.jobs);
+                if !all || got < page as usize {
+                    break;
+                }
             }
-            let list: JobList = c.get(&path)?;
             print(json, &list, || {
                 let mut out = jobs_table(&list.jobs);
                 let more = list.total.saturating_sub(list.jobs.len() as u64);

@@ -287,6 +287,8 @@ fn every_operation_answers_as_the_openapi_document_says() {
     let job_id = submit(&consumer_client, &waiting);
     let to_cancel = submit(&consumer_client, &waiting);
     let sender =
+        // One pooled connection for every request, as a client would: the
+        // server must keep it usable after every refusal.
         Sender { agent: ureq::Agent::config_builder().http_status_as_error(false).build().into(), url: p.url.clone() };
     let (_, _, text) = sender.send("GET", "/openapi.json", None, &[], None);
     let doc = Doc(serde_json::from_str(&text).unwrap());

@@ -568,6 +568,11 @@ fn the_command_line_reports_rejections_closed_pipes_and_busy_ports() {
     }
     let o = client(&["jobs", "--limit", "2"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("2 more (use --limit N or --all)"), "{o:?}");
+    let o = client(&["jobs", "--all", "--json"]);
+    let all: JobList = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((all.jobs.len(), all.total), (4, 4), "{all:?}");
+    let o = client(&["jobs", "--limit", "5000"]);
+    assert!(o.status.success(), "a big --limit is capped, not refused: {o:?}");
     // A closed pipe ends quietly.
     let mut child = Command::new(crate::platform::exe())
         .args(["jobs", "--all"])

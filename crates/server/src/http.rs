@@ -192,6 +192,21 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Reads every request body in full (up to [`BODY_LIMIT`]) before routing.
+/// A request refused before its handler read the body (a bad token, a bad
+/// path id) would otherwise leave the body unread and the server would close
+/// the connection, breaking the next request a client sends on it.
+async fn read_whole_body(request: Request, next: axum::middleware::Next) -> Response {
+    let (parts, body) = request.into_parts();
+    match axum::body::to_bytes(body, BODY_LIMIT).await {
+        Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Err(_) => {
+            Error::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("body over {BODY_LIMIT} bytes"))
+                .into_response()
+        }
+    }
+}
+
 /// The OpenAPI document, with this server's network in it: the accepted
 /// accelerator types are an enum of the types its sites have.
 async fn openapi(State(state): State<AppState>) -> Result<Json<serde_json::Value>> {
@@ -229,6 +244,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/agent/attempts/{job}/{attempt}/logs", post(attempt_logs))
         .route("/v1/agent/attempts/{job}/{attempt}/finish", post(attempt_finish))
         .fallback(|| async { Error::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::middleware::from_fn(read_whole_body))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
@@ -375,11 +391,13 @@ async fn quote(
 struct ListQuery {
     state: Option<String>,
     limit: Option<u32>,
+    /// Only jobs with a smaller id (the next page).
+    before: Option<u64>,
     /// An operator may list one organisation's jobs.
     org: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/jobs", params(("state" = Option<api::JobState>, Query), ("limit" = Option<u32>, Query, minimum = 1, maximum = 10000), ("org" = Option<String>, Query, description = "operators only")), responses((status = 200, body = api::JobList), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/jobs", params(("state" = Option<api::JobState>, Query), ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000), ("before" = Option<u64>, Query, description = "only jobs with a smaller id: the next page"), ("org" = Option<String>, Query, description = "operators only")), responses((status = 200, body = api::JobList), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError)), security(("bearer" = [])))]
 async fn list_jobs(
     State(state): State<AppState>,
     Auth(who): Auth,
@@ -393,14 +411,16 @@ async fn list_jobs(
         }
     };
     let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > 10_000 {
-        return Err(Error::invalid("limit", format!("must be between 1 and 10000, got {limit}")));
+    // Bounded: a page holds at most 1,000 requests of up to 1 MiB each.
+    if limit == 0 || limit > 1000 {
+        return Err(Error::invalid("limit", format!("must be between 1 and 1000, got {limit}")));
     }
     if q.org.is_some() && !matches!(who.role, Role::Operator) {
         return Err(Error::invalid("org", "only an operator may filter by organisation"));
     }
     let provider = matches!(who.role, Role::Provider { .. });
-    let (jobs, total) = state.world.call(move |s, b| s.list(b, &who, q.org.as_deref(), job_state, limit)).await?;
+    let (jobs, total) =
+        state.world.call(move |s, b| s.list(b, &who, q.org.as_deref(), job_state, limit, q.before)).await?;
     let jobs = if provider { jobs.into_iter().map(redact_for_provider).collect() } else { jobs };
     Ok(Json(api::JobList { jobs, total }))
 }
@@ -460,8 +480,9 @@ fn reader(db: &std::path::Path) -> Result<rusqlite::Connection> {
 /// Log chunks: (sequence number, attempt, site, bytes).
 type LogChunks = Vec<(i64, u32, String, Vec<u8>)>;
 
-/// Log chunks after `after`, and whether the job is finished.
-fn read_logs(db: &std::path::Path, job: u64, after: i64) -> Result<(LogChunks, bool)> {
+/// Log chunks after `after` (of one site's attempts only, if `site`), and
+/// whether the job is finished.
+fn read_logs(db: &std::path::Path, job: u64, after: i64, site: Option<&str>) -> Result<(LogChunks, bool)> {
     let conn = reader(db)?;
     // Whether the job is finished is read first: chunks stored before it
     // finished are then all in the answer, so a follower misses nothing.
@@ -470,10 +491,10 @@ fn read_logs(db: &std::path::Path, job: u64, after: i64) -> Result<(LogChunks, b
     let done = state.as_deref().and_then(api::JobState::parse).is_none_or(|s| s.is_terminal());
     let mut stmt = conn.prepare(
         "SELECT l.seq, l.attempt, a.site, l.data FROM logs l JOIN attempts a ON a.job = l.job AND a.attempt = l.attempt
-         WHERE l.job = ?1 AND l.seq > ?2 ORDER BY l.seq",
+         WHERE l.job = ?1 AND l.seq > ?2 AND (?3 IS NULL OR a.site = ?3) ORDER BY l.seq",
     )?;
     let chunks = stmt
-        .query_map(params![job as i64, after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map(params![job as i64, after, site], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok((chunks, done))
 }
@@ -515,10 +536,16 @@ async fn job_logs(
     let id = parse_id("id", &id)?;
     let Query(q) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
     visible_job(&state, &who, id).await?;
+    // A provider reads only the output of the attempts its own site ran.
+    let site = match &who.role {
+        Role::Provider { site } => Some(site.clone()),
+        _ => None,
+    };
     let db = state.db.clone();
     if !q.follow {
-        let (chunks, _) =
-            tokio::task::spawn_blocking(move || read_logs(&db, id, 0)).await.map_err(Error::internal)??;
+        let (chunks, _) = tokio::task::spawn_blocking(move || read_logs(&db, id, 0, site.as_deref()))
+            .await
+            .map_err(Error::internal)??;
         let mut renderer = LogRenderer::new();
         let mut bytes = Vec::new();
         for (_, attempt, site, data) in chunks {
@@ -532,7 +559,10 @@ async fn job_logs(
         let mut renderer = LogRenderer::new();
         loop {
             let db2 = db.clone();
-            let Ok(Ok((chunks, done))) = tokio::task::spawn_blocking(move || read_logs(&db2, id, after)).await else {
+            let site2 = site.clone();
+            let Ok(Ok((chunks, done))) =
+                tokio::task::spawn_blocking(move || read_logs(&db2, id, after, site2.as_deref())).await
+            else {
                 break;
             };
             for (seq, attempt, site, data) in chunks {

@@ -151,7 +151,7 @@ pub struct Timings {
     /// once its attempts' leases have expired, so that their agents have
     /// killed them first.
     pub site_timeout_s: i64,
-    /// Most bytes of output kept per attempt.
+    /// Most bytes of output kept per job (all its attempts together).
     pub log_quota_bytes: u64,
 }
 
@@ -777,6 +777,9 @@ impl State {
             params![job, attempt, b.now() + self.timings.lease_s, b.now(), crate::auth::hash(&secret).to_vec()],
         )?;
         let j = load_job(b.sql(), job as u64)?.ok_or_else(|| Error::internal("attempt of unknown job"))?;
+        let logged: i64 =
+            b.sql()
+                .query_row("SELECT COALESCE(SUM(log_stored), 0) FROM attempts WHERE job = ?1", [job], |r| r.get(0))?;
         let secret_env: BTreeMap<String, String> = b
             .sql()
             .query_row("SELECT env FROM job_secrets WHERE job = ?1", [job], |r| r.get::<_, String>(0))
@@ -802,7 +805,7 @@ impl State {
             cpus: r.cpus,
             heartbeat_s: self.timings.heartbeat_s,
             lease_s: self.timings.lease_s as u64,
-            log_quota_bytes: self.timings.log_quota_bytes,
+            log_quota_bytes: self.timings.log_quota_bytes.saturating_sub(logged.max(0) as u64),
         }))
     }
 
@@ -884,8 +887,10 @@ impl State {
                 format!("a log chunk may hold at most {LOG_CHUNK_BYTES} bytes, got {}", data.len()),
             ));
         }
+        // The quota is the job's: what earlier attempts stored counts too.
         let (received, stored, dropped): (i64, i64, i64) = b.sql().query_row(
-            "SELECT log_received, log_stored, log_dropped FROM attempts WHERE job = ?1 AND attempt = ?2",
+            "SELECT log_received, (SELECT COALESCE(SUM(log_stored), 0) FROM attempts WHERE job = ?1), log_dropped
+             FROM attempts WHERE job = ?1 AND attempt = ?2",
             params![job as i64, attempt],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
@@ -1157,6 +1162,7 @@ impl State {
         org: Option<&str>,
         state: Option<JobState>,
         limit: u32,
+        before: Option<u64>,
     ) -> Result<(Vec<Job>, u64)> {
         let (org, site) = match &who.role {
             Role::Consumer { org } => (Some(org.clone()), None),
@@ -1165,10 +1171,11 @@ impl State {
         };
         let filter = "(?1 IS NULL OR org = ?1) AND (?2 IS NULL OR state = ?2)
              AND (?3 IS NULL OR id IN (SELECT job FROM attempts WHERE site = ?3))";
-        let mut stmt =
-            b.sql().prepare_cached(&format!("SELECT * FROM jobs WHERE {filter} ORDER BY id DESC LIMIT ?4"))?;
+        let mut stmt = b.sql().prepare_cached(&format!(
+            "SELECT * FROM jobs WHERE {filter} AND (?5 IS NULL OR id < ?5) ORDER BY id DESC LIMIT ?4"
+        ))?;
         let jobs = stmt
-            .query_map(params![org, state.map(|s| s.as_str()), site, limit], read_job)?
+            .query_map(params![org, state.map(|s| s.as_str()), site, limit, before.map(|b| b as i64)], read_job)?
             .collect::<std::result::Result<_, _>>()?;
         let total: i64 = b
             .sql()
