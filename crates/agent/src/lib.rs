@@ -116,6 +116,7 @@ type Running = Arc<Mutex<BTreeMap<AttemptRef, Arc<Control>>>>;
 struct Shared {
     client: Client,
     token: TokenSource,
+    retention_s: u64,
     isolation: Isolation,
     site: String,
     jobs_dir: PathBuf,
@@ -160,6 +161,7 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     let shared = Arc::new(Shared {
         client: client.clone(),
         token: config.token.clone(),
+        retention_s: config.retention_s,
         isolation,
         site: config.site.clone(),
         jobs_dir,
@@ -416,6 +418,9 @@ fn run_attempt(shared: &Shared, lease: &Lease, control: &Control) -> Result<(), 
     };
     if let Shipped::GaveUp = shipped {
         eprintln!("agent {}: {name}: could not deliver all output", shared.site);
+    }
+    if shared.retention_s == 0 {
+        let _ = std::fs::remove_dir_all(&dir);
     }
     if end == AttemptEnd::Stopped {
         // The server asked for the stop and has already ended the attempt.

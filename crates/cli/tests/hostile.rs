@@ -287,6 +287,24 @@ fn a_job_over_its_memory_limit_is_killed_with_a_clear_reason_and_billed() {
 }
 
 #[test]
+fn finished_attempts_leave_no_directory_behind_without_retention() {
+    let mut p = Platform::new("retention");
+    p.start_agent_with("a", &["--retention-s", "0"]);
+    let acme = p.org("acme", "a");
+    let mut quick = job("echo data > /work/file; echo done");
+    quick.gpus = 1;
+    let id = submit(&acme, &quick);
+    assert_eq!(p.wait(&acme, id, "finished", |j| j.state.is_terminal()).state, JobState::Succeeded);
+    let dir = p.workdir("a").join(format!("jobs/job-{id}-1"));
+    let started = Instant::now();
+    while dir.exists() {
+        assert!(started.elapsed() < Duration::from_secs(5), "{} is still there", dir.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(logs(&acme, id).contains("done"));
+}
+
+#[test]
 fn two_jobs_cannot_read_each_other_s_work_directories() {
     let mut p = Platform::new("neighbours");
     p.start_agent("a");
