@@ -94,9 +94,9 @@ pub struct AgentConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("{0}")]
+    #[error(transparent)]
     Api(#[from] ClientError),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("the sandbox cannot be set up: {0} (run the agent with --unsandboxed to run jobs without isolation)")]
     Sandbox(sandbox::SandboxError),
@@ -168,6 +168,7 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         spool_dir,
         running: Arc::default(),
     });
+    report_leftovers(&shared);
     let mut backoff = Duration::from_millis(200);
     let mut last_sweep = Instant::now() - Duration::from_secs(3600);
     loop {
@@ -251,6 +252,60 @@ fn instance_name(site: &str, workdir: &Path) -> String {
         .iter()
         .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
     format!("{site}-{:012x}", hash & 0xffff_ffff_ffff)
+}
+
+/// What the agent keeps on its disk while an attempt runs, so that after a
+/// crash its next life can tell the server the attempt is gone (root-only
+/// directory; deleted when the attempt ends).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LeaseRecord {
+    job: u64,
+    attempt: u32,
+    secret: String,
+}
+
+/// Attempts of a previous life (killed by the cgroup sweep): reported to the
+/// server as lost at once, instead of waiting for their leases to expire.
+fn report_leftovers(shared: &Shared) {
+    let Ok(entries) = std::fs::read_dir(&shared.spool_dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("lease") => {
+                if let Some(r) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<LeaseRecord>(&b).ok())
+                {
+                    let report = FinishRequest {
+                        end: AttemptEnd::Infrastructure,
+                        exit_code: 137,
+                        wall_s: 1,
+                        message: Some("the agent restarted and killed what was left of it".into()),
+                    };
+                    let answer = retry(Duration::from_secs(10), || {
+                        shared.client.post_with::<_, serde::de::IgnoredAny>(
+                            &format!("/v1/agent/attempts/{}/{}/finish", r.job, r.attempt),
+                            &[("X-Attempt-Secret", &r.secret)],
+                            &report,
+                        )
+                    });
+                    eprintln!(
+                        "agent {}: job {} attempt {} of a previous run: reported lost ({})",
+                        shared.site,
+                        r.job,
+                        r.attempt,
+                        match answer {
+                            Ok(_) => "accepted".to_string(),
+                            Err(e) => e.to_string(),
+                        }
+                    );
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+            Some("log") => {
+                let _ = std::fs::remove_file(&path);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Removes attempt directories finished more than `retention_s` ago.
@@ -340,6 +395,28 @@ fn run_attempt(shared: &Shared, lease: &Lease, control: &Control) -> Result<(), 
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
+    let record_path = shared.spool_dir.join(format!("{name}.lease"));
+    let record = LeaseRecord { job: lease.job, attempt: lease.attempt, secret: lease.secret.clone() };
+    std::fs::write(&record_path, serde_json::to_vec(&record).map_err(|e| AgentError::Config(e.to_string()))?)?;
+    std::fs::set_permissions(&record_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let outcome = run_prepared(shared, lease, control, &dir, &name, &finish);
+    let _ = std::fs::remove_file(&record_path);
+    outcome
+}
+
+/// The attempt from its sandbox to its report.
+fn run_prepared(
+    shared: &Shared,
+    lease: &Lease,
+    control: &Control,
+    dir: &Path,
+    name: &str,
+    finish: &dyn Fn(AttemptEnd, i32, u64, Option<String>) -> Result<(), AgentError>,
+) -> Result<(), AgentError> {
+    let client = &shared.client;
+    let base = format!("/v1/agent/attempts/{}/{}", lease.job, lease.attempt);
+    let secret = [("X-Attempt-Secret", lease.secret.as_str())];
+    let dir = dir.to_path_buf();
     let prepared =
         match shared.isolation.prepare(lease.job, lease.attempt, &dir, lease.gpus, lease.memory_mb, lease.cpus) {
             Ok(p) => p,

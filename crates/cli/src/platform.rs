@@ -25,10 +25,13 @@ pub struct ServeArgs {
     /// The database file (jobs, tokens and the ledger).
     #[arg(long, env = "SUANWANG_DB", default_value = "suanwang.db")]
     pub db: PathBuf,
+    /// The address the API (and the agents) connect to.
     #[arg(long, default_value = "127.0.0.1:7878")]
     pub listen: SocketAddr,
+    /// The network at the database's first start: a topology file or `shandong` (bundled).
     #[arg(long, default_value = "shandong")]
     pub topology: String,
+    /// The scheduling policy: local, fifo, sjf, fair, las, cheapest or network.
     #[arg(long, default_value = "network")]
     pub policy: String,
     /// Seconds without word from an agent after which its attempt is lost.
@@ -73,7 +76,7 @@ pub struct AgentArgs {
     pub token_file: Option<PathBuf>,
     /// The provider token itself (prefer --token-file: a command line is
     /// visible to other users of the machine).
-    #[arg(long = "agent-token", env = "SUANWANG_TOKEN", hide_env_values = true)]
+    #[arg(long = "agent-token", env = "SUANWANG_AGENT_TOKEN", hide_env_values = true)]
     pub agent_token: Option<String>,
     /// Where jobs run: `local` (processes on this machine).
     #[arg(long, default_value = "local")]
@@ -223,10 +226,16 @@ impl Connection {
         let pick = |flag: &Option<String>, env: &str, file: Option<String>| {
             flag.clone().or_else(|| std::env::var(env).ok()).or(file)
         };
-        let server = pick(&self.server, "SUANWANG_SERVER", file.server)
-            .ok_or_else(|| anyhow!("no server: pass --server, set SUANWANG_SERVER or write it in the config file"))?;
-        let token = pick(&self.token, "SUANWANG_TOKEN", file.token)
-            .ok_or_else(|| anyhow!("no token: pass --token, set SUANWANG_TOKEN or write it in the config file"))?;
+        let config_path = config_file().map_or("~/.config/suanwang/config.toml".into(), |p| p.display().to_string());
+        let server = pick(&self.server, "SUANWANG_SERVER", file.server).ok_or_else(|| {
+            anyhow!("no server: pass --server URL, set SUANWANG_SERVER or write server = \"URL\" in {config_path}")
+        })?;
+        if !(server.starts_with("http://") || server.starts_with("https://")) {
+            bail!("the server address '{server}' must start with http:// (for example http://127.0.0.1:7878)");
+        }
+        let token = pick(&self.token, "SUANWANG_TOKEN", file.token).ok_or_else(|| {
+            anyhow!("no token: pass --token, set SUANWANG_TOKEN or write token = \"...\" in {config_path}")
+        })?;
         Ok(Client::new(&server, &token))
     }
 }
@@ -293,13 +302,9 @@ fn jobs_table(jobs: &[Job]) -> String {
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
     /// Submit a job described in a TOML file.
-    Submit {
-        file: PathBuf,
-    },
+    Submit { file: PathBuf },
     /// Where and for how much a job would run: ranked sites, explanation, voucher share.
-    Quote {
-        file: PathBuf,
-    },
+    Quote { file: PathBuf },
     /// List jobs, newest first.
     Jobs {
         #[arg(long)]
@@ -312,9 +317,7 @@ pub enum ClientCommand {
         all: bool,
     },
     /// One job, with its events.
-    Job {
-        id: u64,
-    },
+    Job { id: u64 },
     /// A job's output, each attempt's after a marker line.
     Logs {
         id: u64,
@@ -322,22 +325,21 @@ pub enum ClientCommand {
         #[arg(short, long)]
         follow: bool,
     },
-    Cancel {
-        id: u64,
-    },
+    /// Cancel a job: a running attempt is killed and billed for the time it ran.
+    Cancel { id: u64 },
     /// Why a job is waiting: every site, filtered with a reason or scored.
-    Why {
-        id: u64,
-    },
+    Why { id: u64 },
     /// Sites: level, agent, backend capabilities, free and total accelerators.
     Sites,
     /// Wallet and voucher balances.
     Vouchers {
+        /// The organisation (operators must name one; consumers see their own).
         #[arg(long)]
         org: Option<String>,
     },
-    /// Every billed attempt and what it cost.
+    /// Every attempt and what it cost.
     Bill {
+        /// The organisation (operators must name one; consumers see their own).
         #[arg(long)]
         org: Option<String>,
     },
@@ -345,7 +347,31 @@ pub enum ClientCommand {
 
 fn read_job_file(path: &Path) -> anyhow::Result<JobRequest> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.message()))
+    toml::from_str(&text).map_err(|e| anyhow!("{}", job_file_error(path, &text, &e)))
+}
+
+/// `FILE:LINE: FIELD: problem`, in words rather than Rust's types.
+fn job_file_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
+    let message = e
+        .message()
+        .replace("expected u32", "expected a whole number")
+        .replace("expected u64", "expected a whole number")
+        .replace("expected i64", "expected a whole number")
+        .replace("expected f64", "expected a number")
+        .replace("expected a sequence", "expected a list like [\"a\", \"b\"]")
+        .replace("expected a map", "expected a table");
+    let Some(span) = e.span() else { return format!("{}: {message}", path.display()) };
+    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+    let key = text
+        .lines()
+        .nth(line - 1)
+        .and_then(|l| l.split_once('='))
+        .map(|(k, _)| k.trim().to_string())
+        .filter(|k| !k.is_empty() && !message.contains(&format!("`{k}`")));
+    match key {
+        Some(key) => format!("{}:{line}: {key}: {message}", path.display()),
+        None => format!("{}:{line}: {message}", path.display()),
+    }
 }
 
 /// A site's verdict from an explanation, in words.
@@ -356,7 +382,7 @@ fn verdict_words(s: &serde_json::Value) -> (String, String) {
         let start =
             if s["can_start_now"] == true { "can start now".to_string() } else { format!("waits ~{} s", e["wait_s"]) };
         (
-            format!("score {}", s["score"]),
+            s["score"].to_string(),
             format!(
                 "{} x {}: {start}, transfer {} s, run {} s, {cost} fen, {} g CO2{}",
                 e["gpus"],
@@ -451,6 +477,9 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
                 }
             }
             print(json, &list, || {
+                if list.jobs.is_empty() {
+                    return "no jobs\n".into();
+                }
                 let mut out = jobs_table(&list.jobs);
                 let more = list.total.saturating_sub(list.jobs.len() as u64);
                 if more > 0 {
@@ -462,8 +491,29 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
         ClientCommand::Job { id } => {
             let job: Job = c.get(&format!("/v1/jobs/{id}"))?;
             let events: Vec<JobEvent> = c.get(&format!("/v1/jobs/{id}/events"))?;
+            // Why a waiting job waits, in one line (`why` gives every site).
+            let waiting = (job.state == JobState::Pending)
+                .then(|| c.get::<serde_json::Value>(&format!("/v1/jobs/{id}/why")).ok())
+                .flatten()
+                .map(|e| {
+                    let sites = e["sites"].as_array().cloned().unwrap_or_default();
+                    match sites.iter().find(|s| s["verdict"] == "scored") {
+                        Some(best) => format!(
+                            "waiting for {} ({}; `suanwang why {id}` for every site)",
+                            best["site"].as_str().unwrap_or_default(),
+                            verdict_words(best).1
+                        ),
+                        None => format!(
+                            "waiting: no site can take it now ({}); `suanwang why {id}` for every site",
+                            sites.first().map(|s| verdict_words(s).1).unwrap_or_default()
+                        ),
+                    }
+                });
             print(json, &serde_json::json!({"job": job, "events": events}), || {
                 let mut out = jobs_table(std::slice::from_ref(&job));
+                if let Some(w) = &waiting {
+                    out.push_str(&format!("\n{w}\n"));
+                }
                 out.push_str(&format!(
                     "\nsubmitted {}\nstarted   {}\nfinished  {}\nexit code {}\n",
                     when(job.submitted_at),
@@ -645,6 +695,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// stopped when `up` ends.
 struct Supervisor {
     exe: PathBuf,
+    db: PathBuf,
     url: String,
     workdir: PathBuf,
     unsandboxed: bool,
@@ -657,6 +708,8 @@ struct Agent {
     child: Option<std::process::Child>,
     restarts: u32,
     next_start: std::time::Instant,
+    /// Not restarted any more (its token was revoked).
+    stopped: bool,
 }
 
 impl Supervisor {
@@ -685,14 +738,25 @@ impl Supervisor {
                 _ => None,
             };
             if let Some(status) = exited {
+                let valid = std::fs::read_to_string(&self.agents[i].token_file)
+                    .ok()
+                    .is_some_and(|t| suanwang_server::admin::token_valid(&self.db, t.trim()).unwrap_or(true));
                 let a = &mut self.agents[i];
                 a.child = None;
+                if !valid {
+                    a.stopped = true;
+                    eprintln!(
+                        "suanwang up: the agent of {} stopped: its token was revoked or expired; it is not restarted (run `suanwang up` again to give it a new token)",
+                        a.site
+                    );
+                    continue;
+                }
                 a.restarts += 1;
                 let wait = std::time::Duration::from_millis(500u64.saturating_mul(1 << a.restarts.min(7)));
                 a.next_start = now + wait;
                 eprintln!("suanwang up: the agent of {} exited ({status}); restarting in {wait:?}", a.site);
             }
-            if self.agents[i].child.is_none() && now >= self.agents[i].next_start {
+            if self.agents[i].child.is_none() && !self.agents[i].stopped && now >= self.agents[i].next_start {
                 match self.spawn(&self.agents[i]) {
                     Ok(child) => self.agents[i].child = Some(child),
                     Err(e) => eprintln!("suanwang up: {e:#}"),
@@ -756,6 +820,18 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let db = &args.serve.db;
     let timings = server_config(&args.serve).timings;
     timings.check().map_err(|e| anyhow!(e))?;
+    // Before anything is written: a busy port fails here, changing nothing.
+    if let Err(e) = std::net::TcpListener::bind(args.serve.listen) {
+        bail!(
+            "cannot listen on {}: {}; choose another address with --listen",
+            args.serve.listen,
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                "the port is in use (another suanwang?)".into()
+            } else {
+                e.to_string()
+            }
+        );
+    }
     let topology = suanwang_topology::load(&args.serve.topology)?;
     if !args.unsandboxed {
         // Refuse early, with the reason, rather than have every agent refuse.
@@ -796,6 +872,30 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             "demo",
             1_000_000,
         )?;
+        // A demo voucher programme, so quotes show what a voucher pays.
+        let programme = suanwang_ledger::voucher::ProgrammeSpec {
+            id: "demo-vouchers".into(),
+            name: "Demo compute vouchers (30%, 20% on foreign accelerators)".into(),
+            budget_fen: 10_000_000,
+            valid_from: 0,
+            valid_until: 4_102_444_800,
+            kinds: vec![suanwang_ledger::voucher::OrgKind::Enterprise],
+            sites: vec![],
+            accels: vec![],
+            rate_bp: 3000,
+            foreign_rate_bp: 2000,
+            org_year_cap_fen: 1_000_000,
+            job_cap_fen: 100_000,
+        };
+        suanwang_ledger::voucher::create_programme(&mut ledger, now, &programme)?;
+        suanwang_ledger::voucher::grant(
+            &mut ledger,
+            now,
+            suanwang_ledger::TransferId::derive("up:demo-grant"),
+            "demo-vouchers",
+            "demo",
+            200_000,
+        )?;
     }
     let tokens = args.workdir.join(".tokens");
     let demo =
@@ -810,6 +910,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             child: None,
             restarts: 0,
             next_start: std::time::Instant::now(),
+            stopped: false,
         });
     }
     let runtime = tokio::runtime::Runtime::new()?;
@@ -828,6 +929,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         let url = format!("http://{address}");
         let mut supervisor = Supervisor {
             exe: std::env::current_exe()?,
+            db: db.clone(),
             url: url.clone(),
             workdir: args.workdir.clone(),
             unsandboxed: args.unsandboxed,
@@ -848,7 +950,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 db.display()
             ),
         }
-        println!("a token of the demo organisation (10,000 yuan in its wallet):");
+        println!("a token of the demo organisation (given 10,000 yuan and 2,000 yuan of demo vouchers at the first start):");
         println!("  export SUANWANG_SERVER={url} SUANWANG_TOKEN={demo}");
         println!("  suanwang quote examples/job.toml; suanwang submit examples/job.toml; suanwang jobs; suanwang logs -f 1");
         println!("more organisations and tokens: suanwang admin --db {} org ID --kind enterprise|university|institute; suanwang admin --db {} token --role consumer --org ID", db.display(), db.display());
@@ -872,16 +974,19 @@ pub fn agent(args: AgentArgs, connection: &Connection) -> anyhow::Result<()> {
         bail!("--backend: '{}' is not available here (available: local)", args.backend);
     }
     suanwang_server::validate::identifier("site", &args.site).map_err(|e| anyhow!("--site: {}", e.body.message))?;
-    let token = match (&args.token_file, &args.agent_token, &connection.token) {
-        (Some(file), _, _) => suanwang_agent::TokenSource::File(file.clone()),
-        (None, Some(token), _) | (None, None, Some(token)) => suanwang_agent::TokenSource::Value(token.clone()),
-        (None, None, None) => bail!("no token: pass --token-file FILE (or set SUANWANG_TOKEN)"),
+    let _ = connection;
+    let token = match (&args.token_file, &args.agent_token) {
+        (Some(file), _) => suanwang_agent::TokenSource::File(file.clone()),
+        (None, Some(token)) => suanwang_agent::TokenSource::Value(token.clone()),
+        (None, None) => bail!("no provider token: pass --token-file FILE (or set SUANWANG_AGENT_TOKEN)"),
     };
     // The token must not linger where a child could find it.
     // SAFETY: single-threaded here, before the agent starts any thread.
     unsafe {
+        std::env::remove_var("SUANWANG_AGENT_TOKEN");
         std::env::remove_var("SUANWANG_TOKEN");
     }
+    let site = args.site.clone();
     suanwang_agent::run(suanwang_agent::AgentConfig {
         server: args.server,
         token,
@@ -896,7 +1001,8 @@ pub fn agent(args: AgentArgs, connection: &Connection) -> anyhow::Result<()> {
             host_network: args.job_host_network,
         },
         retention_s: args.retention_s,
-    })?;
+    })
+    .map_err(|e| anyhow!("agent of {site}: {e}"))?;
     Ok(())
 }
 
@@ -984,8 +1090,13 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
             print!("{}", table::render(&["id", "role", "site/org", "label", "created", "expires", "revoked"], &rows));
         }
         AdminCommand::Token { action: Some(TokenAction::Revoke { id }), .. } => {
+            let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
             let t = suanwang_server::admin::revoke_token(&args.db, &id)?;
-            println!("token {} ({:?} {}) revoked", t.id, t.role, t.site.or(t.org).unwrap_or_default());
+            let whose = format!("{} {}", format!("{:?}", t.role).to_lowercase(), t.site.or(t.org).unwrap_or_default());
+            match t.revoked_at {
+                Some(at) if at < before => println!("token {} ({whose}) was already revoked {}", t.id, when(at)),
+                _ => println!("token {} ({whose}) revoked", t.id),
+            }
         }
         AdminCommand::Token { action: None, role, org, site, label, expires_in_s } => {
             let role = match (role.as_deref(), org, site) {
@@ -994,7 +1105,9 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
                 (Some("consumer"), Some(org), None) => Role::Consumer { org },
                 _ => bail!("--role: operator (no --org/--site), provider --site SITE, or consumer --org ORG"),
             };
-            println!("{}", suanwang_server::admin::create_token(&args.db, &role, &label, expires_in_s)?.0);
+            let (token, id) = suanwang_server::admin::create_token(&args.db, &role, &label, expires_in_s)?;
+            eprintln!("token id {id} (for `token list` and `token revoke`); the token is shown once:");
+            println!("{token}");
         }
     }
     Ok(())

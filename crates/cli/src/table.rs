@@ -6,6 +6,15 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use suanwang_sim::PolicySummary;
 
+/// Does a cell read as a number (or a blank)? Such columns are right-aligned.
+fn numeric(cell: &str) -> bool {
+    let cell = cell.trim();
+    cell.is_empty()
+        || cell == "-"
+        || (cell.chars().any(|c| c.is_ascii_digit())
+            && cell.chars().all(|c| c.is_ascii_digit() || matches!(c, '-' | '.' | ',' | '%' | '+')))
+}
+
 pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
@@ -13,15 +22,20 @@ pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
+    // Numbers line up on the right, words on the left; a header goes the
+    // way of its column. The first column is always on the left.
+    let right: Vec<bool> = (0..headers.len())
+        .map(|i| i > 0 && !rows.is_empty() && rows.iter().all(|r| r.get(i).is_none_or(|c| numeric(c))))
+        .collect();
     let mut out = String::new();
     let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
         let mut parts = Vec::new();
         for (i, cell) in cells.enumerate() {
             let pad = widths[i] - cell.chars().count();
-            parts.push(if i == 0 {
-                format!("{cell}{}", " ".repeat(pad))
-            } else {
+            parts.push(if right[i] {
                 format!("{}{cell}", " ".repeat(pad))
+            } else {
+                format!("{cell}{}", " ".repeat(pad))
             });
         }
         let _ = writeln!(out, "{}", parts.join("  ").trim_end());

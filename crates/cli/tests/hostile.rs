@@ -639,3 +639,26 @@ fn an_agent_cut_off_from_the_server_kills_its_attempt_before_the_lease_ends() {
     assert!(bill.lines.iter().all(|l| l.org_fen == 0), "the lost attempt is not billed: {bill:?}");
     let _: Job = acme.post(&format!("/v1/jobs/{id}/cancel"), &()).unwrap();
 }
+
+#[test]
+fn a_restarted_agent_reports_the_attempts_of_its_previous_life_at_once() {
+    let mut p = Platform::with("leftovers", &["--lease-s", "30", "--heartbeat-s", "1", "--site-timeout-s", "30"]);
+    p.start_agent("a");
+    let acme = p.org("acme", "a");
+    let mut long = job("sleep 9992");
+    long.gpus = 1;
+    let id = submit(&acme, &long);
+    wait_alive("sleep 9992");
+    p.kill_agent("a");
+    wait_dead("sleep 9992", Duration::from_secs(3));
+    let restarted = Instant::now();
+    p.start_agent("a");
+    // Long before the 30 s lease would expire, the job runs again.
+    let again = p.wait(&acme, id, "run again", |j| j.attempts == 2);
+    assert!(restarted.elapsed() < Duration::from_secs(10), "{again:?}");
+    let events: Vec<JobEvent> = acme.get(&format!("/v1/jobs/{id}/events")).unwrap();
+    assert!(events.iter().any(|e| e.detail.contains("the agent restarted")), "{events:?}");
+    let bill = bill_lines(&acme);
+    assert!(bill.lines.iter().all(|l| l.org_fen == 0), "{bill:?}");
+    let _: Job = acme.post(&format!("/v1/jobs/{id}/cancel"), &()).unwrap();
+}

@@ -261,7 +261,10 @@ fn acting_org(who: &Principal, named: Option<&str>) -> Result<String> {
         (Role::Consumer { org }, Some(n)) if n == org => Ok(org.clone()),
         (Role::Consumer { .. }, Some(_)) => Err(Error::forbidden("a consumer acts only for its own organisation")),
         (Role::Operator, Some(n)) => Ok(n.to_string()),
-        (Role::Operator, None) => Err(Error::invalid("org", "an operator must name the organisation")),
+        (Role::Operator, None) => Err(Error::invalid(
+            "org",
+            "an operator must name the organisation (org in the body or query; --org ORG on the command line)",
+        )),
         (Role::Provider { .. }, _) => Err(Error::forbidden("a provider token is for its site's agent")),
     }
 }
@@ -380,7 +383,12 @@ async fn quote(
                 }
                 None => None,
             };
-            Ok(api::Quote { explanation: explanation_json(&explanation)?, bill, best_site: best.map(|(site, _)| site) })
+            let mut explanation = explanation_json(&explanation)?;
+            // A quote is for no job yet.
+            if let Some(o) = explanation.as_object_mut() {
+                o.remove("job");
+            }
+            Ok(api::Quote { explanation, bill, best_site: best.map(|(site, _)| site) })
         })
         .await?;
     Ok(Json(quote))
@@ -460,7 +468,7 @@ async fn job_why(
     let explanation = state.world.call(move |s, _| Ok(s.scheduler.explain_job(JobId(id)))).await?;
     match explanation {
         Some(e) => Ok(Json(explanation_json(&e)?)),
-        None => Err(Error::conflict("not_queued", format!("job {id} is {}, not waiting", job.state.as_str()))),
+        None => Err(Error::conflict("not_queued", format!("job {id} is not waiting (it is {})", job.state.as_str()))),
     }
 }
 

@@ -550,7 +550,10 @@ impl State {
     pub fn cancel(&mut self, b: &mut Batch<'_>, id: u64) -> Result<Job> {
         let job = load_job(b.sql(), id)?.ok_or_else(|| Error::not_found("job", id))?;
         if job.state.is_terminal() {
-            return Err(Error::conflict("already_finished", format!("job {id} is already {}", job.state.as_str())));
+            return Err(Error::conflict(
+                "already_finished",
+                format!("job {id} has already ended ({})", job.state.as_str()),
+            ));
         }
         if let Some((attempt, _)) = self.scheduler.running_attempt(JobId(id)) {
             let started: Option<i64> = b.sql().query_row(
@@ -653,7 +656,12 @@ impl State {
                                 Some((Some(cause), code)) => describe_cause(&cause, code),
                                 _ => "failed".into(),
                             };
-                            format!("attempt {attempts} {how}; no retries left")
+                            let asked = load_job(b.sql(), job.0)?.map_or(0, |j| j.request.retries);
+                            if asked > 0 {
+                                format!("attempt {attempts} {how}; no retries left (it asked for {asked})")
+                            } else {
+                                format!("attempt {attempts} {how}")
+                            }
                         }
                         GiveUpReason::LostTooOften => {
                             format!("lost to infrastructure faults too often ({attempts} attempts)")
