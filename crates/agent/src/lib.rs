@@ -514,7 +514,8 @@ fn run_prepared(
 fn limit_mb(shared: &Shared, lease: &Lease) -> u64 {
     match &shared.isolation {
         Isolation::Sandboxed { defaults, .. } => {
-            lease.memory_mb.unwrap_or(lease.gpus as u64 * defaults.memory_mb_per_gpu)
+            let share = lease.gpus as u64 * defaults.memory_mb_per_gpu;
+            lease.memory_mb.unwrap_or(share).min(share)
         }
         Isolation::Unsandboxed => 0,
     }
@@ -537,7 +538,9 @@ fn supervise(
     child: &mut std::process::Child,
     started: Instant,
 ) -> Outcome {
-    let client = &shared.client;
+    // Reports here must not block past the lease margin: a server that
+    // accepts connections but does not answer must not keep the attempt alive.
+    let client = &shared.client.with_timeout(Duration::from_secs((lease.lease_s / 4).clamp(1, 10)));
     let base = format!("/v1/agent/attempts/{}/{}", lease.job, lease.attempt);
     let secret = [("X-Attempt-Secret", lease.secret.as_str())];
     let _ = retry(Duration::from_secs(lease.lease_s.max(2) / 2), || {

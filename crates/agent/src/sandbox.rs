@@ -147,9 +147,14 @@ impl Isolation {
                 let uid = JOB_ID_BASE + job as u32;
                 std::os::unix::fs::chown(dir, Some(uid), Some(uid))?;
                 std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+                // The site's share per accelerator is the most an attempt
+                // gets: a request may lower it, never raise it (the bill
+                // counts accelerators, not memory or cores).
                 let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
-                let cpus = cpus.map_or(gpus as u64 * defaults.cpus_per_gpu as u64, u64::from).clamp(1, host_cpus);
-                let memory_mb = memory_mb.unwrap_or(gpus as u64 * defaults.memory_mb_per_gpu);
+                let share_cpus = gpus as u64 * defaults.cpus_per_gpu as u64;
+                let cpus = cpus.map_or(share_cpus, u64::from).min(share_cpus).clamp(1, host_cpus);
+                let share_mb = gpus as u64 * defaults.memory_mb_per_gpu;
+                let memory_mb = memory_mb.unwrap_or(share_mb).min(share_mb);
                 let limits = Limits {
                     memory_bytes: memory_mb.saturating_mul(1 << 20),
                     cpu_quota_us: cpus * 100_000,

@@ -57,6 +57,13 @@ impl Client {
         }
     }
 
+    /// The same client (sharing its token) whose calls give up after `timeout`.
+    pub fn with_timeout(&self, timeout: Duration) -> Client {
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(timeout)).build().into();
+        Client { base: self.base.clone(), token: self.token.clone(), agent }
+    }
+
     /// Replaces the token of this client and all its clones.
     pub fn set_token(&self, token: &str) {
         *self.token.write().expect("token lock") = token.to_string();

@@ -196,6 +196,10 @@ pub struct JobList {
     pub jobs: Vec<Job>,
     /// How many jobs match in all (the list holds at most `limit` of them).
     pub total: u64,
+    /// More jobs follow: pass this as `before` for the next page. (A page
+    /// ends early when its jobs' requests are large.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<u64>,
 }
 
 /// Something that happened to a job.

@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// an attempt's log keeps its last 64 KiB and says how much was dropped.
     #[arg(long, default_value_t = 100)]
     pub log_quota_mb: u64,
+    /// Most pending and running jobs one organisation may have.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_active_jobs_per_org: u64,
 }
 
 #[derive(Debug, Args)]
@@ -457,22 +460,24 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
         }
         ClientCommand::Jobs { state, limit, all } => {
             let page = if all { 1000 } else { limit.clamp(1, 1000) };
-            let mut list = JobList { jobs: Vec::new(), total: 0 };
+            let mut list = JobList { jobs: Vec::new(), total: 0, next_before: None };
+            let mut before: Option<u64> = None;
             loop {
                 let mut path = format!("/v1/jobs?limit={page}");
                 if let Some(s) = &state {
                     path.push_str(&format!("&state={s}"));
                 }
-                if let Some(last) = list.jobs.last() {
-                    path.push_str(&format!("&before={}", last.id));
+                if let Some(b) = before {
+                    path.push_str(&format!("&before={b}"));
                 }
                 let next: JobList = c.get(&path)?;
-                let got = next.jobs.len();
-                if list.jobs.is_empty() {
+                if before.is_none() {
                     list.total = next.total;
                 }
                 list.jobs.extend(next.jobs);
-                if !all || got < page as usize {
+                list.next_before = next.next_before;
+                before = next.next_before;
+                if !all || before.is_none() {
                     break;
                 }
             }
@@ -673,6 +678,7 @@ fn server_config(args: &ServeArgs) -> ServerConfig {
             heartbeat_s: args.heartbeat_s,
             site_timeout_s: args.site_timeout_s,
             log_quota_bytes: args.log_quota_mb.saturating_mul(1 << 20),
+            max_active_jobs_per_org: args.max_active_jobs_per_org,
         },
     }
 }

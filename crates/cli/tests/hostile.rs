@@ -662,3 +662,115 @@ fn a_restarted_agent_reports_the_attempts_of_its_previous_life_at_once() {
     assert!(bill.lines.iter().all(|l| l.org_fen == 0), "{bill:?}");
     let _: Job = acme.post(&format!("/v1/jobs/{id}/cancel"), &()).unwrap();
 }
+
+#[test]
+fn a_tenant_with_nothing_to_pay_with_or_too_many_jobs_stores_nothing() {
+    let p = Platform::with(
+        "flood",
+        &["--lease-s", "4", "--heartbeat-s", "1", "--site-timeout-s", "4", "--max-active-jobs-per-org", "3"],
+    );
+    let _rich = p.org("rich", "a");
+    run_ok(&["admin", "--db", p.db(), "org", "poor", "--kind", "enterprise"]);
+    let poor = Client::new(&p.url, &run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "poor"]));
+    let mut big = job("true");
+    big.gpus = 1;
+    big.command = vec!["true".into(), "A".repeat(100_000)];
+    assert_eq!(status_of(poor.post::<_, Job>("/v1/jobs", &big).unwrap_err()), 402);
+    let listed: JobList = poor.get("/v1/jobs").unwrap();
+    assert_eq!(listed.total, 0, "nothing stored for a tenant who cannot pay");
+    // No agent runs: jobs stay pending, and the fourth is one too many.
+    let rich = Client::new(&p.url, &run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "rich"]));
+    for _ in 0..3 {
+        submit(&rich, &big);
+    }
+    assert_eq!(status_of(rich.post::<_, Job>("/v1/jobs", &big).unwrap_err()), 429);
+    let listed: JobList = rich.get("/v1/jobs").unwrap();
+    assert_eq!(listed.total, 3);
+}
+
+#[test]
+fn a_page_of_big_jobs_ends_early_and_says_where_the_next_begins() {
+    let p = Platform::new("pages");
+    let acme = p.org("acme", "a");
+    let mut big = job("true");
+    big.gpus = 1;
+    big.command =
+        vec!["true".into(), "A".repeat(120_000), "B".repeat(120_000), "C".repeat(120_000), "D".repeat(120_000)];
+    // No agent: they wait. Each stored request is about 480 KB.
+    let ids: Vec<u64> = (0..12).map(|_| submit(&acme, &big)).collect();
+    let first: JobList = acme.get("/v1/jobs?limit=1000").unwrap();
+    assert_eq!(first.total, 12);
+    assert!(first.jobs.len() < 12, "a page carries at most about 4 MiB of requests");
+    let next = first.next_before.expect("the page says where the next one starts");
+    assert_eq!(next, first.jobs.last().unwrap().id);
+    let second: JobList = acme.get(&format!("/v1/jobs?limit=1000&before={next}")).unwrap();
+    let mut seen: Vec<u64> = first.jobs.iter().chain(&second.jobs).map(|j| j.id).collect();
+    let mut rest = second.next_before;
+    while let Some(before) = rest {
+        let page: JobList = acme.get(&format!("/v1/jobs?limit=1000&before={before}")).unwrap();
+        seen.extend(page.jobs.iter().map(|j| j.id));
+        rest = page.next_before;
+    }
+    seen.reverse();
+    assert_eq!(seen, ids, "every job once, across the pages");
+}
+
+#[test]
+fn a_job_cannot_raise_its_limits_past_the_site_s_share() {
+    let mut p = Platform::new("limits");
+    p.start_agent_with("a", &["--memory-mb-per-gpu", "512", "--cpus-per-gpu", "1"]);
+    let acme = p.org("acme", "a");
+    let mut greedy = job("sleep 9993");
+    greedy.gpus = 1;
+    greedy.memory_mb = Some(16 << 20);
+    greedy.cpus = Some(4096);
+    let id = submit(&acme, &greedy);
+    wait_alive("sleep 9993");
+    // The cgroups of the job's own process, as the host sees them.
+    let pid = String::from_utf8(Command::new("pgrep").args(["-f", "^sleep 9993$"]).output().unwrap().stdout).unwrap();
+    let groups = std::fs::read_to_string(format!("/proc/{}/cgroup", pid.trim())).unwrap();
+    let value = |controller: &str, file: &str| {
+        let path = groups
+            .lines()
+            .find_map(|l| l.split_once(&format!(":{controller}:")).map(|(_, p)| p.to_string()))
+            .unwrap_or_else(|| panic!("{groups}"));
+        assert!(path.ends_with(&format!("/job-{id}-1")), "{path}");
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{controller}{path}/{file}"))
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert_eq!(value("memory", "memory.limit_in_bytes"), 512 << 20, "memory capped at the site's share");
+    assert_eq!(value("cpu", "cpu.cfs_quota_us"), 100_000, "one core, the site's share");
+    let _: Job = acme.post(&format!("/v1/jobs/{id}/cancel"), &()).unwrap();
+}
+
+#[test]
+fn a_stalled_server_cannot_keep_an_attempt_alive_past_its_lease() {
+    let mut p = Platform::new("stalled");
+    p.start_agent("a");
+    let acme = p.org("acme", "a");
+    let mut quiet = job("sleep 9994");
+    quiet.gpus = 1;
+    submit(&acme, &quiet);
+    wait_alive("sleep 9994");
+    // The server accepts connections but answers nothing.
+    let server = p.server_pid();
+    Command::new("kill").args(["-STOP", &server.to_string()]).status().unwrap();
+    let stalled = Instant::now();
+    let dead = {
+        let mut dead = false;
+        while stalled.elapsed() < Duration::from_secs(8) {
+            if !alive("sleep 9994") {
+                dead = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        dead
+    };
+    let took = stalled.elapsed();
+    Command::new("kill").args(["-CONT", &server.to_string()]).status().unwrap();
+    assert!(dead && took < Duration::from_secs(4), "the attempt lived {took:?} past a 4 s lease's last renewal");
+}

@@ -147,6 +147,10 @@ impl Platform {
         self.server = Some(child);
     }
 
+    pub fn server_pid(&self) -> u32 {
+        self.server.as_ref().unwrap().id()
+    }
+
     pub fn kill_server(&mut self) {
         let mut server = self.server.take().unwrap();
         server.kill().unwrap();

@@ -41,6 +41,7 @@ pub struct AppState {
     pub tokens: Tokens,
     pub topology: Arc<Topology>,
     pub db: PathBuf,
+    pub timings: crate::world::Timings,
 }
 
 /// JSON body whose rejections use our error format.
@@ -286,6 +287,16 @@ fn redact_for_provider(mut job: api::Job) -> api::Job {
     job
 }
 
+/// Runs a read on its own read-only connection, off the writer thread:
+/// reads never hold up commits (nor the heartbeats that keep leases alive).
+async fn read<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&rusqlite::Connection) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let db = state.db.clone();
+    tokio::task::spawn_blocking(move || f(&reader(&db)?)).await.map_err(Error::internal)?
+}
+
 /// A job the principal may see; others' jobs are "not found", not "forbidden",
 /// so ids do not leak. A provider sees the jobs that had an attempt at its
 /// site, redacted.
@@ -294,17 +305,15 @@ async fn visible_job(state: &AppState, who: &Principal, id: u64) -> Result<api::
         Role::Provider { site } => Some(site.clone()),
         _ => None,
     };
-    let (job, ran_here) = state
-        .world
-        .call(move |s, b| {
-            let job = load_job(b.sql(), id)?;
-            let ran_here = match &site {
-                Some(site) => s.ran_at(b, id, site)?,
-                None => false,
-            };
-            Ok((job, ran_here))
-        })
-        .await?;
+    let (job, ran_here) = read(state, move |sql| {
+        let job = load_job(sql, id)?;
+        let ran_here = match &site {
+            Some(site) => crate::world::ran_at(sql, id, site)?,
+            None => false,
+        };
+        Ok((job, ran_here))
+    })
+    .await?;
     let job = job.ok_or_else(|| Error::not_found("job", id))?;
     match &who.role {
         Role::Provider { .. } if ran_here => Ok(redact_for_provider(job)),
@@ -335,7 +344,7 @@ async fn owned_job(state: &AppState, who: &Principal, id: u64) -> Result<api::Jo
     Ok(job)
 }
 
-#[utoipa::path(post, path = "/v1/jobs", request_body = api::JobRequest, responses((status = 201, body = api::Job), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError), (status = 404, body = api::ApiError), (status = 413, body = api::ApiError), (status = 415, body = api::ApiError)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/jobs", request_body = api::JobRequest, responses((status = 201, body = api::Job), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 402, body = api::ApiError, description = "the organisation has nothing to pay with"), (status = 403, body = api::ApiError), (status = 404, body = api::ApiError), (status = 413, body = api::ApiError), (status = 415, body = api::ApiError), (status = 429, body = api::ApiError, description = "too many pending or running jobs")), security(("bearer" = [])))]
 async fn submit(
     State(state): State<AppState>,
     Auth(who): Auth,
@@ -427,10 +436,10 @@ async fn list_jobs(
         return Err(Error::invalid("org", "only an operator may filter by organisation"));
     }
     let provider = matches!(who.role, Role::Provider { .. });
-    let (jobs, total) =
-        state.world.call(move |s, b| s.list(b, &who, q.org.as_deref(), job_state, limit, q.before)).await?;
+    let (jobs, total, next_before) =
+        read(&state, move |sql| crate::world::list(sql, &who, q.org.as_deref(), job_state, limit, q.before)).await?;
     let jobs = if provider { jobs.into_iter().map(redact_for_provider).collect() } else { jobs };
-    Ok(Json(api::JobList { jobs, total }))
+    Ok(Json(api::JobList { jobs, total, next_before }))
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = u64, Path)), responses((status = 200, body = api::Job), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 404, body = api::ApiError)), security(("bearer" = [])))]
@@ -454,7 +463,7 @@ async fn job_events(
 ) -> Result<Json<Vec<api::JobEvent>>> {
     let id = parse_id("id", &id)?;
     visible_job(&state, &who, id).await?;
-    Ok(Json(state.world.call(move |s, b| s.events(b, id)).await?))
+    Ok(Json(read(&state, move |sql| crate::world::events(sql, id)).await?))
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/why", params(("id" = u64, Path)), responses((status = 200, body = Object), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 404, body = api::ApiError), (status = 409, body = api::ApiError)), security(("bearer" = [])))]
@@ -490,6 +499,10 @@ type LogChunks = Vec<(i64, u32, String, Vec<u8>)>;
 
 /// Log chunks after `after` (of one site's attempts only, if `site`), and
 /// whether the job is finished.
+/// Chunks read per query: a page holds at most 64 x 256 KiB, so a reader's
+/// memory stays bounded however long the log is.
+const LOG_PAGE: i64 = 64;
+
 fn read_logs(db: &std::path::Path, job: u64, after: i64, site: Option<&str>) -> Result<(LogChunks, bool)> {
     let conn = reader(db)?;
     // Whether the job is finished is read first: chunks stored before it
@@ -499,10 +512,10 @@ fn read_logs(db: &std::path::Path, job: u64, after: i64, site: Option<&str>) -> 
     let done = state.as_deref().and_then(api::JobState::parse).is_none_or(|s| s.is_terminal());
     let mut stmt = conn.prepare(
         "SELECT l.seq, l.attempt, a.site, l.data FROM logs l JOIN attempts a ON a.job = l.job AND a.attempt = l.attempt
-         WHERE l.job = ?1 AND l.seq > ?2 AND (?3 IS NULL OR a.site = ?3) ORDER BY l.seq",
+         WHERE l.job = ?1 AND l.seq > ?2 AND (?3 IS NULL OR a.site = ?3) ORDER BY l.seq LIMIT ?4",
     )?;
     let chunks = stmt
-        .query_map(params![job as i64, after, site], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map(params![job as i64, after, site, LOG_PAGE], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok((chunks, done))
 }
@@ -550,17 +563,8 @@ async fn job_logs(
         _ => None,
     };
     let db = state.db.clone();
-    if !q.follow {
-        let (chunks, _) = tokio::task::spawn_blocking(move || read_logs(&db, id, 0, site.as_deref()))
-            .await
-            .map_err(Error::internal)??;
-        let mut renderer = LogRenderer::new();
-        let mut bytes = Vec::new();
-        for (_, attempt, site, data) in chunks {
-            renderer.render(attempt, &site, &data, &mut bytes);
-        }
-        return Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response());
-    }
+    // Streamed page by page, followed or not: never the whole log in memory.
+    let follow = q.follow;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
         let mut after = 0;
@@ -573,6 +577,7 @@ async fn job_logs(
             else {
                 break;
             };
+            let full_page = chunks.len() as i64 == LOG_PAGE;
             for (seq, attempt, site, data) in chunks {
                 after = seq;
                 let mut bytes = Vec::with_capacity(data.len() + 64);
@@ -581,7 +586,10 @@ async fn job_logs(
                     return;
                 }
             }
-            if done {
+            if full_page {
+                continue;
+            }
+            if done || !follow {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -866,7 +874,10 @@ async fn lease(
     if req.wait_s > 60 {
         return Err(Error::invalid("wait_s", format!("must be at most 60, got {}", req.wait_s)));
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(req.wait_s);
+    // Never longer than half the site timeout: the poll is how an idle
+    // site's agent says it is alive.
+    let wait_s = req.wait_s.min((state.timings.site_timeout_s.max(2) / 2) as u64);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_s);
     let running = Arc::new(req.running);
     let caps = req.capabilities;
     loop {

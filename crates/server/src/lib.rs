@@ -81,7 +81,7 @@ pub fn open(config: &ServerConfig) -> Result<http::AppState, ServeError> {
     let ledger = Ledger::open(&config.db)?;
     let world = world::start(ledger, topology.clone(), &config.policy, config.timings)?;
     let tokens = auth::Tokens::new(config.db.clone());
-    Ok(http::AppState { world, tokens, topology, db: config.db.clone() })
+    Ok(http::AppState { world, tokens, topology, db: config.db.clone(), timings: config.timings })
 }
 
 /// Serves until the process is stopped. `bound` receives the address once

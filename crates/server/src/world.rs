@@ -153,11 +153,19 @@ pub struct Timings {
     pub site_timeout_s: i64,
     /// Most bytes of output kept per job (all its attempts together).
     pub log_quota_bytes: u64,
+    /// Most pending and running jobs one organisation may have.
+    pub max_active_jobs_per_org: u64,
 }
 
 impl Default for Timings {
     fn default() -> Self {
-        Timings { lease_s: 30, heartbeat_s: 5, site_timeout_s: 30, log_quota_bytes: 100 << 20 }
+        Timings {
+            lease_s: 30,
+            heartbeat_s: 5,
+            site_timeout_s: 30,
+            log_quota_bytes: 100 << 20,
+            max_active_jobs_per_org: 100_000,
+        }
     }
 }
 
@@ -210,6 +218,10 @@ pub struct State {
     /// Work was assigned or an attempt must stop in this group: wake the
     /// agents' long polls.
     wake_agents: bool,
+    /// Pending and running jobs per organisation, counted up at each
+    /// submission and recounted from the database when it reaches the cap
+    /// (ends are not counted down, so it never undercounts).
+    active_jobs: HashMap<String, u64>,
 }
 
 type Work = Box<dyn FnOnce(&mut State, &mut Batch<'_>) -> Box<dyn FnOnce(bool) + Send> + Send>;
@@ -270,6 +282,7 @@ pub fn start(
         site_caps: HashMap::new(),
         last_now: now,
         wake_agents: false,
+        active_jobs: HashMap::new(),
     };
     ledger.write(now, |b| {
         state.restore(b).map_err(|e| LedgerError::Corrupt { path: "jobs".into(), problem: e.body.message })
@@ -500,6 +513,21 @@ impl State {
         Ok(spec)
     }
 
+    /// Has the organisation any wallet money, voucher or compute card left?
+    fn can_pay_something(&self, b: &Batch<'_>, org: &str) -> bool {
+        let positive = |account| b.account(account).is_some_and(|a| a.available() > 0);
+        if positive(voucher::wallet(org)) {
+            return true;
+        }
+        let programmes: Vec<String> = b
+            .sql()
+            .prepare_cached("SELECT id FROM programmes")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .unwrap_or_default();
+        programmes.iter().any(|p| positive(voucher::voucher(p, org)))
+            || self.topology.accelerators.iter().any(|a| positive(voucher::card(org, &a.name)))
+    }
+
     /// Refuses a job no site can run now for want of a capability.
     pub fn check_capabilities(&self, req: &JobRequest) -> Result<()> {
         if req.image.is_some() && !self.site_caps.values().any(|c| c.images) {
@@ -515,6 +543,32 @@ impl State {
     /// environment is kept apart from the request, which is shown to people.
     pub fn submit(&mut self, b: &mut Batch<'_>, org: &str, mut req: JobRequest) -> Result<Job> {
         self.check_capabilities(&req)?;
+        // A tenant that cannot pay for anything stores nothing.
+        if !self.can_pay_something(b, org) {
+            return Err(Error::new(
+                axum::http::StatusCode::PAYMENT_REQUIRED,
+                "insufficient_funds",
+                format!("organisation {org} has no money, voucher or compute card to pay with; nothing was stored"),
+            ));
+        }
+        let cap = self.timings.max_active_jobs_per_org;
+        let counted = *self.active_jobs.get(org).unwrap_or(&cap);
+        if counted >= cap {
+            let exact: i64 = b.sql().query_row(
+                "SELECT COUNT(*) FROM jobs WHERE org = ?1 AND state IN ('pending', 'running')",
+                [org],
+                |r| r.get(0),
+            )?;
+            self.active_jobs.insert(org.to_string(), exact as u64);
+            if exact as u64 >= cap {
+                return Err(Error::new(
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_jobs",
+                    format!("organisation {org} has {exact} pending or running jobs, the most allowed is {cap}"),
+                ));
+            }
+        }
+        *self.active_jobs.entry(org.to_string()).or_insert(0) += 1;
         let now = b.now();
         let secrets = std::mem::take(&mut req.secret_env);
         let text = serde_json::to_string(&req).map_err(Error::internal)?;
@@ -1160,53 +1214,6 @@ impl State {
         Ok(())
     }
 
-    /// Jobs visible to a principal, newest first, and how many match in
-    /// all: a consumer's own; a provider's, those with an attempt at its
-    /// site; an operator's, all (or one organisation's).
-    pub fn list(
-        &self,
-        b: &Batch<'_>,
-        who: &Principal,
-        org: Option<&str>,
-        state: Option<JobState>,
-        limit: u32,
-        before: Option<u64>,
-    ) -> Result<(Vec<Job>, u64)> {
-        let (org, site) = match &who.role {
-            Role::Consumer { org } => (Some(org.clone()), None),
-            Role::Provider { site } => (None, Some(site.clone())),
-            Role::Operator => (org.map(str::to_string), None),
-        };
-        let filter = "(?1 IS NULL OR org = ?1) AND (?2 IS NULL OR state = ?2)
-             AND (?3 IS NULL OR id IN (SELECT job FROM attempts WHERE site = ?3))";
-        let mut stmt = b.sql().prepare_cached(&format!(
-            "SELECT * FROM jobs WHERE {filter} AND (?5 IS NULL OR id < ?5) ORDER BY id DESC LIMIT ?4"
-        ))?;
-        let jobs = stmt
-            .query_map(params![org, state.map(|s| s.as_str()), site, limit, before.map(|b| b as i64)], read_job)?
-            .collect::<std::result::Result<_, _>>()?;
-        let total: i64 = b
-            .sql()
-            .prepare_cached(&format!("SELECT COUNT(*) FROM jobs WHERE {filter}"))?
-            .query_row(params![org, state.map(|s| s.as_str()), site], |r| r.get(0))?;
-        Ok((jobs, total as u64))
-    }
-
-    /// Has the job ever had an attempt at this site? (What a provider may see.)
-    pub fn ran_at(&self, b: &Batch<'_>, job: u64, site: &str) -> Result<bool> {
-        Ok(b.sql()
-            .prepare_cached("SELECT 1 FROM attempts WHERE job = ?1 AND site = ?2 LIMIT 1")?
-            .exists(params![job as i64, site])?)
-    }
-
-    pub fn events(&self, b: &Batch<'_>, job: u64) -> Result<Vec<JobEvent>> {
-        let mut stmt = b.sql().prepare_cached("SELECT at, kind, detail FROM events WHERE job = ?1 ORDER BY seq")?;
-        let events = stmt
-            .query_map([job as i64], |r| Ok(JobEvent { at: r.get(0)?, kind: r.get(1)?, detail: r.get(2)? }))?
-            .collect::<std::result::Result<_, _>>()?;
-        Ok(events)
-    }
-
     /// Free accelerators per pool, whether each site is up, what its agent
     /// can run and when it was last heard from.
     pub fn capacity(&self) -> SiteStatus {
@@ -1218,6 +1225,67 @@ impl State {
             free: (0..self.topology.pools.len() as u32).map(|p| (p, self.scheduler.free(PoolId(p)))).collect(),
         }
     }
+}
+
+/// Most bytes of stored requests one page of a job list carries: a page of
+/// big requests ends early (and says where the next one starts).
+pub const LIST_PAGE_BYTES: usize = 4 << 20;
+
+/// Jobs visible to a principal, newest first: a consumer's own; a
+/// provider's, those with an attempt at its site; an operator's, all (or one
+/// organisation's). Returns the page, how many match in all, and the id to
+/// pass as `before` for the next page if there is one. Runs on any
+/// connection (a read-only one: listings never hold up the writer).
+pub fn list(
+    sql: &rusqlite::Connection,
+    who: &Principal,
+    org: Option<&str>,
+    state: Option<JobState>,
+    limit: u32,
+    before: Option<u64>,
+) -> Result<(Vec<Job>, u64, Option<u64>)> {
+    let (org, site) = match &who.role {
+        Role::Consumer { org } => (Some(org.clone()), None),
+        Role::Provider { site } => (None, Some(site.clone())),
+        Role::Operator => (org.map(str::to_string), None),
+    };
+    let filter = "(?1 IS NULL OR org = ?1) AND (?2 IS NULL OR state = ?2)
+         AND (?3 IS NULL OR id IN (SELECT job FROM attempts WHERE site = ?3))";
+    let mut stmt = sql.prepare_cached(&format!(
+        "SELECT * FROM jobs WHERE {filter} AND (?5 IS NULL OR id < ?5) ORDER BY id DESC LIMIT ?4"
+    ))?;
+    let mut rows = stmt.query(params![org, state.map(|s| s.as_str()), site, limit + 1, before.map(|b| b as i64)])?;
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut bytes = 0usize;
+    let mut next = None;
+    while let Some(row) = rows.next()? {
+        if jobs.len() as u32 == limit || (bytes >= LIST_PAGE_BYTES && !jobs.is_empty()) {
+            next = jobs.last().map(|j| j.id);
+            break;
+        }
+        bytes += row.get_ref("request")?.as_str().map_or(0, str::len);
+        jobs.push(read_job(row)?);
+    }
+    let total: i64 = sql
+        .prepare_cached(&format!("SELECT COUNT(*) FROM jobs WHERE {filter}"))?
+        .query_row(params![org, state.map(|s| s.as_str()), site], |r| r.get(0))?;
+    Ok((jobs, total as u64, next))
+}
+
+/// Has the job ever had an attempt at this site? (What a provider may see.)
+pub fn ran_at(sql: &rusqlite::Connection, job: u64, site: &str) -> Result<bool> {
+    Ok(sql
+        .prepare_cached("SELECT 1 FROM attempts WHERE job = ?1 AND site = ?2 LIMIT 1")?
+        .exists(params![job as i64, site])?)
+}
+
+/// A job's events in order.
+pub fn events(sql: &rusqlite::Connection, job: u64) -> Result<Vec<JobEvent>> {
+    let mut stmt = sql.prepare_cached("SELECT at, kind, detail FROM events WHERE job = ?1 ORDER BY seq")?;
+    let events = stmt
+        .query_map([job as i64], |r| Ok(JobEvent { at: r.get(0)?, kind: r.get(1)?, detail: r.get(2)? }))?
+        .collect::<std::result::Result<_, _>>()?;
+    Ok(events)
 }
 
 /// The live state of every site, by site index.
