@@ -41,6 +41,18 @@ pub fn submit(dir: &Path, clients: usize, jobs: usize, quiet: bool) -> anyhow::R
     }
     suanwang_server::admin::add_org(&db, "bench", "enterprise", "bench", Some("jinan-icc"))
         .map_err(|e| anyhow!("{e}"))?;
+    {
+        // Money to pay with: a tenant with none is refused at the door.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+        let mut ledger = suanwang_ledger::voucher::open(&db, now)?;
+        suanwang_ledger::voucher::deposit(
+            &mut ledger,
+            now,
+            suanwang_ledger::TransferId::derive("bench"),
+            "bench",
+            1 << 40,
+        )?;
+    }
     let token = suanwang_server::admin::create_token(&db, &Role::Consumer { org: "bench".into() }, "bench", None)
         .map_err(|e| anyhow!("{e}"))?
         .0;
