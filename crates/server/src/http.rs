@@ -196,17 +196,36 @@ impl utoipa::Modify for BearerAuth {
 /// Reads every request body in full (up to [`BODY_LIMIT`]) before routing.
 /// A request refused before its handler read the body (a bad token, a bad
 /// path id) would otherwise leave the body unread and the server would close
-/// the connection, breaking the next request a client sends on it.
+/// the connection, breaking the next request a client sends on it. A body
+/// over the limit is read on (up to [`DRAIN_LIMIT`]) and dropped, so the
+/// client finishes sending and gets the 413 rather than a broken pipe.
 async fn read_whole_body(request: Request, next: axum::middleware::Next) -> Response {
+    use tokio_stream::StreamExt as _;
     let (parts, body) = request.into_parts();
-    match axum::body::to_bytes(body, BODY_LIMIT).await {
-        Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
-        Err(_) => {
-            Error::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("body over {BODY_LIMIT} bytes"))
-                .into_response()
+    let mut stream = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else {
+            return Error::invalid("body", "the request body could not be read").into_response();
+        };
+        total += chunk.len();
+        if total <= BODY_LIMIT {
+            kept.extend_from_slice(&chunk);
+        } else if total > DRAIN_LIMIT {
+            break;
         }
     }
+    if total > BODY_LIMIT {
+        return Error::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("body over {BODY_LIMIT} bytes"))
+            .into_response();
+    }
+    next.run(Request::from_parts(parts, Body::from(kept))).await
 }
+
+/// How much of a too-large body is read and dropped before the connection
+/// is given up.
+pub const DRAIN_LIMIT: usize = 16 << 20;
 
 /// The OpenAPI document, with this server's network in it: the accepted
 /// accelerator types are an enum of the types its sites have.
