@@ -203,10 +203,24 @@ impl Shipper {
             }
         }
         // Past the quota: the tail, so the last lines (the error, usually) are kept.
-        let (total, tail) = {
+        let (total, spooled, mut tail) = {
             let p = spool.progress.lock().expect("spool lock");
-            (p.total, p.tail.iter().copied().collect::<Vec<u8>>())
+            (p.total, p.spooled, p.tail.iter().copied().collect::<Vec<u8>>())
         };
+        // The server may have stopped taking output before the spool was
+        // full (its quota for the organisation): the tail then starts in
+        // the spool file.
+        let from_file = (TAIL_BYTES - tail.len().min(TAIL_BYTES)) as u64;
+        let start = spooled.saturating_sub(from_file).max(received);
+        if start < spooled {
+            let mut head = vec![0u8; (spooled - start) as usize];
+            let read = File::open(&spool.path)
+                .and_then(|mut f| f.seek(SeekFrom::Start(start)).and_then(|_| f.read_exact(&mut head)));
+            if read.is_ok() {
+                head.extend_from_slice(&tail);
+                tail = head;
+            }
+        }
         let offset = (total - tail.len() as u64).max(received);
         let tail = &tail[(offset - (total - tail.len() as u64)) as usize..];
         if total > received {

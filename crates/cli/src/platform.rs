@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// an attempt's log keeps its last 64 KiB and says how much was dropped.
     #[arg(long, default_value_t = 100)]
     pub log_quota_mb: u64,
+    /// Most output kept for all of one organisation's jobs together, in MiB.
+    #[arg(long, default_value_t = 10240)]
+    pub log_quota_per_org_mb: u64,
     /// Most pending and running jobs one organisation may have.
     #[arg(long, default_value_t = 100_000)]
     pub max_active_jobs_per_org: u64,
@@ -678,6 +681,7 @@ fn server_config(args: &ServeArgs) -> ServerConfig {
             heartbeat_s: args.heartbeat_s,
             site_timeout_s: args.site_timeout_s,
             log_quota_bytes: args.log_quota_mb.saturating_mul(1 << 20),
+            log_quota_per_org_bytes: args.log_quota_per_org_mb.saturating_mul(1 << 20),
             max_active_jobs_per_org: args.max_active_jobs_per_org,
         },
     }

@@ -774,3 +774,38 @@ fn a_stalled_server_cannot_keep_an_attempt_alive_past_its_lease() {
     Command::new("kill").args(["-CONT", &server.to_string()]).status().unwrap();
     assert!(dead && took < Duration::from_secs(4), "the attempt lived {took:?} past a 4 s lease's last renewal");
 }
+
+#[test]
+fn an_organisation_s_logs_share_one_quota() {
+    let mut p = Platform::with(
+        "org-quota",
+        &[
+            "--lease-s",
+            "4",
+            "--heartbeat-s",
+            "1",
+            "--site-timeout-s",
+            "4",
+            "--log-quota-mb",
+            "1",
+            "--log-quota-per-org-mb",
+            "1",
+        ],
+    );
+    p.start_agent("a");
+    let acme = p.org("acme", "a");
+    let mut loud = job("yes 0123456789abcdef | head -c 800000; echo; echo LAST LINE");
+    loud.gpus = 1;
+    let first = submit(&acme, &loud);
+    assert_eq!(p.wait(&acme, first, "finished", |j| j.state.is_terminal()).state, JobState::Succeeded);
+    let out = logs(&acme, first);
+    assert!(!out.contains("[truncated"), "the first job is within both quotas");
+    let second = submit(&acme, &loud);
+    assert_eq!(p.wait(&acme, second, "finished", |j| j.state.is_terminal()).state, JobState::Succeeded);
+    let out = logs(&acme, second);
+    assert!(out.contains("[truncated: "), "the organisation's megabyte is used up");
+    assert!(out.trim_end().ends_with("LAST LINE"), "the last lines are kept");
+    assert!(out.len() < 400_000, "{} bytes kept", out.len());
+    let events: Vec<JobEvent> = acme.get(&format!("/v1/jobs/{second}/events")).unwrap();
+    assert!(events.iter().any(|e| e.detail.contains("organisation's log quota")), "{events:?}");
+}

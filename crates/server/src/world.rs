@@ -153,6 +153,8 @@ pub struct Timings {
     pub site_timeout_s: i64,
     /// Most bytes of output kept per job (all its attempts together).
     pub log_quota_bytes: u64,
+    /// Most bytes of output kept for all of one organisation's jobs.
+    pub log_quota_per_org_bytes: u64,
     /// Most pending and running jobs one organisation may have.
     pub max_active_jobs_per_org: u64,
 }
@@ -164,6 +166,7 @@ impl Default for Timings {
             heartbeat_s: 5,
             site_timeout_s: 30,
             log_quota_bytes: 100 << 20,
+            log_quota_per_org_bytes: 10 << 30,
             max_active_jobs_per_org: 100_000,
         }
     }
@@ -222,6 +225,9 @@ pub struct State {
     /// submission and recounted from the database when it reaches the cap
     /// (ends are not counted down, so it never undercounts).
     active_jobs: HashMap<String, u64>,
+    /// Bytes of output stored per organisation, read once from the
+    /// database and counted up as chunks are stored.
+    org_log_bytes: HashMap<String, u64>,
 }
 
 type Work = Box<dyn FnOnce(&mut State, &mut Batch<'_>) -> Box<dyn FnOnce(bool) + Send> + Send>;
@@ -283,6 +289,7 @@ pub fn start(
         last_now: now,
         wake_agents: false,
         active_jobs: HashMap::new(),
+        org_log_bytes: HashMap::new(),
     };
     ledger.write(now, |b| {
         state.restore(b).map_err(|e| LedgerError::Corrupt { path: "jobs".into(), problem: e.body.message })
@@ -957,7 +964,27 @@ impl State {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
         let (received, stored, dropped) = (received as u64, stored as u64, dropped as u64);
-        let quota = self.timings.log_quota_bytes;
+        // The job's quota, and what is left of its organisation's.
+        let org: String = b.sql().query_row("SELECT org FROM jobs WHERE id = ?1", [job as i64], |r| r.get(0))?;
+        let org_stored = match self.org_log_bytes.get(&org) {
+            Some(&n) => n,
+            None => {
+                let n: i64 = b.sql().query_row(
+                    "SELECT COALESCE(SUM(a.log_stored), 0) FROM attempts a JOIN jobs j ON j.id = a.job WHERE j.org = ?1",
+                    [&org],
+                    |r| r.get(0),
+                )?;
+                self.org_log_bytes.insert(org.clone(), n.max(0) as u64);
+                n.max(0) as u64
+            }
+        };
+        let org_room = self.timings.log_quota_per_org_bytes.saturating_sub(org_stored);
+        let quota = self.timings.log_quota_bytes.min(stored.saturating_add(org_room));
+        let which = if quota < self.timings.log_quota_bytes {
+            format!("its organisation's log quota of {} bytes", self.timings.log_quota_per_org_bytes)
+        } else {
+            format!("the job's log quota of {quota} bytes")
+        };
         let end = offset.saturating_add(data.len() as u64);
         if end <= received {
             return Ok(LogAck { received, over_quota: stored >= quota });
@@ -985,7 +1012,7 @@ impl State {
                     job,
                     "log_truncated",
                     &format!(
-                        "attempt {attempt}: output over the log quota of {quota} bytes; {lost} bytes dropped, the last {} bytes kept",
+                        "attempt {attempt}: output over {which}; {lost} bytes dropped, the last {} bytes kept",
                         data.len()
                     ),
                 )?;
@@ -995,6 +1022,7 @@ impl State {
                 "UPDATE attempts SET log_received = ?3, log_stored = log_stored + ?4, log_dropped = ?5 WHERE job = ?1 AND attempt = ?2",
                 params![job as i64, attempt, end as i64, data.len() as i64, lost as i64],
             )?;
+            *self.org_log_bytes.entry(org).or_insert(0) += data.len() as u64;
             return Ok(LogAck { received: end, over_quota: true });
         }
         if offset > received {
@@ -1009,6 +1037,7 @@ impl State {
         let lost = (fresh.len() - kept.len()) as u64;
         if !kept.is_empty() {
             insert(kept)?;
+            *self.org_log_bytes.entry(org).or_insert(0) += kept.len() as u64;
         }
         b.sql().execute(
             "UPDATE attempts SET log_received = ?3, log_stored = log_stored + ?4, log_dropped = log_dropped + ?5 WHERE job = ?1 AND attempt = ?2",
