@@ -62,6 +62,27 @@ impl Default for Defaults {
     }
 }
 
+/// bwrap's options, NUL-separated, in an anonymous memory file at offset 0.
+fn options_file(options: &[std::ffi::OsString]) -> std::io::Result<std::fs::File> {
+    use std::io::{Seek, Write};
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a static NUL-terminated name; the new fd
+    // is owned by the File.
+    let mut file = unsafe {
+        let fd = libc::memfd_create(c"bwrap-args".as_ptr(), libc::MFD_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        std::fs::File::from_raw_fd(fd)
+    };
+    for option in options {
+        file.write_all(option.as_encoded_bytes())?;
+        file.write_all(&[0])?;
+    }
+    file.seek(std::io::SeekFrom::Start(0))?;
+    Ok(file)
+}
+
 /// How this agent isolates attempts.
 #[derive(Debug)]
 pub enum Isolation {
@@ -177,35 +198,53 @@ impl Isolation {
     ) -> Command {
         let mut command = match (self, &prepared.group, prepared.uid) {
             (Isolation::Sandboxed { defaults, .. }, Some(group), Some(uid)) => {
-                let mut c = Command::new(bwrap_path().unwrap_or_else(|| PathBuf::from("/usr/bin/bwrap")));
-                c.args(["--die-with-parent", "--new-session", "--unshare-user", "--unshare-ipc", "--unshare-pid"]);
-                c.args(["--unshare-uts", "--unshare-cgroup-try", "--hostname", "job"]);
+                // bwrap's own options go through a memory file (`--args 3`),
+                // not its command line: inside the sandbox its command line
+                // is the first process's, and would show the host's paths.
+                let mut options: Vec<std::ffi::OsString> = Vec::new();
+                let mut add = |items: &[&str]| options.extend(items.iter().map(std::ffi::OsString::from));
+                add(&["--die-with-parent", "--new-session", "--unshare-user", "--unshare-ipc", "--unshare-pid"]);
+                add(&["--unshare-uts", "--unshare-cgroup-try", "--hostname", "job"]);
                 if !defaults.host_network {
-                    c.arg("--unshare-net");
+                    add(&["--unshare-net"]);
                 }
                 for path in READ_ONLY {
-                    c.args(["--ro-bind", path, path]);
+                    add(&["--ro-bind", path, path]);
                 }
                 for link in ["bin", "lib", "lib64", "sbin"] {
                     let target = format!("usr/{link}");
                     if Path::new("/usr").join(link).exists() {
-                        c.args(["--symlink", &target, &format!("/{link}")]);
+                        add(&["--symlink", &target, &format!("/{link}")]);
                     }
                 }
                 for path in ETC_FILES {
-                    c.args(["--ro-bind-try", path, path]);
+                    add(&["--ro-bind-try", path, path]);
                 }
-                c.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
-                c.arg("--bind").arg(dir).arg("/work");
-                c.args(["--chdir", "/work", "--"]);
+                add(&["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind"]);
+                options.push(dir.as_os_str().to_owned());
+                options.extend(["/work", "--chdir", "/work"].map(std::ffi::OsString::from));
+                let args_fd = options_file(&options);
+                let mut c = Command::new(bwrap_path().unwrap_or_else(|| PathBuf::from("/usr/bin/bwrap")));
+                c.args(["--args", "3", "--"]);
                 c.args(argv);
                 let files = group.procs_files();
                 // SAFETY: the closure runs in the forked child before exec
-                // and only makes async-signal-safe system calls: it joins
-                // the attempt's cgroups while still root, then drops to the
-                // job's user for good.
+                // and only makes async-signal-safe system calls: it puts
+                // bwrap's options on fd 3, joins the attempt's cgroups while
+                // still root, then drops to the job's user for good.
                 unsafe {
                     c.pre_exec(move || {
+                        let fd = match &args_fd {
+                            Ok(f) => std::os::fd::AsRawFd::as_raw_fd(f),
+                            Err(_) => return Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+                        };
+                        if fd == 3 {
+                            if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                        } else if libc::dup2(fd, 3) != 3 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                         crate::cgroup::join_in_child(&files)?;
                         if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(uid) != 0 || libc::setuid(uid) != 0
                         {

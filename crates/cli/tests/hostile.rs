@@ -291,10 +291,13 @@ fn finished_attempts_leave_no_directory_behind_without_retention() {
     let mut p = Platform::new("retention");
     p.start_agent_with("a", &["--retention-s", "0"]);
     let acme = p.org("acme", "a");
-    let mut quick = job("echo data > /work/file; echo done");
+    let mut quick = job("echo data > /work/file; echo pid1: $(tr '\\0' ' ' < /proc/1/cmdline); echo done");
     quick.gpus = 1;
     let id = submit(&acme, &quick);
     assert_eq!(p.wait(&acme, id, "finished", |j| j.state.is_terminal()).state, JobState::Succeeded);
+    let out = logs(&acme, id);
+    assert!(out.contains("bwrap --args 3 -- sh -c"), "{out}");
+    assert!(!out.contains(p.dir.to_str().unwrap()), "the host's paths are not shown inside: {out}");
     let dir = p.workdir("a").join(format!("jobs/job-{id}-1"));
     let started = Instant::now();
     while dir.exists() {
