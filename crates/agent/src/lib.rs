@@ -67,6 +67,18 @@ impl TokenSource {
         }
     }
 
+    /// Gives `client` the source's token if it differs from the one it
+    /// has (a rotation); answers whether it did.
+    pub fn refresh(&self, client: &Client) -> bool {
+        match self.read() {
+            Ok(token) if token != client.token() => {
+                client.set_token(&token);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn modified(&self) -> Option<SystemTime> {
         match self {
             TokenSource::File(path) => std::fs::metadata(path).and_then(|m| m.modified()).ok(),
@@ -156,8 +168,7 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     };
     let capabilities = Capabilities { images: false, sandboxed: isolation.is_sandboxed() };
     let mut token_seen = config.token.modified();
-    let mut token = config.token.read()?;
-    let client = Client::new(&config.server, &token);
+    let client = Client::new(&config.server, &config.token.read()?);
     let shared = Arc::new(Shared {
         client: client.clone(),
         token: config.token.clone(),
@@ -174,11 +185,7 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     loop {
         if config.token.modified() != token_seen {
             token_seen = config.token.modified();
-            if let Ok(fresh) = config.token.read()
-                && fresh != token
-            {
-                token = fresh;
-                client.set_token(&token);
+            if config.token.refresh(&client) {
                 eprintln!("agent {}: token file changed; using the new token", config.site);
             }
         }
@@ -210,14 +217,11 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
                 }
             }
             // A refused token: unless the file now holds another one, stop.
-            Err(ClientError::Api { status: 401, error }) => match config.token.read() {
-                Ok(fresh) if fresh != token => {
-                    token = fresh;
-                    client.set_token(&token);
-                    token_seen = config.token.modified();
+            Err(ClientError::Api { status: 401, error }) => {
+                if !config.token.refresh(&client) {
+                    return Err(AgentError::Api(ClientError::Api { status: 401, error }));
                 }
-                _ => return Err(AgentError::Api(ClientError::Api { status: 401, error })),
-            },
+            }
             Err(ClientError::Api { status: 403, error }) => {
                 return Err(AgentError::Api(ClientError::Api { status: 403, error }));
             }
@@ -226,16 +230,6 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-        }
-    }
-}
-
-impl Shared {
-    /// After a 401: takes the token file's token if it changed (a rotation),
-    /// so running attempts keep reporting without waiting for the main loop.
-    fn refresh_token(&self) {
-        if let Ok(token) = self.token.read() {
-            self.client.set_token(&token);
         }
     }
 }
@@ -379,7 +373,7 @@ fn run_attempt(shared: &Shared, lease: &Lease, control: &Control) -> Result<(), 
         };
         let answer = match send() {
             Err(ClientError::Api { status: 401, .. }) => {
-                shared.refresh_token();
+                shared.token.refresh(&shared.client);
                 send()
             }
             other => other,
@@ -453,17 +447,11 @@ fn run_prepared(
     };
     let shipper = {
         let spool = spool.clone();
-        let token = shared.token.clone();
-        let token_client = client.clone();
         let shipper = Shipper {
             client: client.clone(),
             path: format!("{base}/logs"),
             secret: lease.secret.clone(),
-            refresh_token: Box::new(move || {
-                if let Ok(t) = token.read() {
-                    token_client.set_token(&t);
-                }
-            }),
+            token: shared.token.clone(),
         };
         std::thread::spawn(move || shipper.run(&spool, Duration::from_secs(600)))
     };
@@ -483,7 +471,7 @@ fn run_prepared(
         Outcome::Exited(code) if oom => (
             AttemptEnd::MemoryLimit,
             code,
-            Some(format!("killed by the kernel over its memory limit of {} MiB", limit_mb(shared, lease))),
+            Some(format!("killed by the kernel over its memory limit of {} MiB", prepared.memory_mb)),
         ),
         Outcome::Exited(code) => (AttemptEnd::Exited, code, None),
         Outcome::TimeLimit => (AttemptEnd::TimeLimit, 137, Some(format!("time limit of {} s", lease.time_limit_s))),
@@ -509,16 +497,6 @@ fn run_prepared(
         return Ok(());
     }
     finish(end, exit_code, wall_s, message)
-}
-
-fn limit_mb(shared: &Shared, lease: &Lease) -> u64 {
-    match &shared.isolation {
-        Isolation::Sandboxed { defaults, .. } => {
-            let share = lease.gpus as u64 * defaults.memory_mb_per_gpu;
-            lease.memory_mb.unwrap_or(share).min(share)
-        }
-        Isolation::Unsandboxed => 0,
-    }
 }
 
 enum Outcome {
@@ -574,7 +552,11 @@ fn supervise(
             last_beat = sent;
             match client.post_with::<_, HeartbeatResponse>(&format!("{base}/heartbeat"), &secret, &()) {
                 Ok(HeartbeatResponse { stop: false }) => last_acknowledged = sent,
-                Err(ClientError::Api { status: 401, .. }) => shared.refresh_token(),
+                // A rotation: running attempts keep reporting without
+                // waiting for the main loop to notice.
+                Err(ClientError::Api { status: 401, .. }) => {
+                    shared.token.refresh(&shared.client);
+                }
                 Ok(HeartbeatResponse { stop: true }) | Err(ClientError::Api { status: 403 | 404 | 409, .. }) => {
                     shared.isolation.kill(prepared, child.id());
                     return Outcome::Stopped;

@@ -140,8 +140,8 @@ pub struct Shipper {
     pub client: Client,
     pub path: String,
     pub secret: String,
-    /// Called on a 401 (the token may have been rotated): re-reads the token.
-    pub refresh_token: Box<dyn Fn() + Send>,
+    /// Read again on a 401: the token may have been rotated.
+    pub token: crate::TokenSource,
 }
 
 impl Shipper {
@@ -189,7 +189,7 @@ impl Shipper {
                 },
                 Err(e @ (ClientError::Transport(_) | ClientError::Api { status: 401, .. })) => {
                     if matches!(e, ClientError::Api { .. }) {
-                        (self.refresh_token)();
+                        self.token.refresh(&self.client);
                     }
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     if spool.closed() && since.elapsed() > patience {

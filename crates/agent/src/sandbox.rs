@@ -96,6 +96,8 @@ pub struct Prepared {
     pub uid: Option<u32>,
     /// The attempt's directory as the job sees it.
     pub workdir_inside: PathBuf,
+    /// The memory limit applied, MiB (0: none).
+    pub memory_mb: u64,
 }
 
 fn bwrap_path() -> Option<PathBuf> {
@@ -160,7 +162,9 @@ impl Isolation {
         cpus: Option<u32>,
     ) -> Result<Prepared, SandboxError> {
         match self {
-            Isolation::Unsandboxed => Ok(Prepared { group: None, uid: None, workdir_inside: dir.to_path_buf() }),
+            Isolation::Unsandboxed => {
+                Ok(Prepared { group: None, uid: None, workdir_inside: dir.to_path_buf(), memory_mb: 0 })
+            }
             Isolation::Sandboxed { cgroups, defaults } => {
                 if job > MAX_JOB_ID {
                     return Err(SandboxError::JobIdTooLarge(job));
@@ -182,7 +186,7 @@ impl Isolation {
                     pids: defaults.pids_max,
                 };
                 let group = cgroups.create(&format!("job-{job}-{attempt}"), limits)?;
-                Ok(Prepared { group: Some(group), uid: Some(uid), workdir_inside: PathBuf::from("/work") })
+                Ok(Prepared { group: Some(group), uid: Some(uid), workdir_inside: PathBuf::from("/work"), memory_mb })
             }
         }
     }

@@ -64,6 +64,11 @@ impl Client {
         Client { base: self.base.clone(), token: self.token.clone(), agent }
     }
 
+    /// The token this client (and its clones) sends.
+    pub fn token(&self) -> String {
+        self.token.read().expect("token lock").clone()
+    }
+
     /// Replaces the token of this client and all its clones.
     pub fn set_token(&self, token: &str) {
         *self.token.write().expect("token lock") = token.to_string();

@@ -32,6 +32,25 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
+/// The benchmarks' organisation `bench` (home `jinan-icc`) with money to pay
+/// with (a tenant with none is refused at the door); returns its token.
+pub fn bench_org(db: &Path) -> anyhow::Result<String> {
+    suanwang_server::admin::add_org(db, "bench", "enterprise", "bench", Some("jinan-icc"))
+        .map_err(|e| anyhow!("{e}"))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    let mut ledger = suanwang_ledger::voucher::open(db, now)?;
+    suanwang_ledger::voucher::deposit(
+        &mut ledger,
+        now,
+        suanwang_ledger::TransferId::derive("bench"),
+        "bench",
+        1 << 40,
+    )?;
+    let (token, _) = suanwang_server::admin::create_token(db, &Role::Consumer { org: "bench".into() }, "bench", None)
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(token)
+}
+
 /// Submissions per second through the real HTTP server; returns the rate.
 pub fn submit(dir: &Path, clients: usize, jobs: usize, quiet: bool) -> anyhow::Result<f64> {
     std::fs::create_dir_all(dir)?;
@@ -39,23 +58,7 @@ pub fn submit(dir: &Path, clients: usize, jobs: usize, quiet: bool) -> anyhow::R
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
     }
-    suanwang_server::admin::add_org(&db, "bench", "enterprise", "bench", Some("jinan-icc"))
-        .map_err(|e| anyhow!("{e}"))?;
-    {
-        // Money to pay with: a tenant with none is refused at the door.
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
-        let mut ledger = suanwang_ledger::voucher::open(&db, now)?;
-        suanwang_ledger::voucher::deposit(
-            &mut ledger,
-            now,
-            suanwang_ledger::TransferId::derive("bench"),
-            "bench",
-            1 << 40,
-        )?;
-    }
-    let token = suanwang_server::admin::create_token(&db, &Role::Consumer { org: "bench".into() }, "bench", None)
-        .map_err(|e| anyhow!("{e}"))?
-        .0;
+    let token = bench_org(&db)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<SocketAddr>();
     let config = ServerConfig {

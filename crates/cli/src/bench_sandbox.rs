@@ -80,22 +80,7 @@ pub fn run(dir: &Path, n: usize, output_mb: u64, quota_mb: u64) -> anyhow::Resul
 /// A job printing `output_mb` MB through a real server and agent.
 fn loud_job(dir: &Path, output_mb: u64, quota_mb: u64) -> anyhow::Result<()> {
     let db = dir.join("loud.db");
-    suanwang_server::admin::add_org(&db, "bench", "enterprise", "bench", Some("jinan-icc"))
-        .map_err(|e| anyhow!("{e}"))?;
-    {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
-        let mut ledger = suanwang_ledger::voucher::open(&db, now)?;
-        suanwang_ledger::voucher::deposit(
-            &mut ledger,
-            now,
-            suanwang_ledger::TransferId::derive("bench"),
-            "bench",
-            1 << 40,
-        )?;
-    }
-    let (consumer, _) =
-        suanwang_server::admin::create_token(&db, &Role::Consumer { org: "bench".into() }, "bench", None)
-            .map_err(|e| anyhow!("{e}"))?;
+    let consumer = crate::bench_platform::bench_org(&db)?;
     let (operator, _) =
         suanwang_server::admin::create_token(&db, &Role::Operator, "bench", None).map_err(|e| anyhow!("{e}"))?;
     let (provider, _) =

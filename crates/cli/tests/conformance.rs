@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use suanwang_api::client::Client;
 use suanwang_api::{Job, LeaseResponse, TokenResponse};
 
-use crate::platform::{Platform, job, run_ok, submit};
+use crate::platform::{Platform, job, submit};
 
 /// The document, and schema lookups through `$ref`.
 struct Doc(Value);
@@ -257,7 +257,7 @@ impl Sender {
 fn every_operation_answers_as_the_openapi_document_says() {
     let p = Platform::new("conformance");
     let consumer_client = p.org("acme", "a");
-    let consumer = run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "acme"]);
+    let consumer = p.consumer_token("acme");
     let provider = std::fs::read_to_string(p.agent_token_file("a")).unwrap().trim().to_string();
     let operator = p.operator.clone();
     // Things for path parameters to point at: a running job's leased

@@ -452,7 +452,7 @@ fn logs_survive_a_ten_second_server_outage() {
     p.kill_server();
     std::thread::sleep(Duration::from_secs(10));
     p.start_server();
-    let acme = Client::new(&p.url, &run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "acme"]));
+    let acme = p.consumer("acme");
     let done = p.wait(&acme, id, "finished", |j| j.state.is_terminal());
     assert_eq!((done.state, done.attempts), (JobState::Succeeded, 1), "{done:?}");
     let out = logs(&acme, id);
@@ -524,7 +524,7 @@ fn garbage_at_the_door_gets_a_400_naming_its_field_and_stores_nothing() {
     let mut p = Platform::new("garbage");
     p.start_agent("a");
     let acme = p.org("acme", "a");
-    let token = run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "acme"]);
+    let token = p.consumer_token("acme");
     let good = serde_json::to_value(job("true")).unwrap();
     let with = |key: &str, value: serde_json::Value| {
         let mut v = good.clone();
@@ -568,7 +568,7 @@ fn the_command_line_reports_rejections_closed_pipes_and_busy_ports() {
     p.start_agent("a");
     let acme_token = {
         let _ = p.org("acme", "a");
-        run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "acme"])
+        p.consumer_token("acme")
     };
     let file = p.dir.join("huge.toml");
     std::fs::write(&file, "command = [\"true\"]\ngpus = 64\naccelerators = [\"A100\"]\nestimate_s = 60\n").unwrap();
@@ -635,7 +635,7 @@ fn an_agent_cut_off_from_the_server_kills_its_attempt_before_the_lease_ends() {
     // The server would expire the lease 4 s after the last heartbeat it got.
     assert!(cut.elapsed() < Duration::from_secs(4), "killed only {:?} after the server went away", cut.elapsed());
     p.start_server();
-    let acme = Client::new(&p.url, &run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "acme"]));
+    let acme = p.consumer("acme");
     let again = p.wait(&acme, id, "run again", |j| j.attempts == 2 && j.started_at.is_some());
     assert_eq!(again.state, JobState::Running);
     let bill = bill_lines(&acme);
@@ -674,7 +674,7 @@ fn a_tenant_with_nothing_to_pay_with_or_too_many_jobs_stores_nothing() {
     );
     let _rich = p.org("rich", "a");
     run_ok(&["admin", "--db", p.db(), "org", "poor", "--kind", "enterprise"]);
-    let poor = Client::new(&p.url, &run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "poor"]));
+    let poor = p.consumer("poor");
     let mut big = job("true");
     big.gpus = 1;
     big.command = vec!["true".into(), "A".repeat(100_000)];
@@ -682,7 +682,7 @@ fn a_tenant_with_nothing_to_pay_with_or_too_many_jobs_stores_nothing() {
     let listed: JobList = poor.get("/v1/jobs").unwrap();
     assert_eq!(listed.total, 0, "nothing stored for a tenant who cannot pay");
     // No agent runs: jobs stay pending, and the fourth is one too many.
-    let rich = Client::new(&p.url, &run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "rich"]));
+    let rich = p.consumer("rich");
     for _ in 0..3 {
         submit(&rich, &big);
     }

@@ -227,7 +227,17 @@ impl Platform {
             "--id",
             &format!("{:x}", id.len() * 7919 + home.len()),
         ]);
-        Client::new(&self.url, &run_ok(&["admin", "--db", self.db(), "token", "--role", "consumer", "--org", id]))
+        self.consumer(id)
+    }
+
+    /// A new consumer token of an organisation (made by `suanwang admin`).
+    pub fn consumer_token(&self, org: &str) -> String {
+        run_ok(&["admin", "--db", self.db(), "token", "--role", "consumer", "--org", org])
+    }
+
+    /// A client with a new consumer token of an organisation.
+    pub fn consumer(&self, org: &str) -> Client {
+        Client::new(&self.url, &self.consumer_token(org))
     }
 
     pub fn wait(&self, client: &Client, id: u64, what: &str, done: impl Fn(&Job) -> bool) -> Job {
@@ -398,7 +408,7 @@ fn a_server_restart_loses_no_job_hold_or_log() {
     let held: Balances = acme.get("/v1/vouchers").unwrap();
     p.kill_server();
     p.start_server();
-    let acme = Client::new(&p.url, &run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "acme"]));
+    let acme = p.consumer("acme");
     let after_restart: Balances = acme.get("/v1/vouchers").unwrap();
     assert_eq!(after_restart.wallet_held_fen, held.wallet_held_fen, "the hold survived");
     let first = p.wait(&acme, running, "finished", |j| j.state.is_terminal());
@@ -469,7 +479,7 @@ fn raw(p: &Platform, token: &str, path: &str, body: &[u8]) -> (u16, serde_json::
 fn bad_input_gets_a_4xx_json_error_and_stores_nothing() {
     let p = Platform::new("bad-input");
     let acme = p.org("acme", "a");
-    let token = run_ok(&["admin", "--db", p.db(), "token", "--role", "consumer", "--org", "acme"]);
+    let token = p.consumer_token("acme");
     let good = serde_json::to_value(job("true")).unwrap();
     let with = |key: &str, value: serde_json::Value| {
         let mut v = good.clone();

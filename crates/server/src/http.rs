@@ -356,7 +356,7 @@ fn explanation_json(e: &suanwang_core::explain::Explanation) -> Result<serde_jso
 
 /// A job the principal may act on (cancel): its owner or an operator.
 async fn owned_job(state: &AppState, who: &Principal, id: u64) -> Result<api::Job> {
-    let job = state.world.call(move |_, b| load_job(b.sql(), id)).await?.ok_or_else(|| Error::not_found("job", id))?;
+    let job = read(state, move |sql| load_job(sql, id)).await?.ok_or_else(|| Error::not_found("job", id))?;
     if !who.may_act_for(&job.org) {
         return Err(Error::not_found("job", id));
     }
@@ -704,20 +704,21 @@ async fn bill(
 ) -> Result<Json<api::Bill>> {
     let Query(q) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
     let org = acting_org(&who, q.org.as_deref())?;
-    let db = state.db.clone();
-    let bill = tokio::task::spawn_blocking(move || -> Result<api::Bill> {
-        let conn = reader(&db)?;
-        let st = audit::statement_of(&conn, audit::Party::Org(&org), i64::MIN, i64::MAX)?;
+    let bill = read(&state, move |conn| {
+        let st = audit::statement_of(conn, audit::Party::Org(&org), i64::MIN, i64::MAX)?;
         let mut cause_of = conn.prepare("SELECT cause, exit_code FROM attempts WHERE job = ?1 AND attempt = ?2")?;
         let mut lines = Vec::new();
+        // What a card paid is the part of compute neither the voucher nor
+        // the organisation did.
+        let t = &st.total;
         let mut total = api::Bill {
             org: org.clone(),
             lines: Vec::new(),
-            compute_fen: 0,
-            card_fen: 0,
-            subsidy_fen: 0,
-            transfer_fen: 0,
-            org_fen: 0,
+            compute_fen: t.compute_fen,
+            card_fen: t.compute_fen - t.voucher_fen - t.org_fen,
+            subsidy_fen: t.voucher_fen,
+            transfer_fen: t.transfer_fen,
+            org_fen: t.org_fen + t.transfer_fen,
         };
         for l in &st.lines {
             let (job, attempt) = crate::world::attempt_of_billing_key(&l.job).unwrap_or((0, 0));
@@ -732,8 +733,7 @@ async fn bill(
                 },
                 _ => "settled".into(),
             };
-            let card_fen = l.compute_fen - l.voucher_fen - l.org_fen;
-            let line = api::BillLine {
+            lines.push(api::BillLine {
                 job,
                 attempt,
                 cause,
@@ -742,17 +742,11 @@ async fn bill(
                 settled_at: l.settled_at,
                 accel_seconds: l.accel_seconds,
                 compute_fen: l.compute_fen,
-                card_fen,
+                card_fen: l.compute_fen - l.voucher_fen - l.org_fen,
                 subsidy_fen: l.voucher_fen,
                 transfer_fen: l.transfer_fen,
                 org_fen: l.org_fen + l.transfer_fen,
-            };
-            total.compute_fen += line.compute_fen;
-            total.card_fen += line.card_fen;
-            total.subsidy_fen += line.subsidy_fen;
-            total.transfer_fen += line.transfer_fen;
-            total.org_fen += line.org_fen;
-            lines.push(line);
+            });
         }
         // Attempts that ended by no fault of the job: listed, never billed.
         let mut unbilled = conn.prepare(
@@ -782,8 +776,7 @@ async fn bill(
         total.lines = lines;
         Ok(total)
     })
-    .await
-    .map_err(Error::internal)??;
+    .await?;
     Ok(Json(bill))
 }
 

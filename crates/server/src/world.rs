@@ -432,22 +432,9 @@ impl State {
     /// The job a request describes, checked against the topology. The
     /// request's own limits are checked at the door (`validate`).
     pub fn spec(&self, b: &Batch<'_>, id: u64, org: &str, req: &JobRequest) -> Result<JobSpec> {
+        // The request's own limits were checked at the door
+        // (`validate::job_request`); the core checks the spec again below.
         let t = &self.topology;
-        if req.gpus == 0 || req.gpus > suanwang_core::job::MAX_GANG {
-            return Err(Error::invalid(
-                "gpus",
-                format!("must be between 1 and {}, got {}", suanwang_core::job::MAX_GANG, req.gpus),
-            ));
-        }
-        if req.estimate_s == 0 || req.estimate_s > suanwang_core::job::MAX_ESTIMATE_S {
-            return Err(Error::invalid(
-                "estimate_s",
-                format!("must be between 1 and {}, got {}", suanwang_core::job::MAX_ESTIMATE_S, req.estimate_s),
-            ));
-        }
-        if req.accelerators.is_empty() {
-            return Err(Error::invalid("accelerators", "must name at least one accelerator type"));
-        }
         let mut accepted = Vec::new();
         for name in &req.accelerators {
             let a = t.accelerator_id(name).ok_or_else(|| {
@@ -503,12 +490,6 @@ impl State {
                 OrgKind::Institute => Weights { time: 40, cost: 40, carbon: 20 },
             },
         };
-        if req.budget_fen.is_some_and(|b| b < 0) {
-            return Err(Error::invalid("budget_fen", "must not be negative"));
-        }
-        if req.command.is_empty() && req.image.is_none() {
-            return Err(Error::invalid("command", "a job needs a command (or an image)"));
-        }
         let mut spec = JobSpec::new(JobId(id), OrgId(org_index as u32), org_kind, origin, req.gpus, req.estimate_s);
         spec.accepted = accepted;
         spec.datasets = datasets;
@@ -516,7 +497,10 @@ impl State {
         spec.budget_fen = req.budget_fen;
         spec.retries = req.retries;
         spec.deadline_s = req.deadline_s.map(|d| Self::core_now(b) + d);
-        spec.validate(t).map_err(|e| Error::invalid(e.field, e.problem))?;
+        spec.validate(t).map_err(|e| {
+            let field = if e.field == "accepted" { "accelerators" } else { e.field };
+            Error::invalid(field, e.problem)
+        })?;
         Ok(spec)
     }
 
