@@ -27,10 +27,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
 }
 
 /// Where this agent makes its attempts' groups: for each controller, a
-/// directory `<agent's own group>/suanwang/<site>`.
+/// directory `<agent's own group>/suanwang/<site>` ([`Cgroups::for_site`]),
+/// or `/suanwang/<name>` from the root of every hierarchy
+/// ([`Cgroups::rooted`]: the same path in each, which is what a container
+/// engine's `--cgroup-parent` names).
 #[derive(Debug, Clone)]
 pub struct Cgroups {
     bases: Vec<PathBuf>,
+    /// Rooted only: the bases in the hierarchies whose limits we do not set
+    /// (a container engine makes its groups there too, and we remove them).
+    extra: Vec<PathBuf>,
+    /// Rooted only: the path of the bases from each hierarchy's root.
+    relative: Option<String>,
 }
 
 /// Limits for one attempt.
@@ -46,6 +54,13 @@ pub struct Limits {
 #[derive(Debug)]
 pub struct Group {
     dirs: Vec<PathBuf>,
+    extra: Vec<PathBuf>,
+    relative: Option<String>,
+    /// An eventfd the kernel signals when the group runs out of memory
+    /// (`cgroup.event_control`): it counts out-of-memory kills anywhere
+    /// below the group, which the group's own counters do not.
+    oom_event: Option<std::os::fd::OwnedFd>,
+    oom_seen: std::sync::atomic::AtomicBool,
 }
 
 /// The agent's own group in a v1 hierarchy, from `/proc/self/cgroup`.
@@ -75,7 +90,31 @@ impl Cgroups {
             std::fs::create_dir_all(&base).map_err(io(&base))?;
             bases.push(base);
         }
-        Ok(Cgroups { bases })
+        Ok(Cgroups { bases, extra: Vec::new(), relative: None })
+    }
+
+    /// Finds (and makes) `/suanwang/<name>` at the root of each hierarchy.
+    pub fn rooted(name: &str) -> Result<Cgroups, CgroupError> {
+        let root = Path::new("/sys/fs/cgroup");
+        let relative = format!("/suanwang/{name}");
+        let mut bases = Vec::new();
+        for controller in CONTROLLERS {
+            let mount = root.join(controller);
+            if !mount.join("cgroup.procs").exists() {
+                return Err(CgroupError::Missing(controller));
+            }
+            let base = mount.join(relative.trim_start_matches('/'));
+            std::fs::create_dir_all(&base).map_err(io(&base))?;
+            bases.push(base);
+        }
+        let extra = std::fs::read_dir(root)
+            .map_err(io(root))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("cgroup.procs").exists() && !bases.iter().any(|b| b.starts_with(p)))
+            .map(|p| p.join(relative.trim_start_matches('/')))
+            .collect();
+        Ok(Cgroups { bases, extra, relative: Some(relative) })
     }
 
     /// Makes the group `name` with its limits.
@@ -89,7 +128,8 @@ impl Cgroups {
                 Err(e) => return Err(io(dir)(e)),
             }
         }
-        let group = Group { dirs };
+        let mut group = self.group(name);
+        group.oom_event = oom_eventfd(group.dir("memory"));
         group.write("memory", "memory.limit_in_bytes", &limits.memory_bytes.to_string())?;
         // With swap accounting, the same limit on memory plus swap: a job
         // cannot escape its limit by swapping.
@@ -107,7 +147,7 @@ impl Cgroups {
     /// life of the agent) and removes the groups; returns how many groups.
     pub fn sweep(&self) -> usize {
         let mut names = std::collections::BTreeSet::new();
-        for base in &self.bases {
+        for base in self.bases.iter().chain(&self.extra) {
             if let Ok(entries) = std::fs::read_dir(base) {
                 for entry in entries.flatten() {
                     if entry.path().is_dir() {
@@ -117,12 +157,57 @@ impl Cgroups {
             }
         }
         for name in &names {
-            let group = Group { dirs: self.bases.iter().map(|b| b.join(name)).collect() };
+            let group = self.group(name);
             group.kill_all();
             group.remove();
         }
         names.len()
     }
+
+    fn group(&self, name: &str) -> Group {
+        Group {
+            dirs: self.bases.iter().map(|b| b.join(name)).collect(),
+            extra: self.extra.iter().map(|b| b.join(name)).collect(),
+            relative: self.relative.as_ref().map(|r| format!("{r}/{name}")),
+            oom_event: None,
+            oom_seen: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+/// Asks the kernel to signal an eventfd when the memory group `dir` is out
+/// of memory; `None` if it cannot (the group's own counter still tells).
+fn oom_eventfd(dir: &Path) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let control = std::fs::File::open(dir.join("memory.oom_control")).ok()?;
+    // SAFETY: eventfd(2) has no memory preconditions; the fd is owned below.
+    let event = unsafe {
+        let fd = libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+        if fd < 0 {
+            return None;
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    let line = format!("{} {}", event.as_raw_fd(), control.as_raw_fd());
+    std::fs::write(dir.join("cgroup.event_control"), line).ok()?;
+    // The registration holds its own reference to the control file.
+    Some(event)
+}
+
+/// Every directory at or below `dir`, deepest first.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(tree(&entry.path()));
+            }
+        }
+    }
+    if dir.is_dir() {
+        out.push(dir.to_path_buf());
+    }
+    out
 }
 
 impl Group {
@@ -148,17 +233,44 @@ impl Group {
             .collect()
     }
 
-    /// The processes in the group.
+    /// The path of the group from each hierarchy's root, for a rooted group
+    /// (a container engine's `--cgroup-parent`).
+    pub fn relative_path(&self) -> Option<&str> {
+        self.relative.as_deref()
+    }
+
+    /// The processes in the group and in every group below it.
     pub fn pids(&self) -> Vec<i32> {
-        std::fs::read_to_string(self.dir("freezer").join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
+        tree(self.dir("freezer"))
+            .iter()
+            .flat_map(|d| {
+                std::fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
             .filter_map(|l| l.trim().parse().ok())
             .collect()
     }
 
-    /// Did the kernel kill something in the group for going over its memory limit?
+    /// Did the kernel kill something in the group (or below it) for going
+    /// over its memory limit?
     pub fn oom_killed(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if let Some(event) = &self.oom_event {
+            let mut count = [0u8; 8];
+            // SAFETY: a non-blocking read of 8 bytes from an eventfd we own into a local buffer.
+            let n =
+                unsafe { libc::read(std::os::fd::AsRawFd::as_raw_fd(event), count.as_mut_ptr().cast(), count.len()) };
+            if n == 8 && u64::from_ne_bytes(count) > 0 {
+                self.oom_seen.store(true, Ordering::SeqCst);
+            }
+        }
+        self.oom_seen.load(Ordering::SeqCst) || self.own_oom_counter()
+    }
+
+    fn own_oom_counter(&self) -> bool {
         let text = std::fs::read_to_string(self.dir("memory").join("memory.oom_control")).unwrap_or_default();
         let oom_kills =
             text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse::<u64>().ok());
@@ -198,14 +310,17 @@ impl Group {
         }
     }
 
-    /// Removes the group's directories (they must be empty).
+    /// Removes the group's directories and any group below them (they
+    /// must be empty of processes).
     pub fn remove(&self) {
-        for dir in &self.dirs {
-            for _ in 0..100 {
-                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
-                    break;
+        for top in self.dirs.iter().chain(&self.extra) {
+            for dir in tree(top) {
+                for _ in 0..100 {
+                    if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                std::thread::sleep(Duration::from_millis(10));
             }
         }
     }

@@ -7,6 +7,7 @@
 //! - [`sandbox`]: how an attempt is isolated (its own user, namespaces,
 //!   cgroup) and how its whole process tree is killed;
 //! - [`cgroup`]: the v1 control groups that hold limits and processes;
+//! - [`container`]: jobs given as images, under podman with runc;
 //! - [`logs`]: output spooled to disk and shipped in bounded chunks.
 //!
 //! Safety rules the agent keeps:
@@ -24,6 +25,7 @@
 //!   heartbeat, and kills the attempt within a poll interval.
 
 pub mod cgroup;
+pub mod container;
 pub mod logs;
 pub mod sandbox;
 
@@ -102,6 +104,8 @@ pub struct AgentConfig {
     pub defaults: sandbox::Defaults,
     /// Keep a finished attempt's directory this long, then remove it.
     pub retention_s: u64,
+    /// Whether to run jobs given as container images.
+    pub containers: sandbox::Containers,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,15 +162,33 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         );
         Isolation::Unsandboxed
     } else {
-        let (isolation, swept) =
-            Isolation::sandboxed(&instance_name(&config.site, &config.workdir), &jobs_dir, config.defaults)
-                .map_err(AgentError::Sandbox)?;
+        let (isolation, swept) = Isolation::sandboxed(
+            &instance_name(&config.site, &config.workdir),
+            &jobs_dir,
+            config.defaults,
+            config.containers,
+        )
+        .map_err(AgentError::Sandbox)?;
         if swept > 0 {
             eprintln!("agent {}: killed what was left of {swept} attempt(s) of a previous run", config.site);
         }
         isolation
     };
-    let capabilities = Capabilities { images: false, sandboxed: isolation.is_sandboxed() };
+    if config.unsandboxed && config.containers == sandbox::Containers::Required {
+        return Err(AgentError::Config(
+            "--containers yes needs the sandbox (it cannot be used with --unsandboxed)".into(),
+        ));
+    }
+    let capabilities_of = |isolation: &Isolation| Capabilities {
+        containers: isolation.runs_containers(),
+        images: isolation.images().into_keys().take(4096).collect(),
+        sandboxed: isolation.is_sandboxed(),
+    };
+    let mut capabilities = capabilities_of(&isolation);
+    if capabilities.containers {
+        eprintln!("agent {}: runs container jobs; images here: {}", config.site, capabilities.images.join(", "));
+    }
+    let mut last_images = (Instant::now(), isolation.images_changed());
     let mut token_seen = config.token.modified();
     let client = Client::new(&config.server, &config.token.read()?);
     let shared = Arc::new(Shared {
@@ -193,8 +215,16 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
             last_sweep = Instant::now();
             remove_old_dirs(&shared, config.retention_s);
         }
+        // Images come and go with the provider's `podman import`/`rmi`:
+        // read the list again when the store changed, and now and then.
+        if capabilities.containers
+            && (last_images.0.elapsed() > IMAGES_REFRESH || shared.isolation.images_changed() != last_images.1)
+        {
+            last_images = (Instant::now(), shared.isolation.images_changed());
+            capabilities = capabilities_of(&shared.isolation);
+        }
         let running: Vec<AttemptRef> = shared.running.lock().expect("running lock").keys().copied().collect();
-        let request = LeaseRequest { wait_s: config.poll_wait_s, running, capabilities };
+        let request = LeaseRequest { wait_s: config.poll_wait_s, running, capabilities: capabilities.clone() };
         match client.post::<_, LeaseResponse>("/v1/agent/lease", &request) {
             Ok(response) => {
                 backoff = Duration::from_millis(200);
@@ -233,6 +263,10 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         }
     }
 }
+
+/// How often a container site's image list is read again even if the
+/// image store seems unchanged.
+const IMAGES_REFRESH: Duration = Duration::from_secs(60);
 
 /// The name of this agent's cgroups: its site and a hash of its work
 /// directory, so two agents of one site on one machine (or tests running
@@ -337,10 +371,13 @@ fn retry<T>(limit: Duration, mut call: impl FnMut() -> Result<T, ClientError>) -
     }
 }
 
-/// The environment of an attempt, built from nothing.
+/// The environment of an attempt, built from nothing. A container keeps
+/// its image's `PATH` unless the job gives one.
 fn environment(lease: &Lease, site: &str, workdir_inside: &Path) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
-    env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
+    if lease.image.is_none() {
+        env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
+    }
     env.insert("HOME".into(), workdir_inside.display().to_string());
     env.insert("LANG".into(), "C.UTF-8".into());
     env.insert("TMPDIR".into(), "/tmp".into());
@@ -384,8 +421,11 @@ fn run_attempt(shared: &Shared, lease: &Lease, control: &Control) -> Result<(), 
             other => other.map(|_| ()).map_err(AgentError::from),
         }
     };
-    if lease.command.is_empty() {
+    if lease.image.is_some() && !shared.isolation.runs_containers() {
         return finish(AttemptEnd::Infrastructure, 127, 0, Some("this site cannot run container images".into()));
+    }
+    if lease.command.is_empty() && lease.image.is_none() {
+        return finish(AttemptEnd::Exited, 127, 0, Some("the job has no command".into()));
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -411,11 +451,18 @@ fn run_prepared(
     let base = format!("/v1/agent/attempts/{}/{}", lease.job, lease.attempt);
     let secret = [("X-Attempt-Secret", lease.secret.as_str())];
     let dir = dir.to_path_buf();
-    let prepared =
-        match shared.isolation.prepare(lease.job, lease.attempt, &dir, lease.gpus, lease.memory_mb, lease.cpus) {
-            Ok(p) => p,
-            Err(e) => return finish(AttemptEnd::Infrastructure, 127, 0, Some(format!("sandbox set-up failed: {e}"))),
-        };
+    let request = sandbox::Request {
+        job: lease.job,
+        attempt: lease.attempt,
+        gpus: lease.gpus,
+        memory_mb: lease.memory_mb,
+        cpus: lease.cpus,
+        image: lease.image.as_deref(),
+    };
+    let prepared = match shared.isolation.prepare(&request, &dir) {
+        Ok(p) => p,
+        Err(e) => return finish(AttemptEnd::Infrastructure, 127, 0, Some(format!("sandbox set-up failed: {e}"))),
+    };
     let env = environment(lease, &shared.site, &prepared.workdir_inside);
     let mut command = shared.isolation.command(&prepared, &dir, &lease.command, &env);
     let (reader, writer) = std::io::pipe()?;
@@ -456,6 +503,11 @@ fn run_prepared(
         std::thread::spawn(move || shipper.run(&spool, Duration::from_secs(600)))
     };
     let outcome = supervise(shared, lease, control, &prepared, &mut child, started);
+    // A container's end as podman saw it, before the kill removes it.
+    let container_end = match outcome {
+        Outcome::Exited(code) => shared.isolation.container_end(&prepared, code),
+        _ => None,
+    };
     // Whatever the job left behind (daemons, `setsid` children) dies with it.
     shared.isolation.kill(&prepared, child.id());
     if !spool.wait_closed(Duration::from_secs(5)) {
@@ -467,16 +519,29 @@ fn run_prepared(
     let shipped = shipper.join().unwrap_or(Shipped::GaveUp);
     spool.remove();
     let wall_s = started.elapsed().as_secs().max(1);
-    let (end, exit_code, message) = match outcome {
-        Outcome::Exited(code) if oom => (
+    let (end, exit_code, message) = match (outcome, container_end) {
+        (Outcome::Exited(code), Some(container::Ended::EngineFailed(why))) => {
+            (AttemptEnd::Infrastructure, code, Some(format!("the container engine failed: {why}")))
+        }
+        (Outcome::Exited(code), Some(container::Ended::CommandFailed(_))) => (
+            AttemptEnd::Exited,
+            code,
+            Some(format!(
+                "the command cannot be run in the image {} (see the log)",
+                lease.image.as_deref().unwrap_or("")
+            )),
+        ),
+        (Outcome::Exited(code), _) if oom => (
             AttemptEnd::MemoryLimit,
             code,
             Some(format!("killed by the kernel over its memory limit of {} MiB", prepared.memory_mb)),
         ),
-        Outcome::Exited(code) => (AttemptEnd::Exited, code, None),
-        Outcome::TimeLimit => (AttemptEnd::TimeLimit, 137, Some(format!("time limit of {} s", lease.time_limit_s))),
-        Outcome::Stopped => (AttemptEnd::Stopped, 137, None),
-        Outcome::LeaseLost => {
+        (Outcome::Exited(code), _) => (AttemptEnd::Exited, code, None),
+        (Outcome::TimeLimit, _) => {
+            (AttemptEnd::TimeLimit, 137, Some(format!("time limit of {} s", lease.time_limit_s)))
+        }
+        (Outcome::Stopped, _) => (AttemptEnd::Stopped, 137, None),
+        (Outcome::LeaseLost, _) => {
             eprintln!("agent {}: {name}: killed: no word from the server for a lease period", shared.site);
             (AttemptEnd::Infrastructure, 137, Some("lease lost: the agent could not reach the server".into()))
         }

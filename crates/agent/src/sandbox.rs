@@ -9,15 +9,21 @@
 //! process limits. The agent's files, the database, other jobs'
 //! directories and the agent's credentials are not in its file system.
 //!
+//! A job that gives an `image` runs in a container instead (see
+//! [`crate::container`]): the same user, limits, cgroup and kill, by
+//! podman's and runc's means, on sandboxed agents whose machine has them.
+//!
 //! Unsandboxed (`--unsandboxed`, for machines without bubblewrap or
 //! cgroups): the attempt runs as the agent's user in its own process group,
-//! with the same clean environment; a `setsid` can escape the kill.
+//! with the same clean environment; a `setsid` can escape the kill. It runs
+//! no containers.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cgroup::{Cgroups, Group, Limits};
+use crate::container::{ContainerError, Ended, Guard, Podman};
 
 /// Jobs run as uid and gid `JOB_ID_BASE + job id`.
 pub const JOB_ID_BASE: u32 = 1_000_000_000;
@@ -42,6 +48,12 @@ pub enum SandboxError {
     Trial(String),
     #[error("job id {0} is too large to map to a user id")]
     JobIdTooLarge(u64),
+    #[error("containers: {0}")]
+    Containers(#[from] ContainerError),
+    #[error("this site runs no containers (podman and runc, on a sandboxed agent)")]
+    NoContainers,
+    #[error("the image '{0}' is not at this site (sites run only the images they hold)")]
+    NoSuchImage(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -83,11 +95,30 @@ fn options_file(options: &[std::ffi::OsString]) -> std::io::Result<std::fs::File
     Ok(file)
 }
 
+/// Whether the agent runs container jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Containers {
+    /// When podman and runc work here (the default).
+    Auto,
+    /// Always: the agent refuses to start without them.
+    Required,
+    Off,
+}
+
 /// How this agent isolates attempts.
 #[derive(Debug)]
 pub enum Isolation {
-    Sandboxed { cgroups: Cgroups, defaults: Defaults },
+    Sandboxed { cgroups: Cgroups, defaults: Defaults, podman: Option<Podman> },
     Unsandboxed,
+}
+
+/// A container attempt's parts.
+pub struct ContainerAttempt {
+    pub name: String,
+    /// The image's full name, as podman knows it.
+    pub image: String,
+    env_file: PathBuf,
+    guard: std::sync::Mutex<Option<Guard>>,
 }
 
 /// One attempt's isolation, made before it starts and undone after.
@@ -98,6 +129,18 @@ pub struct Prepared {
     pub workdir_inside: PathBuf,
     /// The memory limit applied, MiB (0: none).
     pub memory_mb: u64,
+    pub container: Option<ContainerAttempt>,
+}
+
+/// What an attempt asks of its sandbox.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub job: u64,
+    pub attempt: u32,
+    pub gpus: u32,
+    pub memory_mb: Option<u64>,
+    pub cpus: Option<u32>,
+    pub image: Option<&'a str>,
 }
 
 fn bwrap_path() -> Option<PathBuf> {
@@ -114,7 +157,12 @@ impl Isolation {
     /// in a directory under `scratch` (which jobs' users must be able to
     /// traverse); kills what is left of attempts of a previous life of the
     /// agent.
-    pub fn sandboxed(site: &str, scratch: &Path, defaults: Defaults) -> Result<(Isolation, usize), SandboxError> {
+    pub fn sandboxed(
+        site: &str,
+        scratch: &Path,
+        defaults: Defaults,
+        containers: Containers,
+    ) -> Result<(Isolation, usize), SandboxError> {
         let bwrap = bwrap_path().ok_or(SandboxError::NoBubblewrap)?;
         // SAFETY: geteuid has no preconditions.
         let euid = unsafe { libc::geteuid() };
@@ -122,13 +170,32 @@ impl Isolation {
             return Err(SandboxError::NotRoot(euid));
         }
         let cgroups = Cgroups::for_site(site)?;
-        let swept = cgroups.sweep();
-        let isolation = Isolation::Sandboxed { cgroups, defaults };
+        let mut swept = cgroups.sweep();
+        let podman = match containers {
+            Containers::Off => None,
+            Containers::Auto => match Podman::detect(site) {
+                Ok((podman, left)) => {
+                    swept += left;
+                    Some(podman)
+                }
+                Err(e) => {
+                    eprintln!("agent {site}: no container jobs at this site: {e}");
+                    None
+                }
+            },
+            Containers::Required => {
+                let (podman, left) = Podman::detect(site)?;
+                swept += left;
+                Some(podman)
+            }
+        };
+        let isolation = Isolation::Sandboxed { cgroups, defaults, podman };
         // A trial: the real path, as a job would take it.
         let dir = std::fs::canonicalize(scratch)?.join(".sandbox-trial");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let prepared = isolation.prepare(0, 0, &dir, 1, None, None).map_err(|e| SandboxError::Trial(e.to_string()))?;
+        let trial = Request { job: 0, attempt: 0, gpus: 1, memory_mb: None, cpus: None, image: None };
+        let prepared = isolation.prepare(&trial, &dir).map_err(|e| SandboxError::Trial(e.to_string()))?;
         let mut command = isolation.command(
             &prepared,
             &dir,
@@ -151,21 +218,41 @@ impl Isolation {
         matches!(self, Isolation::Sandboxed { .. })
     }
 
-    /// Makes the attempt's cgroup and hands its directory to its user.
-    pub fn prepare(
-        &self,
-        job: u64,
-        attempt: u32,
-        dir: &Path,
-        gpus: u32,
-        memory_mb: Option<u64>,
-        cpus: Option<u32>,
-    ) -> Result<Prepared, SandboxError> {
+    fn podman(&self) -> Option<&Podman> {
         match self {
-            Isolation::Unsandboxed => {
-                Ok(Prepared { group: None, uid: None, workdir_inside: dir.to_path_buf(), memory_mb: 0 })
-            }
-            Isolation::Sandboxed { cgroups, defaults } => {
+            Isolation::Sandboxed { podman, .. } => podman.as_ref(),
+            Isolation::Unsandboxed => None,
+        }
+    }
+
+    /// The images this site can run, by the names jobs may give (empty
+    /// without containers).
+    pub fn images(&self) -> std::collections::BTreeMap<String, String> {
+        self.podman().map(Podman::images).unwrap_or_default()
+    }
+
+    /// When the site's image store last changed (containers only).
+    pub fn images_changed(&self) -> Option<std::time::SystemTime> {
+        self.podman().and_then(Podman::images_changed)
+    }
+
+    pub fn runs_containers(&self) -> bool {
+        self.podman().is_some()
+    }
+
+    /// Makes the attempt's cgroup and hands its directory to its user.
+    pub fn prepare(&self, request: &Request<'_>, dir: &Path) -> Result<Prepared, SandboxError> {
+        let Request { job, attempt, gpus, memory_mb, cpus, image } = *request;
+        match self {
+            Isolation::Unsandboxed if image.is_some() => Err(SandboxError::NoContainers),
+            Isolation::Unsandboxed => Ok(Prepared {
+                group: None,
+                uid: None,
+                workdir_inside: dir.to_path_buf(),
+                memory_mb: 0,
+                container: None,
+            }),
+            Isolation::Sandboxed { cgroups, defaults, podman } => {
                 if job > MAX_JOB_ID {
                     return Err(SandboxError::JobIdTooLarge(job));
                 }
@@ -185,8 +272,37 @@ impl Isolation {
                     cpu_quota_us: cpus * 100_000,
                     pids: defaults.pids_max,
                 };
-                let group = cgroups.create(&format!("job-{job}-{attempt}"), limits)?;
-                Ok(Prepared { group: Some(group), uid: Some(uid), workdir_inside: PathBuf::from("/work"), memory_mb })
+                let name = format!("job-{job}-{attempt}");
+                let Some(image) = image else {
+                    let group = cgroups.create(&name, limits)?;
+                    return Ok(Prepared {
+                        group: Some(group),
+                        uid: Some(uid),
+                        workdir_inside: PathBuf::from("/work"),
+                        memory_mb,
+                        container: None,
+                    });
+                };
+                let podman = podman.as_ref().ok_or(SandboxError::NoContainers)?;
+                let full = podman.images().remove(image).ok_or_else(|| SandboxError::NoSuchImage(image.to_string()))?;
+                let container_name = podman.container_name(job, attempt);
+                // A container of this attempt from a previous life must not linger.
+                podman.remove(&container_name);
+                let group = podman.group(&name, limits)?;
+                let guard = podman.guard(&container_name)?;
+                let env_file = dir.with_extension("env");
+                Ok(Prepared {
+                    group: Some(group),
+                    uid: Some(uid),
+                    workdir_inside: PathBuf::from("/work"),
+                    memory_mb,
+                    container: Some(ContainerAttempt {
+                        name: container_name,
+                        image: full,
+                        env_file,
+                        guard: std::sync::Mutex::new(Some(guard)),
+                    }),
+                })
             }
         }
     }
@@ -201,6 +317,42 @@ impl Isolation {
         env: &std::collections::BTreeMap<String, String>,
     ) -> Command {
         let mut command = match (self, &prepared.group, prepared.uid) {
+            (Isolation::Sandboxed { defaults, podman: Some(podman), .. }, Some(group), Some(uid))
+                if prepared.container.is_some() =>
+            {
+                let container = prepared.container.as_ref().expect("container attempt");
+                if let Err(e) = crate::container::write_env_file(&container.env_file, env) {
+                    // Nothing to run: a command that fails at once, so the
+                    // attempt reports a start failure.
+                    let mut c = Command::new("/nonexistent/suanwang-env-file");
+                    c.env_clear();
+                    eprintln!("agent: {}: {e}", container.name);
+                    return c;
+                }
+                let mut c = podman.run_command(
+                    group,
+                    &container.name,
+                    uid,
+                    dir,
+                    &container.image,
+                    argv,
+                    &container.env_file,
+                    defaults.host_network,
+                );
+                // podman itself is the agent's: root, and not in the
+                // attempt's group (its container is, by --cgroup-parent).
+                // SAFETY: prctl(2) in the forked child before exec: podman
+                // dies with the attempt's thread, its container with the guard.
+                unsafe {
+                    c.pre_exec(|| {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                return c;
+            }
             (Isolation::Sandboxed { defaults, .. }, Some(group), Some(uid)) => {
                 // bwrap's own options go through a memory file (`--args 3`),
                 // not its command line: inside the sandbox its command line
@@ -272,6 +424,9 @@ impl Isolation {
     /// Kills the attempt's whole process tree (`leader` is the process the
     /// agent started).
     pub fn kill(&self, prepared: &Prepared, leader: u32) {
+        if let (Some(podman), Some(container)) = (self.podman(), &prepared.container) {
+            podman.remove(&container.name);
+        }
         match &prepared.group {
             Some(group) => group.kill_all(),
             // SAFETY: kill(2) of the process group the agent created for the attempt.
@@ -286,8 +441,23 @@ impl Isolation {
         prepared.group.as_ref().is_some_and(|g| g.oom_killed())
     }
 
+    /// How a container attempt whose `podman run` returned `code` ended
+    /// (call before [`Isolation::kill`], which removes the container);
+    /// `None` for other attempts.
+    pub fn container_end(&self, prepared: &Prepared, code: i32) -> Option<Ended> {
+        let (podman, container) = (self.podman()?, prepared.container.as_ref()?);
+        Some(podman.ended(&container.name, code))
+    }
+
     /// Kills anything left and removes the attempt's cgroup.
     pub fn cleanup(&self, prepared: &Prepared) {
+        if let (Some(podman), Some(container)) = (self.podman(), &prepared.container) {
+            podman.remove(&container.name);
+            let _ = std::fs::remove_file(&container.env_file);
+            if let Some(guard) = container.guard.lock().expect("guard lock").take() {
+                guard.dismiss();
+            }
+        }
         if let Some(group) = &prepared.group {
             group.kill_all();
             group.remove();

@@ -263,12 +263,18 @@ pub struct AttemptRef {
 }
 
 /// What a site's agent can run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Capabilities {
-    /// Runs jobs given as container images.
+    /// Runs jobs given as container images (podman with runc), from the
+    /// images present at the site: none is ever pulled.
     #[serde(default)]
-    pub images: bool,
+    pub containers: bool,
+    /// The images present at the site, under every name a job may give for
+    /// them (`localhost/name:tag`, `name:tag`, and `name` for `:latest`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 4096)]
+    pub images: Vec<String>,
     /// Runs each attempt in a sandbox (own user, namespaces, cgroup).
     #[serde(default)]
     pub sandboxed: bool,

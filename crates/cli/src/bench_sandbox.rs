@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use suanwang_agent::sandbox::{Defaults, Isolation};
+use suanwang_agent::sandbox::{Containers, Defaults, Isolation, Request};
 use suanwang_api::client::Client;
 use suanwang_api::{Job, JobRequest};
 use suanwang_server::auth::Role;
@@ -27,7 +27,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Milliseconds per start of `true`, one isolation.
-fn starts(isolation: &Isolation, dir: &Path, n: usize) -> anyhow::Result<Vec<f64>> {
+fn starts(isolation: &Isolation, dir: &Path, n: usize, image: Option<&str>) -> anyhow::Result<Vec<f64>> {
     let mut times = Vec::with_capacity(n);
     let argv = vec!["true".to_string()];
     let env = [("PATH".to_string(), "/usr/bin:/bin".to_string())].into_iter().collect();
@@ -36,7 +36,8 @@ fn starts(isolation: &Isolation, dir: &Path, n: usize) -> anyhow::Result<Vec<f64
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)?;
         let started = Instant::now();
-        let prepared = isolation.prepare(i as u64 + 1, 1, &work, 1, None, None)?;
+        let request = Request { job: i as u64 + 1, attempt: 1, gpus: 1, memory_mb: None, cpus: None, image };
+        let prepared = isolation.prepare(&request, &work)?;
         let status = isolation.command(&prepared, &work, &argv, &env).status()?;
         isolation.cleanup(&prepared);
         times.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -56,16 +57,23 @@ pub fn run(dir: &Path, n: usize, output_mb: u64, quota_mb: u64) -> anyhow::Resul
     let jobs = dir.join("jobs");
     std::fs::create_dir_all(&jobs)?;
     std::fs::set_permissions(&jobs, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
-    let (sandboxed, _) = Isolation::sandboxed("bench-sandbox", &jobs, Defaults::default())
+    let (sandboxed, _) = Isolation::sandboxed("bench-sandbox", &jobs, Defaults::default(), Containers::Auto)
         .map_err(|e| anyhow!("the sandbox cannot be set up here: {e}"))?;
+    let image = sandboxed.images().into_keys().next();
     let mut rows = Vec::new();
-    for (name, isolation) in
-        [("unsandboxed (process group)", &Isolation::Unsandboxed), ("sandboxed (bwrap + cgroup)", &sandboxed)]
-    {
-        let t = starts(isolation, &jobs, n)?;
+    let mut backends = vec![
+        ("unsandboxed (process group)".to_string(), &Isolation::Unsandboxed, None),
+        ("sandboxed (bwrap + cgroup)".to_string(), &sandboxed, None),
+    ];
+    match &image {
+        Some(image) => backends.push((format!("container (podman + runc, {image})"), &sandboxed, Some(image.as_str()))),
+        None => eprintln!("no container row: no podman image at this machine (see scripts/test-image.sh)"),
+    }
+    for (name, isolation, image) in backends {
+        let t = starts(isolation, &jobs, n, image)?;
         let mean = t.iter().sum::<f64>() / t.len() as f64;
         rows.push(vec![
-            name.to_string(),
+            name,
             n.to_string(),
             format!("{:.1}", percentile(&t, 0.5)),
             format!("{:.1}", percentile(&t, 0.95)),

@@ -108,6 +108,18 @@ pub struct AgentArgs {
     /// Seconds a finished attempt's directory is kept.
     #[arg(long, default_value_t = 3600)]
     pub retention_s: u64,
+    /// Run jobs given as container images (podman with runc, images
+    /// already at this site): `auto` when podman works here, `yes` (refuse
+    /// to start without it) or `no`.
+    #[arg(long, value_enum, default_value_t = ContainersArg::Auto)]
+    pub containers: ContainersArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ContainersArg {
+    Auto,
+    Yes,
+    No,
 }
 
 #[derive(Debug, Args)]
@@ -576,10 +588,10 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
                             .join(", ");
                         let mut caps = Vec::new();
                         if s.capabilities.sandboxed {
-                            caps.push("sandboxed");
+                            caps.push("sandboxed".to_string());
                         }
-                        if s.capabilities.images {
-                            caps.push("images");
+                        if s.capabilities.containers {
+                            caps.push(format!("containers ({} image names)", s.capabilities.images.len()));
                         }
                         vec![
                             s.id.clone(),
@@ -847,7 +859,12 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         // Refuse early, with the reason, rather than have every agent refuse.
         let scratch = args.workdir.join(".up-check");
         std::fs::create_dir_all(&scratch)?;
-        let check = suanwang_agent::sandbox::Isolation::sandboxed("up-check", &scratch, Default::default());
+        let check = suanwang_agent::sandbox::Isolation::sandboxed(
+            "up-check",
+            &scratch,
+            Default::default(),
+            suanwang_agent::sandbox::Containers::Off,
+        );
         let _ = std::fs::remove_dir_all(&scratch);
         if let Err(e) = check {
             bail!(
@@ -1011,6 +1028,11 @@ pub fn agent(args: AgentArgs, connection: &Connection) -> anyhow::Result<()> {
             host_network: args.job_host_network,
         },
         retention_s: args.retention_s,
+        containers: match args.containers {
+            ContainersArg::Auto => suanwang_agent::sandbox::Containers::Auto,
+            ContainersArg::Yes => suanwang_agent::sandbox::Containers::Required,
+            ContainersArg::No => suanwang_agent::sandbox::Containers::Off,
+        },
     })
     .map_err(|e| anyhow!("agent of {site}: {e}"))?;
     Ok(())

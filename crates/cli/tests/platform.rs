@@ -183,6 +183,8 @@ impl Platform {
             .arg(&workdir)
             .arg("--token-file")
             .arg(&token_file)
+            // Container jobs only where a test asks for them (`containers`).
+            .args(if extra.contains(&"--containers") { &[][..] } else { &["--containers", "no"][..] })
             .args(extra)
             .stderr(Stdio::null())
             .spawn()

@@ -1,10 +1,12 @@
 //! End-to-end tests of the `suanwang` binary: `simulate` in both output
 //! formats, the report, determinism, every bad-input path, `topology`, the
 //! ledger commands, and the running platform: `platform` (a job's life,
-//! recovery, tenancy), `hostile` (the platform under attack by tenants)
-//! and `conformance` (every operation against the OpenAPI document).
+//! recovery, tenancy), `hostile` (the platform under attack by tenants),
+//! `containers` (jobs given as images, under podman) and `conformance`
+//! (every operation against the OpenAPI document).
 
 mod conformance;
+mod containers;
 mod hostile;
 mod platform;
 

@@ -26,6 +26,8 @@ pub enum Filter {
     NotLocal {
         origin_city: String,
     },
+    /// The site does not offer something the job requires (its container image).
+    MissingRequirement,
     NoAcceptedType,
     GangTooLarge {
         gpus: u32,
@@ -42,6 +44,7 @@ impl std::fmt::Display for Filter {
         match self {
             Filter::SiteDown => write!(f, "site is down"),
             Filter::NotLocal { origin_city } => write!(f, "policy keeps the job in its origin city {origin_city}"),
+            Filter::MissingRequirement => write!(f, "site cannot run the job's container image"),
             Filter::NoAcceptedType => write!(f, "no accelerator of an accepted type"),
             Filter::GangTooLarge { gpus, largest_pool } => {
                 write!(f, "wants {gpus} accelerators together, largest accepted pool has {largest_pool}")
@@ -149,6 +152,9 @@ fn site_verdict(
     }
     if !site_allowed(topology, restriction, job, site_id) {
         return Err(Filter::NotLocal { origin_city: topology.site(job.origin).city.clone() });
+    }
+    if !state.serves(site_id, job) {
+        return Err(Filter::MissingRequirement);
     }
     let typed: Vec<_> = site.pools.iter().copied().filter(|&p| job.accepts(topology.pool(p).accel)).collect();
     if typed.is_empty() {

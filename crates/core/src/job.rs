@@ -33,6 +33,13 @@ impl OrgKind {
     }
 }
 
+/// Something a job needs of the site that runs it beyond accelerators, such
+/// as a container image present there. The core only compares ids; what
+/// each id means (and which sites offer it now) is the caller's to say, with
+/// [`crate::scheduler::Event::SiteFeatures`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Feature(pub u32);
+
 /// A dataset a job reads, and the site where it lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatasetRef {
@@ -85,6 +92,10 @@ pub struct JobSpec {
     /// lease, a site down) are retried regardless and do not count.
     #[serde(default)]
     pub retries: u32,
+    /// What the running site must offer (sorted, each once); a site offers
+    /// nothing until told otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<Feature>,
 }
 
 /// Why a job description is not acceptable at all.
@@ -100,6 +111,8 @@ pub struct InvalidJob {
 pub const MAX_GANG: u32 = 100_000;
 /// The most retries a job may ask for after its own failures.
 pub const MAX_RETRIES: u32 = 10;
+/// The most features a job may require.
+pub const MAX_REQUIREMENTS: usize = 16;
 /// The longest estimate a job may give: ten years.
 pub const MAX_ESTIMATE_S: u64 = 10 * 365 * 86_400;
 
@@ -120,6 +133,7 @@ impl JobSpec {
             budget_fen: None,
             weights: Weights::BALANCED,
             retries: 0,
+            requires: Vec::new(),
         }
     }
 
@@ -165,6 +179,12 @@ impl JobSpec {
             && budget < 0
         {
             return fail("budget_fen", format!("must not be negative, got {budget}"));
+        }
+        if !self.requires.is_sorted() || self.requires.windows(2).any(|w| w[0] == w[1]) {
+            return fail("requires", "must be sorted and name each feature once".into());
+        }
+        if self.requires.len() > MAX_REQUIREMENTS {
+            return fail("requires", format!("at most {MAX_REQUIREMENTS} features, got {}", self.requires.len()));
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::estimate::{self, Estimate};
 use crate::explain::{self, Explanation};
-use crate::job::{InvalidJob, JobId, JobSpec};
+use crate::job::{Feature, InvalidJob, JobId, JobSpec};
 use crate::policy::{self, Policy};
 use crate::state::{LiveJob, QueueKey, RunInfo, State};
 use crate::topology::{AccelId, PoolId, SiteId, Topology};
@@ -51,6 +51,13 @@ pub enum Event {
     },
     SiteDown(SiteId),
     SiteUp(SiteId),
+    /// What a site offers from now on (e.g. the container images it holds),
+    /// replacing what it offered before. New attempts of jobs that require
+    /// a feature start only where it is offered; running ones carry on.
+    SiteFeatures {
+        site: SiteId,
+        features: Vec<Feature>,
+    },
     /// Time passes; due timers fire.
     Tick,
 }
@@ -252,6 +259,12 @@ impl Scheduler {
         self.state.site_up[site.0 as usize]
     }
 
+    /// Does the site offer everything the job requires (as last told by
+    /// [`Event::SiteFeatures`])?
+    pub fn serves(&self, site: SiteId, job: &JobSpec) -> bool {
+        self.state.serves(site, job)
+    }
+
     /// Pending job ids in queue order.
     pub fn pending(&self) -> Vec<JobId> {
         self.state.pending.iter().map(|&(_, id)| id).collect()
@@ -335,6 +348,18 @@ impl Scheduler {
             }
             Event::SiteDown(site) => self.site_down(site, &mut out)?,
             Event::SiteUp(site) => self.site_up_event(site)?,
+            Event::SiteFeatures { site, mut features } => {
+                let index = site.0 as usize;
+                if index >= self.topology.sites.len() {
+                    return Err(CoreError::UnknownSite(site.0));
+                }
+                features.sort_unstable();
+                features.dedup();
+                if self.state.site_features[index] != features {
+                    self.state.site_features[index] = features;
+                    self.policy.requirements_changed();
+                }
+            }
             Event::Tick => {
                 while let Some(&(at, job)) = self.state.timers.first() {
                     if at > now_s {
@@ -732,6 +757,11 @@ impl<'a> Pass<'a> {
         self.state.site_up[site.0 as usize]
     }
 
+    /// Does the site offer everything the job requires?
+    pub fn serves(&self, site: SiteId, job: &JobSpec) -> bool {
+        self.state.serves(site, job)
+    }
+
     /// Accelerators held by an organisation's running jobs.
     pub fn org_running_gpus(&self, org: crate::job::OrgId) -> u64 {
         self.state.org_running_gpus.get(&org).copied().unwrap_or(0)
@@ -778,6 +808,10 @@ impl<'a> Pass<'a> {
     pub fn start(&mut self, job: JobId, pool: PoolId) -> Estimate {
         let topology = self.topology;
         let pool_spec = topology.pool(pool);
+        assert!(
+            self.state.serves(pool_spec.site, &self.state.jobs[&job].spec),
+            "start of {job:?} at a site lacking what it requires"
+        );
         let live = self.state.jobs.get_mut(&job).expect("start of unknown job");
         assert!(live.run.is_none(), "start of a running job {job:?}");
         assert!(live.spec.accepts(pool_spec.accel), "start of {job:?} on a type it does not accept");

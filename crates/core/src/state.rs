@@ -88,6 +88,8 @@ pub(crate) struct State {
     pub pending: BTreeSet<(QueueKey, JobId)>,
     pub pools: Vec<PoolState>,
     pub site_up: Vec<bool>,
+    /// What each site offers beyond accelerators (sorted, each once).
+    pub site_features: Vec<Vec<crate::job::Feature>>,
     /// Most free accelerators in any single pool, per accelerator type.
     pub max_free: Vec<u32>,
     /// Policy timers (e.g. LAS demotions) by due time.
@@ -110,6 +112,7 @@ impl State {
             pending: BTreeSet::new(),
             pools,
             site_up: vec![true; topology.sites.len()],
+            site_features: vec![Vec::new(); topology.sites.len()],
             max_free: vec![0; topology.accelerators.len()],
             timers: BTreeSet::new(),
             org_running_gpus: BTreeMap::new(),
@@ -119,6 +122,14 @@ impl State {
             state.refresh_max_free(topology, crate::topology::AccelId(accel as u16));
         }
         state
+    }
+
+    /// Does the site offer everything the job requires?
+    pub fn serves(&self, site: crate::topology::SiteId, job: &crate::job::JobSpec) -> bool {
+        job.requires.is_empty() || {
+            let offered = &self.site_features[site.0 as usize];
+            job.requires.iter().all(|f| offered.binary_search(f).is_ok())
+        }
     }
 
     pub fn refresh_max_free(&mut self, topology: &Topology, accel: crate::topology::AccelId) {

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use suanwang_core::job::{JobId, JobSpec, OrgId, OrgKind, Weights};
+use suanwang_core::job::{Feature, JobId, JobSpec, OrgId, OrgKind, Weights};
 use suanwang_core::policy;
 use suanwang_core::scheduler::{CoreError, Decision, Event, Scheduler};
 use suanwang_core::topology::{
@@ -64,7 +64,16 @@ fn topology_strategy() -> impl Strategy<Value = Arc<Topology>> {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Submit { gpus: u32, types: u8, estimate_s: u64, origin: usize, budget: bool },
+    Submit {
+        gpus: u32,
+        types: u8,
+        estimate_s: u64,
+        origin: usize,
+        budget: bool,
+        needs: u8,
+    },
+    /// A site offers features 0 and 1 by the mask's bits from now on.
+    SiteFeatures(usize, u8),
     Finish(usize),
     Fail(usize),
     Cancel(usize),
@@ -76,8 +85,9 @@ enum Op {
 
 fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (1..20u32, 1..8u8, 1..5000u64, 0..6usize, proptest::bool::weighted(0.1))
-            .prop_map(|(gpus, types, estimate_s, origin, budget)| Op::Submit { gpus, types, estimate_s, origin, budget }),
+        6 => (1..20u32, 1..8u8, 1..5000u64, 0..6usize, proptest::bool::weighted(0.1), prop_oneof![6 => Just(0u8), 1 => 1..4u8])
+            .prop_map(|(gpus, types, estimate_s, origin, budget, needs)| Op::Submit { gpus, types, estimate_s, origin, budget, needs }),
+        1 => (0..6usize, 0..4u8).prop_map(|(site, mask)| Op::SiteFeatures(site, mask)),
         4 => (0..64usize).prop_map(Op::Finish),
         1 => (0..64usize).prop_map(Op::Fail),
         1 => (0..64usize).prop_map(Op::Cancel),
@@ -105,6 +115,7 @@ fn check_decisions(
                 assert!(!model.contains_key(&st.job), "{:?} started twice", st.job);
                 assert!(spec.accepts(st.estimate.accel), "started on a type it does not accept");
                 assert!(s.site_up(st.estimate.site), "started on a site that is down");
+                assert!(s.serves(st.estimate.site, spec), "started on a site lacking what the job requires");
                 assert_eq!(st.estimate.gpus, spec.gpus);
                 model.insert(st.job, (st.attempt, st.estimate.pool.0, spec.gpus));
             }
@@ -137,7 +148,7 @@ fn run(t: &Arc<Topology>, policy_name: &str, ops: &[Op]) -> Vec<Decision> {
     let sites = t.sites.len();
     for op in ops {
         let result = match op.clone() {
-            Op::Submit { gpus, types, estimate_s, origin, budget } => {
+            Op::Submit { gpus, types, estimate_s, origin, budget, needs } => {
                 next_id += 1;
                 let mut spec = JobSpec::new(
                     JobId(next_id),
@@ -155,6 +166,7 @@ fn run(t: &Arc<Topology>, policy_name: &str, ops: &[Op]) -> Vec<Decision> {
                 if budget {
                     spec.budget_fen = Some(gpus as i64 * estimate_s as i64 / 10);
                 }
+                spec.requires = (0..2).filter(|b| needs & (1 << b) != 0).map(Feature).collect();
                 specs.insert(spec.id, spec.clone());
                 s.handle(now, Event::Submit(spec))
             }
@@ -178,6 +190,13 @@ fn run(t: &Arc<Topology>, policy_name: &str, ops: &[Op]) -> Vec<Decision> {
             }
             Op::SiteDown(k) => s.handle(now, Event::SiteDown(SiteId((k % sites) as u32))),
             Op::SiteUp(k) => s.handle(now, Event::SiteUp(SiteId((k % sites) as u32))),
+            Op::SiteFeatures(k, mask) => s.handle(
+                now,
+                Event::SiteFeatures {
+                    site: SiteId((k % sites) as u32),
+                    features: (0..2).filter(|b| mask & (1 << b) != 0).map(Feature).collect(),
+                },
+            ),
             Op::Advance(dt) => {
                 now += dt;
                 s.handle(now, Event::Tick)

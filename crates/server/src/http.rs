@@ -632,7 +632,7 @@ async fn sites(State(state): State<AppState>, Auth(_who): Auth) -> Result<Json<V
                 city: site.city.clone(),
                 level: site.level.to_string(),
                 up: status.up[i],
-                capabilities: status.caps[i],
+                capabilities: status.caps[i].clone(),
                 last_seen: status.seen[i],
                 pools: site
                     .pools
@@ -891,15 +891,17 @@ async fn lease(
     let wait_s = req.wait_s.min((state.timings.site_timeout_s.max(2) / 2) as u64);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_s);
     let running = Arc::new(req.running);
-    let caps = req.capabilities;
+    crate::validate::capabilities(&req.capabilities)?;
+    let caps = Arc::new(req.capabilities);
     loop {
         let notified = state.world.work_ready.notified();
         let r = running.clone();
+        let c = caps.clone();
         let (lease, stop) = state
             .world
             .call(move |s, b| {
                 let stop = s.stops(b, site, &r)?;
-                Ok((s.lease(b, site, caps)?, stop))
+                Ok((s.lease(b, site, &c)?, stop))
             })
             .await?;
         if lease.is_some() || !stop.is_empty() || tokio::time::Instant::now() >= deadline {

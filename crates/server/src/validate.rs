@@ -119,6 +119,41 @@ fn env_map(field: &str, env: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// An image reference: 1 to 256 of `A-Z a-z 0-9 . _ - / : @`.
+pub fn image_reference(field: &str, image: &str) -> Result<()> {
+    let ok = !image.is_empty()
+        && image.len() <= MAX_IMAGE_CHARS
+        && image.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':' | b'@'));
+    if !ok {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "'{}' is not an image reference (at most {MAX_IMAGE_CHARS} of A-Z a-z 0-9 . _ - / : @)",
+                printable(image)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Most image names an agent may report.
+pub const MAX_SITE_IMAGES: usize = 4096;
+
+/// What an agent says its site can run: bounded, and image names that a
+/// job could name.
+pub fn capabilities(caps: &suanwang_api::Capabilities) -> Result<()> {
+    if caps.images.len() > MAX_SITE_IMAGES {
+        return Err(Error::invalid(
+            "capabilities.images",
+            format!("at most {MAX_SITE_IMAGES} names, got {}", caps.images.len()),
+        ));
+    }
+    for image in &caps.images {
+        image_reference("capabilities.images", image)?;
+    }
+    Ok(())
+}
+
 /// Every limit of a job request that does not need the network.
 pub fn job_request(req: &JobRequest) -> Result<()> {
     display_name("name", &req.name)?;
@@ -160,17 +195,15 @@ pub fn job_request(req: &JobRequest) -> Result<()> {
         return Err(Error::invalid("secret_env", format!("{key} is also in env")));
     }
     if let Some(image) = &req.image {
-        let ok = !image.is_empty()
-            && image.chars().count() <= MAX_IMAGE_CHARS
-            && image.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':' | b'@'));
-        if !ok {
-            return Err(Error::invalid(
-                "image",
-                format!(
-                    "'{}' is not an image reference (at most {MAX_IMAGE_CHARS} of A-Z a-z 0-9 . _ - / : @)",
-                    printable(image)
-                ),
-            ));
+        image_reference("image", image)?;
+        // A container's environment travels in a file of KEY=VALUE lines.
+        for (field, env) in [("env", &req.env), ("secret_env", &req.secret_env)] {
+            if let Some(key) = env.iter().find(|(_, v)| v.contains(['\n', '\r'])).map(|(k, _)| k) {
+                return Err(Error::invalid(
+                    field,
+                    format!("the value of {key} contains a line break, which a container job cannot carry"),
+                ));
+            }
         }
     }
     if req.gpus == 0 || req.gpus > suanwang_core::job::MAX_GANG {

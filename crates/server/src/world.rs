@@ -21,7 +21,7 @@ use rusqlite::{OptionalExtension, params};
 use suanwang_api::{
     AttemptEnd, AttemptRef, Capabilities, FinishRequest, Job, JobEvent, JobRequest, JobState, Lease, LogAck,
 };
-use suanwang_core::job::{DatasetRef, JobId, JobSpec, OrgId, OrgKind, Weights};
+use suanwang_core::job::{DatasetRef, Feature, JobId, JobSpec, OrgId, OrgKind, Weights};
 use suanwang_core::scheduler::{Decision, Event, GiveUpReason, Scheduler, StopReason};
 use suanwang_core::topology::{PoolId, SiteId, Topology};
 use suanwang_ledger::ledger::Batch;
@@ -217,6 +217,10 @@ pub struct State {
     site_seen: HashMap<SiteId, i64>,
     /// What each site's agent said it can run.
     site_caps: HashMap<SiteId, Capabilities>,
+    /// The scheduler's feature ids, by what they stand for (`image:NAME`).
+    /// Only names some agent reported, or that a stored job gives, are
+    /// interned, so a tenant cannot grow it.
+    features: HashMap<String, Feature>,
     last_now: i64,
     /// Work was assigned or an attempt must stop in this group: wake the
     /// agents' long polls.
@@ -286,6 +290,7 @@ pub fn start(
         timings,
         site_seen: HashMap::new(),
         site_caps: HashMap::new(),
+        features: HashMap::new(),
         last_now: now,
         wake_agents: false,
         active_jobs: HashMap::new(),
@@ -431,7 +436,7 @@ impl State {
 
     /// The job a request describes, checked against the topology. The
     /// request's own limits are checked at the door (`validate`).
-    pub fn spec(&self, b: &Batch<'_>, id: u64, org: &str, req: &JobRequest) -> Result<JobSpec> {
+    pub fn spec(&mut self, b: &Batch<'_>, id: u64, org: &str, req: &JobRequest) -> Result<JobSpec> {
         // The request's own limits were checked at the door
         // (`validate::job_request`); the core checks the spec again below.
         let t = &self.topology;
@@ -497,7 +502,10 @@ impl State {
         spec.budget_fen = req.budget_fen;
         spec.retries = req.retries;
         spec.deadline_s = req.deadline_s.map(|d| Self::core_now(b) + d);
-        spec.validate(t).map_err(|e| {
+        if let Some(image) = &req.image {
+            spec.requires = vec![self.feature(format!("image:{image}"))];
+        }
+        spec.validate(&self.topology).map_err(|e| {
             let field = if e.field == "accepted" { "accelerators" } else { e.field };
             Error::invalid(field, e.problem)
         })?;
@@ -521,12 +529,49 @@ impl State {
 
     /// Refuses a job no site can run now for want of a capability.
     pub fn check_capabilities(&self, req: &JobRequest) -> Result<()> {
-        if req.image.is_some() && !self.site_caps.values().any(|c| c.images) {
+        let Some(image) = &req.image else { return Ok(()) };
+        let containers: Vec<&Capabilities> = self.site_caps.values().filter(|c| c.containers).collect();
+        if containers.is_empty() {
             return Err(Error::invalid(
                 "image",
                 "no site of this network can run container images now (no agent reports the capability); give a command instead",
             ));
         }
+        if !containers.iter().any(|c| c.images.iter().any(|i| i == image)) {
+            let mut known: Vec<&str> = containers.iter().flat_map(|c| c.images.iter().map(String::as_str)).collect();
+            known.sort_unstable();
+            known.dedup();
+            let more = known.len().saturating_sub(20);
+            known.truncate(20);
+            return Err(Error::invalid(
+                "image",
+                format!(
+                    "no site has the image '{image}' (sites run only images they hold, none is pulled); images at sites now: {}{}",
+                    known.join(", "),
+                    if more > 0 { format!(" and {more} more") } else { String::new() }
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The scheduler's id for a site feature.
+    fn feature(&mut self, name: String) -> Feature {
+        let next = Feature(self.features.len() as u32);
+        *self.features.entry(name).or_insert(next)
+    }
+
+    /// Tells the scheduler what a site's agent says it can run, when that changed.
+    fn update_capabilities(&mut self, b: &Batch<'_>, site: SiteId, caps: &Capabilities) -> Result<()> {
+        if self.site_caps.get(&site) == Some(caps) {
+            return Ok(());
+        }
+        let features = match caps.containers {
+            true => caps.images.iter().map(|i| self.feature(format!("image:{i}"))).collect(),
+            false => Vec::new(),
+        };
+        self.site_caps.insert(site, caps.clone());
+        self.scheduler.apply(Self::core_now(b), Event::SiteFeatures { site, features }).map_err(Error::internal)?;
         Ok(())
     }
 
@@ -814,9 +859,9 @@ impl State {
 
     /// Gives the oldest assigned attempt of the site to its agent, with a
     /// fresh secret for that attempt alone.
-    pub fn lease(&mut self, b: &mut Batch<'_>, site: SiteId, caps: Capabilities) -> Result<Option<Lease>> {
+    pub fn lease(&mut self, b: &mut Batch<'_>, site: SiteId, caps: &Capabilities) -> Result<Option<Lease>> {
         self.seen(b, site)?;
-        self.site_caps.insert(site, caps);
+        self.update_capabilities(b, site, caps)?;
         let key = self.topology.site(site).key.clone();
         let next: Option<(i64, u32)> = b
             .sql()
@@ -1233,7 +1278,7 @@ impl State {
         let sites = self.topology.sites.len() as u32;
         SiteStatus {
             up: (0..sites).map(|s| self.scheduler.site_up(SiteId(s))).collect(),
-            caps: (0..sites).map(|s| self.site_caps.get(&SiteId(s)).copied().unwrap_or_default()).collect(),
+            caps: (0..sites).map(|s| self.site_caps.get(&SiteId(s)).cloned().unwrap_or_default()).collect(),
             seen: (0..sites).map(|s| self.site_seen.get(&SiteId(s)).copied()).collect(),
             free: (0..self.topology.pools.len() as u32).map(|p| (p, self.scheduler.free(PoolId(p)))).collect(),
         }

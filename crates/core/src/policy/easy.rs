@@ -111,6 +111,13 @@ impl Policy for Easy {
         }
     }
 
+    fn requirements_changed(&mut self) {
+        self.candidates.clear();
+        if let Some(cities) = &mut self.cities {
+            cities.all_dirty = true;
+        }
+    }
+
     fn attempt_ended(&mut self, job: JobId) {
         if let Some(cities) = &mut self.cities {
             match cities.running_pool.remove(&job) {
@@ -167,7 +174,7 @@ impl Easy {
             let candidates = self
                 .candidates
                 .entry(job)
-                .or_insert_with(|| nearest_pools(pass.topology(), self.restriction, pass.spec(job)).into())
+                .or_insert_with(|| nearest_pools(pass, self.restriction, pass.spec(job)).into())
                 .clone();
             if pass.fits_somewhere_now(job)
                 && let Some(pool) = try_start(pass, job, &candidates, &mut reservations)

@@ -44,7 +44,7 @@ impl Greedy {
 
 fn cheapest_free(pass: &Pass<'_>, job: JobId) -> Option<PoolId> {
     let spec = pass.spec(job);
-    nearest_pools(pass.topology(), Restriction::Anywhere, spec)
+    nearest_pools(pass, Restriction::Anywhere, spec)
         .into_iter()
         .filter(|&pool| pass.free(pool) >= spec.gpus)
         .map(|pool| (pass.estimate(job, pool), pool))

@@ -145,6 +145,10 @@ impl Policy for Las {
         self.candidates.remove(&job);
     }
 
+    fn requirements_changed(&mut self) {
+        self.candidates.clear();
+    }
+
     fn attempt_ended(&mut self, job: JobId) {
         self.untrack(job);
     }
@@ -177,7 +181,7 @@ impl Policy for Las {
             let candidates = self
                 .candidates
                 .entry(job)
-                .or_insert_with(|| nearest_pools(pass.topology(), Restriction::Anywhere, pass.spec(job)).into())
+                .or_insert_with(|| nearest_pools(pass, Restriction::Anywhere, pass.spec(job)).into())
                 .clone();
             let spec = pass.spec(job);
             let gpus = spec.gpus;

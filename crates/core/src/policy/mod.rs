@@ -75,6 +75,10 @@ pub trait Policy: Send {
     /// A site came back up with all its accelerators free.
     fn site_up(&mut self, _site: SiteId) {}
 
+    /// What some site offers changed ([`crate::scheduler::Event::SiteFeatures`]):
+    /// drop every cached set of pools a job may use.
+    fn requirements_changed(&mut self) {}
+
     /// A running attempt ended for a reason outside the policy (finished,
     /// failed, cancelled, site down). Not called for the policy's own preemptions.
     fn attempt_ended(&mut self, _job: JobId) {}
@@ -124,12 +128,15 @@ pub fn site_allowed(topology: &Topology, restriction: Restriction, job: &JobSpec
     }
 }
 
-/// Pools the job may ever use, by type, gang size, restriction and budget.
-fn admissible(topology: &Topology, restriction: Restriction, job: &JobSpec, pool: PoolId) -> bool {
+/// Pools the job may use while its sites offer what they offer now, by
+/// type, gang size, restriction, requirements and budget.
+fn admissible(pass: &Pass<'_>, restriction: Restriction, job: &JobSpec, pool: PoolId) -> bool {
+    let topology = pass.topology();
     let p = topology.pool(pool);
     job.accepts(p.accel)
         && p.count >= job.gpus
         && site_allowed(topology, restriction, job, p.site)
+        && pass.serves(p.site, job)
         && within_budget(topology, job, pool, job.estimate_s)
 }
 
@@ -170,13 +177,15 @@ pub(crate) fn never_fits(topology: &Topology, policy: &dyn Policy, job: &JobSpec
 }
 
 /// The job's admissible pools, nearest site first (the origin's own site
-/// first), then in pool order within a site: the first-fit order.
-pub(crate) fn nearest_pools(topology: &Topology, restriction: Restriction, job: &JobSpec) -> Vec<PoolId> {
+/// first), then in pool order within a site: the first-fit order. Valid
+/// until [`Policy::requirements_changed`].
+pub(crate) fn nearest_pools(pass: &Pass<'_>, restriction: Restriction, job: &JobSpec) -> Vec<PoolId> {
+    let topology = pass.topology();
     topology
         .sites_by_distance(job.origin)
         .iter()
         .flat_map(|&site| topology.site(site).pools.iter().copied())
-        .filter(|&pool| admissible(topology, restriction, job, pool))
+        .filter(|&pool| admissible(pass, restriction, job, pool))
         .collect()
 }
 
@@ -191,6 +200,7 @@ pub(crate) fn first_fit(pass: &Pass<'_>, restriction: Restriction, job: JobId) -
             pass.free(pool) >= spec.gpus
                 && spec.accepts(p.accel)
                 && site_allowed(topology, restriction, spec, p.site)
+                && pass.serves(p.site, spec)
                 && within_budget(topology, spec, pool, remaining)
         },
     )

@@ -94,7 +94,7 @@ impl Network {
                 .pools
                 .iter()
                 .enumerate()
-                .filter(|(_, p)| spec.accepts(p.accel) && p.count >= spec.gpus)
+                .filter(|(_, p)| spec.accepts(p.accel) && p.count >= spec.gpus && pass.serves(p.site, spec))
                 .map(|(i, _)| estimate::estimate(topology, spec, PoolId(i as u32), reference_s))
                 .filter(|e| spec.budget_fen.is_none_or(|b| e.total_cost_fen() <= b))
                 .map(|e| Candidate {
@@ -190,6 +190,11 @@ impl Policy for Network {
 
     fn site_up(&mut self, site: crate::topology::SiteId) {
         self.sites_up.push(site);
+    }
+
+    fn requirements_changed(&mut self) {
+        self.plans.clear();
+        self.blocked.clear();
     }
 
     fn schedule(&mut self, pass: &mut Pass<'_>) {
