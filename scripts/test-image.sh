@@ -11,6 +11,10 @@ if podman image exists "$name"; then
 fi
 busybox=$(command -v busybox || true)
 [ -x "$busybox" ] || { echo "test-image: busybox is not installed (apt-get install busybox-static)" >&2; exit 1; }
+if ldd "$busybox" >/dev/null 2>&1; then
+    echo "test-image: $busybox is dynamically linked; the image needs a static one (apt-get install busybox-static)" >&2
+    exit 1
+fi
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root/bin" "$root/etc" "$root/tmp" "$root/work"

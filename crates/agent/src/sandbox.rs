@@ -108,7 +108,7 @@ pub enum Containers {
 /// How this agent isolates attempts.
 #[derive(Debug)]
 pub enum Isolation {
-    Sandboxed { cgroups: Cgroups, defaults: Defaults, podman: Option<Podman> },
+    Sandboxed { cgroups: Cgroups, defaults: Defaults, podman: Option<Box<Podman>> },
     Unsandboxed,
 }
 
@@ -176,7 +176,7 @@ impl Isolation {
             Containers::Auto => match Podman::detect(site) {
                 Ok((podman, left)) => {
                     swept += left;
-                    Some(podman)
+                    Some(Box::new(podman))
                 }
                 Err(e) => {
                     eprintln!("agent {site}: no container jobs at this site: {e}");
@@ -186,7 +186,7 @@ impl Isolation {
             Containers::Required => {
                 let (podman, left) = Podman::detect(site)?;
                 swept += left;
-                Some(podman)
+                Some(Box::new(podman))
             }
         };
         let isolation = Isolation::Sandboxed { cgroups, defaults, podman };
@@ -220,7 +220,7 @@ impl Isolation {
 
     fn podman(&self) -> Option<&Podman> {
         match self {
-            Isolation::Sandboxed { podman, .. } => podman.as_ref(),
+            Isolation::Sandboxed { podman, .. } => podman.as_deref(),
             Isolation::Unsandboxed => None,
         }
     }
@@ -228,12 +228,12 @@ impl Isolation {
     /// The images this site can run, by the names jobs may give (empty
     /// without containers).
     pub fn images(&self) -> std::collections::BTreeMap<String, String> {
-        self.podman().map(Podman::images).unwrap_or_default()
+        self.podman().map(|p| p.images()).unwrap_or_default()
     }
 
     /// When the site's image store last changed (containers only).
     pub fn images_changed(&self) -> Option<std::time::SystemTime> {
-        self.podman().and_then(Podman::images_changed)
+        self.podman().and_then(|p| p.images_changed())
     }
 
     pub fn runs_containers(&self) -> bool {

@@ -168,23 +168,23 @@ fn a_job_that_requires_a_feature_waits_for_a_site_that_offers_it() {
         assert_eq!(jinan.verdict, Verdict::Filtered(Filter::MissingRequirement));
         // The hub offers something else: still nothing.
         let hub = t.site_id("hub").unwrap();
-        s.handle(1, Event::SiteFeatures { site: hub, features: vec![Feature(3)] }).unwrap();
+        s.apply(1, Event::SiteFeatures { site: hub, features: vec![Feature(3)] }).unwrap();
         assert!(s.schedule(1).unwrap().is_empty(), "{policy}");
         if policy == "local" {
             // `local` keeps the job in Jinan, so only Jinan offering it helps.
             let jinan = t.site_id("jinan").unwrap();
-            s.handle(2, Event::SiteFeatures { site: jinan, features: vec![Feature(7), Feature(3)] }).unwrap();
+            s.apply(2, Event::SiteFeatures { site: jinan, features: vec![Feature(7), Feature(3)] }).unwrap();
             let started = starts(&s.schedule(2).unwrap());
             assert_eq!(started.iter().map(|st| site_of(&t, st)).collect::<Vec<_>>(), vec!["jinan"]);
             continue;
         }
-        s.handle(2, Event::SiteFeatures { site: hub, features: vec![Feature(7), Feature(3)] }).unwrap();
+        s.apply(2, Event::SiteFeatures { site: hub, features: vec![Feature(7), Feature(3)] }).unwrap();
         let started = starts(&s.schedule(2).unwrap());
         // Jinan is nearer and free, but only the hub has what the job needs.
         assert_eq!(started.iter().map(|st| site_of(&t, st)).collect::<Vec<_>>(), vec!["hub"], "{policy}");
         // Withdrawing the feature does not stop the running attempt; a
         // requeue then waits again.
-        s.handle(3, Event::SiteFeatures { site: hub, features: vec![] }).unwrap();
+        s.apply(3, Event::SiteFeatures { site: hub, features: vec![] }).unwrap();
         assert_eq!(s.running_count(), 1);
         let d = s.handle(4, Event::Lost { job: JobId(1), attempt: 1 }).unwrap();
         assert!(starts(&d).is_empty(), "{policy}: restarted where the feature is gone");
