@@ -543,13 +543,17 @@ impl State {
             known.dedup();
             let more = known.len().saturating_sub(20);
             known.truncate(20);
-            return Err(Error::invalid(
-                "image",
-                format!(
-                    "no site has the image '{image}' (sites run only images they hold, none is pulled); images at sites now: {}{}",
+            let held = match known.is_empty() {
+                true => "no site holds any image now".to_string(),
+                false => format!(
+                    "images at sites now: {}{}",
                     known.join(", "),
                     if more > 0 { format!(" and {more} more") } else { String::new() }
                 ),
+            };
+            return Err(Error::invalid(
+                "image",
+                format!("no site has the image '{image}' (sites run only images they hold, none is pulled); {held}"),
             ));
         }
         Ok(())
