@@ -62,6 +62,10 @@ pub struct Podman {
     cgroups: Cgroups,
     /// The image store's index, whose change says the image list may have.
     image_index: Option<PathBuf>,
+    /// The engine's working directory (root only): conmon leaves files
+    /// there (an `oom` marker), which belong neither in a job's directory
+    /// nor wherever the agent was started.
+    engine_dir: PathBuf,
 }
 
 /// How a container attempt ended, as podman tells it.
@@ -95,11 +99,21 @@ impl Guard {
 impl Podman {
     /// Finds podman and runc, checks the engine answers as root, and removes
     /// what is left of a previous life's containers; returns how many.
-    pub fn detect(instance: &str) -> Result<(Podman, usize), ContainerError> {
+    /// `engine_dir` is made (mode 0700) for the engine's own files.
+    pub fn detect(instance: &str, engine_dir: &Path) -> Result<(Podman, usize), ContainerError> {
         let program = find_program("podman").ok_or(ContainerError::Missing("podman"))?;
         let runtime = find_program("runc").ok_or(ContainerError::Missing("runc"))?;
         let cgroups = Cgroups::rooted(&format!("{instance}-containers"))?;
-        let mut podman = Podman { program, runtime, instance: instance.to_string(), cgroups, image_index: None };
+        std::fs::create_dir_all(engine_dir)?;
+        std::fs::set_permissions(engine_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let mut podman = Podman {
+            program,
+            runtime,
+            instance: instance.to_string(),
+            cgroups,
+            image_index: None,
+            engine_dir: engine_dir.to_path_buf(),
+        };
         let info =
             podman.engine().args(["info", "--format", "{{.Store.GraphRoot}}|{{.Store.GraphDriverName}}"]).output()?;
         if !info.status.success() {
@@ -115,7 +129,7 @@ impl Podman {
     /// podman with a clean environment and the options every call needs.
     fn engine(&self) -> Command {
         let mut c = Command::new(&self.program);
-        c.env_clear().env("PATH", ENGINE_PATH).stdin(Stdio::null());
+        c.env_clear().env("PATH", ENGINE_PATH).stdin(Stdio::null()).current_dir(&self.engine_dir);
         c.arg("--cgroup-manager=cgroupfs").arg("--runtime").arg(&self.runtime);
         c
     }
@@ -170,6 +184,21 @@ impl Podman {
             }
         }
         names
+    }
+
+    /// Has the image a command of its own (`CMD` or `ENTRYPOINT`) for a job
+    /// that gives none? `None` if podman cannot say.
+    pub fn has_default_command(&self, full: &str) -> Option<bool> {
+        let out = self
+            .engine()
+            .args(["image", "inspect", "--format", "{{json .Config.Cmd}}|{{json .Config.Entrypoint}}", full])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (cmd, entrypoint) = text.trim().split_once('|')?;
+        let empty = |v: &str| matches!(v.trim(), "null" | "[]" | "\"\"" | "");
+        Some(!(empty(cmd) && empty(entrypoint)))
     }
 
     /// When the image store last changed, if it can tell.

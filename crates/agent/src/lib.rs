@@ -427,6 +427,18 @@ fn run_attempt(shared: &Shared, lease: &Lease, control: &Control) -> Result<(), 
     if lease.command.is_empty() && lease.image.is_none() {
         return finish(AttemptEnd::Exited, 127, 0, Some("the job has no command".into()));
     }
+    if let Some(image) = &lease.image
+        && lease.command.is_empty()
+        && shared.isolation.image_has_default_command(image) == Some(false)
+    {
+        // The job's own mistake, not the site's: no retry anywhere would help.
+        return finish(
+            AttemptEnd::Exited,
+            127,
+            0,
+            Some(format!("the image {image} has no command of its own (no CMD or ENTRYPOINT): give the job a command")),
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let record_path = shared.spool_dir.join(format!("{name}.lease"));

@@ -171,9 +171,11 @@ impl Isolation {
         }
         let cgroups = Cgroups::for_site(site)?;
         let mut swept = cgroups.sweep();
+        // Next to the jobs' directories, not among them.
+        let engine_dir = scratch.parent().unwrap_or(scratch).join(".engine");
         let podman = match containers {
             Containers::Off => None,
-            Containers::Auto => match Podman::detect(site) {
+            Containers::Auto => match Podman::detect(site, &engine_dir) {
                 Ok((podman, left)) => {
                     swept += left;
                     Some(Box::new(podman))
@@ -184,7 +186,7 @@ impl Isolation {
                 }
             },
             Containers::Required => {
-                let (podman, left) = Podman::detect(site)?;
+                let (podman, left) = Podman::detect(site, &engine_dir)?;
                 swept += left;
                 Some(Box::new(podman))
             }
@@ -223,6 +225,14 @@ impl Isolation {
             Isolation::Sandboxed { podman, .. } => podman.as_deref(),
             Isolation::Unsandboxed => None,
         }
+    }
+
+    /// Has the image (as a job names it) a command of its own? `None` when
+    /// this site does not hold it or cannot tell.
+    pub fn image_has_default_command(&self, image: &str) -> Option<bool> {
+        let podman = self.podman()?;
+        let full = podman.images().remove(image)?;
+        podman.has_default_command(&full)
     }
 
     /// The images this site can run, by the names jobs may give (empty

@@ -85,7 +85,7 @@ impl Client {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        Self::answer(request.send_json(body))
+        self.answer(request.send_json(body))
     }
 
     /// POSTs raw bytes with extra headers.
@@ -103,7 +103,7 @@ impl Client {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        Self::answer(request.send(body))
+        self.answer(request.send(body))
     }
 
     fn url(&self, path: &str) -> String {
@@ -115,9 +115,10 @@ impl Client {
     }
 
     fn answer<T: DeserializeOwned>(
+        &self,
         result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<T, ClientError> {
-        let mut response = result.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let mut response = result.map_err(|e| ClientError::Transport(format!("{}: {e}", self.base)))?;
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().map_err(|e| ClientError::Transport(e.to_string()))?;
         if (200..300).contains(&status) {
@@ -133,15 +134,15 @@ impl Client {
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        Self::answer(self.agent.get(&self.url(path)).header("Authorization", &self.auth()).call())
+        self.answer(self.agent.get(&self.url(path)).header("Authorization", &self.auth()).call())
     }
 
     pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
-        Self::answer(self.agent.post(&self.url(path)).header("Authorization", &self.auth()).send_json(body))
+        self.answer(self.agent.post(&self.url(path)).header("Authorization", &self.auth()).send_json(body))
     }
 
     pub fn post_bytes<T: DeserializeOwned>(&self, path: &str, body: &[u8]) -> Result<T, ClientError> {
-        Self::answer(
+        self.answer(
             self.agent
                 .post(&self.url(path))
                 .header("Authorization", &self.auth())
@@ -157,7 +158,7 @@ impl Client {
             .get(&self.url(path))
             .header("Authorization", &self.auth())
             .call()
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+            .map_err(|e| ClientError::Transport(format!("{}: {e}", self.base)))?;
         let status = response.status().as_u16();
         let mut reader = response.body_mut().as_reader();
         if !(200..300).contains(&status) {

@@ -378,7 +378,10 @@ fn job_file_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
         .replace("expected f64", "expected a number")
         .replace("expected a sequence", "expected a list like [\"a\", \"b\"]")
         .replace("expected a map", "expected a table");
-    let Some(span) = e.span() else { return format!("{}: {message}", path.display()) };
+    // A missing field belongs to no line: the span is the whole table.
+    let Some(span) = e.span().filter(|_| !message.starts_with("missing field")) else {
+        return format!("{}: {message}", path.display());
+    };
     let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
     let key = text
         .lines()
@@ -551,6 +554,9 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
                     );
                     out.push_str(&format!("deadline  {}{}\n", when(due), if missed { " — MISSED" } else { "" }));
                 }
+                if let Some(image) = &job.request.image {
+                    out.push_str(&format!("image     {image} (runs in a container)\n"));
+                }
                 if !job.secret_keys.is_empty() {
                     out.push_str(&format!("secrets   {} (values never shown)\n", job.secret_keys.join(", ")));
                 }
@@ -591,7 +597,19 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
                             caps.push("sandboxed".to_string());
                         }
                         if s.capabilities.containers {
-                            caps.push(format!("containers ({} image names)", s.capabilities.images.len()));
+                            // Each image once, by its full name (the aliases are in --json).
+                            let full: Vec<&str> = s
+                                .capabilities
+                                .images
+                                .iter()
+                                .map(String::as_str)
+                                .filter(|i| i.contains('/') && i.rsplit('/').next().is_some_and(|n| n.contains(':')))
+                                .collect();
+                            caps.push(match full.len() {
+                                0 => "containers (no image)".to_string(),
+                                1..=3 => format!("containers: {}", full.join(" ")),
+                                n => format!("containers: {} +{} more", full[..3].join(" "), n - 3),
+                            });
                         }
                         vec![
                             s.id.clone(),

@@ -208,12 +208,20 @@ fn a_container_over_its_memory_limit_or_without_its_command_fails_as_its_own_fau
     let events: Vec<JobEvent> = acme.get(&format!("/v1/jobs/{missing_id}/events")).unwrap();
     assert!(events.iter().any(|e| e.detail.contains("cannot be run in the image")), "{events:?}");
     assert!(logs(&acme, missing_id).contains("no-such-program"), "podman's error is in the log");
+    // No command, and the image has none of its own: the job's mistake too.
+    let mut bare = in_image("");
+    bare.command = vec![];
+    let bare_id = submit(&acme, &bare);
+    let done = p.wait(&acme, bare_id, "failed", |j| j.state.is_terminal());
+    assert_eq!((done.state, done.attempts), (JobState::Failed, 1), "{done:?}");
+    let events: Vec<JobEvent> = acme.get(&format!("/v1/jobs/{bare_id}/events")).unwrap();
+    assert!(events.iter().any(|e| e.detail.contains("has no command of its own")), "{events:?}");
     // A job that exits 125 (podman's own error code) is still its own failure.
     let sly = submit(&acme, &in_image("exit 125"));
     let done = p.wait(&acme, sly, "failed", |j| j.state.is_terminal());
     assert_eq!((done.state, done.attempts, done.exit_code), (JobState::Failed, 1, Some(125)), "{done:?}");
     let bill = bill_lines(&acme);
-    for id in [hog_id, missing_id, sly] {
+    for id in [hog_id, missing_id, bare_id, sly] {
         assert_eq!(bill.lines.iter().filter(|l| l.job == id).count(), 1, "job {id} billed once: {bill:?}");
     }
     p.verify();

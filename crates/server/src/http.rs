@@ -442,9 +442,12 @@ async fn list_jobs(
     let Query(q) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
     let job_state = match q.state.as_deref() {
         None => None,
-        Some(s) => {
-            Some(api::JobState::parse(s).ok_or_else(|| Error::invalid("state", format!("unknown state '{s}'")))?)
-        }
+        Some(s) => Some(api::JobState::parse(s).ok_or_else(|| {
+            Error::invalid(
+                "state",
+                format!("unknown state '{s}' (states: pending, running, succeeded, failed, cancelled, rejected)"),
+            )
+        })?),
     };
     let limit = q.limit.unwrap_or(100);
     // Bounded: a page holds at most 1,000 requests of up to 1 MiB each.
@@ -496,7 +499,10 @@ async fn job_why(
     let explanation = state.world.call(move |s, _| Ok(s.scheduler.explain_job(JobId(id)))).await?;
     match explanation {
         Some(e) => Ok(Json(explanation_json(&e)?)),
-        None => Err(Error::conflict("not_queued", format!("job {id} is not waiting (it is {})", job.state.as_str()))),
+        None => Err(Error::conflict(
+            "not_queued",
+            format!("job {id} is not waiting: it is {} (`why` explains jobs that wait)", job.state.as_str()),
+        )),
     }
 }
 
