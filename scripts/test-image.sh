@@ -18,6 +18,8 @@ fi
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root/bin" "$root/etc" "$root/tmp" "$root/work"
+# As in any distribution's image: a container's /tmp keeps the image's mode.
+chmod 1777 "$root/tmp"
 cp "$busybox" "$root/bin/busybox"
 for applet in $("$busybox" --list); do
     [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"

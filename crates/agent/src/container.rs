@@ -122,6 +122,12 @@ impl Podman {
         if let Some((root, driver)) = String::from_utf8_lossy(&info.stdout).trim().split_once('|') {
             podman.image_index = Some(Path::new(root).join(format!("{driver}-images")).join("images.json"));
         }
+        // Environment files of a previous life's attempts hold secrets.
+        for entry in std::fs::read_dir(engine_dir)?.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "env") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         let swept = podman.sweep();
         Ok((podman, swept))
     }
@@ -141,6 +147,12 @@ impl Podman {
 
     pub fn container_name(&self, job: u64, attempt: u32) -> String {
         format!("{}-job-{job}-{attempt}", self.instance)
+    }
+
+    /// Where an attempt's environment file goes (root only, removed when
+    /// the attempt ends or at the agent's next start).
+    pub fn env_file(&self, job: u64, attempt: u32) -> PathBuf {
+        self.engine_dir.join(format!("job-{job}-{attempt}.env"))
     }
 
     /// Removes every container of this agent and its groups (a previous
@@ -251,6 +263,9 @@ impl Podman {
         c.args(["--network", if host_network { "host" } else { "none" }]);
         c.arg("--user").arg(format!("{uid}:{uid}"));
         c.args(["--cap-drop", "all", "--security-opt", "no-new-privileges", "--read-only"]);
+        // --read-only's own /tmp is root's; the job's must be writable (and
+        // counts against its memory limit, being tmpfs).
+        c.args(["--tmpfs", "/tmp:rw,nosuid,nodev,mode=1777"]);
         c.args(["--ipc", "private", "--pid", "private", "--uts", "private", "--cgroupns", "private"]);
         // This machine's root cannot raise limits beyond its own (no
         // CAP_SYS_RESOURCE): explicit ulimits, as BACKENDS.md records.

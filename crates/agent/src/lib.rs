@@ -493,7 +493,12 @@ fn run_prepared(
             // else (bwrap missing, out of processes) is the site's.
             let (end, message) = match (e.kind(), shared.isolation.is_sandboxed()) {
                 (std::io::ErrorKind::NotFound, false) => {
-                    (AttemptEnd::Exited, format!("cannot start {}: {e}", lease.command[0]))
+                    (AttemptEnd::Exited, format!("cannot start {}: {e}", lease.command.first().map_or("", |c| c)))
+                }
+                // Its arguments and environment are too big to exec: the
+                // job's doing, whichever backend.
+                _ if e.raw_os_error() == Some(libc::E2BIG) => {
+                    (AttemptEnd::Exited, format!("cannot start the job: its command and environment are too big ({e})"))
                 }
                 _ => (AttemptEnd::Infrastructure, format!("cannot start the attempt: {e}")),
             };

@@ -300,7 +300,7 @@ impl Isolation {
                 podman.remove(&container_name);
                 let group = podman.group(&name, limits)?;
                 let guard = podman.guard(&container_name)?;
-                let env_file = dir.with_extension("env");
+                let env_file = podman.env_file(job, attempt);
                 Ok(Prepared {
                     group: Some(group),
                     uid: Some(uid),
@@ -370,6 +370,8 @@ impl Isolation {
                 let mut options: Vec<std::ffi::OsString> = Vec::new();
                 let mut add = |items: &[&str]| options.extend(items.iter().map(std::ffi::OsString::from));
                 add(&["--die-with-parent", "--new-session", "--unshare-user", "--unshare-ipc", "--unshare-pid"]);
+                // No user namespaces of its own inside: less kernel to attack.
+                add(&["--disable-userns"]);
                 add(&["--unshare-uts", "--unshare-cgroup-try", "--hostname", "job"]);
                 if !defaults.host_network {
                     add(&["--unshare-net"]);

@@ -64,6 +64,7 @@ fn a_container_job_runs_as_its_own_user_without_credentials_or_network() {
         "echo uid=$(id -u); echo secret=$MY_SECRET; echo path=$PATH; env | sort; \
          echo nets=$(cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' ' | tr '\\n' ,); \
          echo data > /work/out && echo wrote-work; touch /etc/evil 2>/dev/null || echo image-read-only; \
+         echo t > /tmp/t && echo tmp-writable; \
          ls /proc | grep -c '^[0-9]' | sed 's/^/procs=/'",
     );
     j.secret_env.insert("MY_SECRET".into(), "s3cr3t".into());
@@ -80,7 +81,7 @@ fn a_container_job_runs_as_its_own_user_without_credentials_or_network() {
     assert!(out.contains(&format!("SUANWANG_JOB={id}")) && out.contains("HOME=/work"), "{out}");
     assert!(!out.contains("sw_") && !out.contains("SUANWANG_TOKEN") && !out.contains("SUANWANG_AGENT"), "{out}");
     assert!(out.contains("nets=lo,\n"), "the job has a network: {out}");
-    assert!(out.contains("wrote-work") && out.contains("image-read-only"), "{out}");
+    assert!(out.contains("wrote-work") && out.contains("image-read-only") && out.contains("tmp-writable"), "{out}");
     // Its own pid space: the shell and its few children only.
     let procs: u32 = out.lines().find_map(|l| l.strip_prefix("procs=")).unwrap().parse().unwrap();
     assert!(procs < 10, "sees the host's processes: {out}");
@@ -88,8 +89,7 @@ fn a_container_job_runs_as_its_own_user_without_credentials_or_network() {
     assert_eq!(bill.lines.iter().filter(|l| l.job == id && l.cause == "succeeded").count(), 1, "{bill:?}");
     // Nothing is left: no container, no environment file.
     wait_until("the container is removed", Duration::from_secs(5), || containers_named("a-").is_empty());
-    let jobs = p.workdir("a").join("jobs");
-    assert!(!jobs.join(format!("job-{id}-1.env")).exists());
+    assert!(!p.workdir("a").join(format!(".engine/job-{id}-1.env")).exists());
     p.verify();
 }
 
@@ -172,8 +172,13 @@ fn a_container_s_processes_die_with_cancel_time_limit_and_the_agent() {
     wait_until("the agent's death kills the container", Duration::from_secs(5), || {
         !alive("sleep 9773") && !alive("sleep 9783")
     });
-    // Restarted, the agent reports the attempt lost and leaves nothing behind.
+    // The dead agent's environment file (the job's secrets) is still there...
+    let env_file = p.workdir("a").join(format!(".engine/job-{orphaned}-1.env"));
+    assert!(env_file.exists(), "{}", env_file.display());
+    // ...until the agent's next life, which reports the attempt lost and
+    // leaves nothing behind.
     p.start_agent_with("a", &["--containers", "yes"]);
+    wait_until("the dead attempt's secrets are removed", Duration::from_secs(20), || !env_file.exists());
     let events = || -> Vec<JobEvent> { acme.get(&format!("/v1/jobs/{orphaned}/events")).unwrap() };
     wait_until("attempt 1 reported lost", Duration::from_secs(20), || {
         events().iter().any(|e| e.detail.contains("restarted"))

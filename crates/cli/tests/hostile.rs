@@ -291,12 +291,14 @@ fn finished_attempts_leave_no_directory_behind_without_retention() {
     let mut p = Platform::new("retention");
     p.start_agent_with("a", &["--retention-s", "0"]);
     let acme = p.org("acme", "a");
-    let mut quick = job("echo data > /work/file; echo pid1: $(tr '\\0' ' ' < /proc/1/cmdline); echo done");
+    let mut quick = job("echo data > /work/file; echo pid1: $(tr '\\0' ' ' < /proc/1/cmdline); \
+         unshare -r true 2>/dev/null && echo userns-allowed || echo userns-denied; echo done");
     quick.gpus = 1;
     let id = submit(&acme, &quick);
     assert_eq!(p.wait(&acme, id, "finished", |j| j.state.is_terminal()).state, JobState::Succeeded);
     let out = logs(&acme, id);
     assert!(out.contains("bwrap --args 3 -- sh -c"), "{out}");
+    assert!(out.contains("userns-denied"), "a job may make user namespaces: {out}");
     assert!(!out.contains(p.dir.to_str().unwrap()), "the host's paths are not shown inside: {out}");
     let dir = p.workdir("a").join(format!("jobs/job-{id}-1"));
     let started = Instant::now();
@@ -542,6 +544,8 @@ fn garbage_at_the_door_gets_a_400_naming_its_field_and_stores_nothing() {
         ("reserved env key", with("env", serde_json::json!({"SUANWANG_JOB": "1"})), "env"),
         ("NUL argument", with("command", serde_json::json!(["sh", "a\u{0}b"])), "command"),
         ("too many arguments", with("command", serde_json::json!(vec!["x"; 4097])), "command"),
+        // The kernel's limit is 128 KiB with the NUL: one more could not be exec'd.
+        ("argument past exec's limit", with("command", serde_json::json!(["sh", "y".repeat(128 * 1024)])), "command"),
         ("duplicate types", with("accelerators", serde_json::json!(["A100", "A100"])), "accelerators"),
         ("image nobody runs", with("image", serde_json::json!("busybox:latest")), "image"),
         ("absurd time limit", with("time_limit_s", serde_json::json!(u64::MAX)), "time_limit_s"),

@@ -38,7 +38,7 @@ impl OrgKind {
 /// each id means (and which sites offer it now) is the caller's to say, with
 /// [`crate::scheduler::Event::SiteFeatures`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Feature(pub u32);
+pub struct Feature(pub u64);
 
 /// A dataset a job reads, and the site where it lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

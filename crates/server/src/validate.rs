@@ -19,8 +19,9 @@ pub const MAX_ENV_ENTRIES: usize = 256;
 pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
 /// Most command arguments (the program included).
 pub const MAX_COMMAND_ARGS: usize = 4096;
-/// Longest single argument, in bytes.
-pub const MAX_ARG_BYTES: usize = 128 * 1024;
+/// Longest single argument, in bytes: the kernel's `MAX_ARG_STRLEN`
+/// (128 KiB with its NUL), so that no accepted job fails to start.
+pub const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
 /// Most accelerator types a job may accept.
 pub const MAX_ACCEPTED_TYPES: usize = 16;
 /// Most datasets a job may read.

@@ -217,10 +217,7 @@ pub struct State {
     site_seen: HashMap<SiteId, i64>,
     /// What each site's agent said it can run.
     site_caps: HashMap<SiteId, Capabilities>,
-    /// The scheduler's feature ids, by what they stand for (`image:NAME`).
-    /// Only names some agent reported, or that a stored job gives, are
-    /// interned, so a tenant cannot grow it.
-    features: HashMap<String, Feature>,
+
     last_now: i64,
     /// Work was assigned or an attempt must stop in this group: wake the
     /// agents' long polls.
@@ -290,7 +287,6 @@ pub fn start(
         timings,
         site_seen: HashMap::new(),
         site_caps: HashMap::new(),
-        features: HashMap::new(),
         last_now: now,
         wake_agents: false,
         active_jobs: HashMap::new(),
@@ -436,7 +432,7 @@ impl State {
 
     /// The job a request describes, checked against the topology. The
     /// request's own limits are checked at the door (`validate`).
-    pub fn spec(&mut self, b: &Batch<'_>, id: u64, org: &str, req: &JobRequest) -> Result<JobSpec> {
+    pub fn spec(&self, b: &Batch<'_>, id: u64, org: &str, req: &JobRequest) -> Result<JobSpec> {
         // The request's own limits were checked at the door
         // (`validate::job_request`); the core checks the spec again below.
         let t = &self.topology;
@@ -503,9 +499,9 @@ impl State {
         spec.retries = req.retries;
         spec.deadline_s = req.deadline_s.map(|d| Self::core_now(b) + d);
         if let Some(image) = &req.image {
-            spec.requires = vec![self.feature(format!("image:{image}"))];
+            spec.requires = vec![Self::feature(&format!("image:{image}"))];
         }
-        spec.validate(&self.topology).map_err(|e| {
+        spec.validate(t).map_err(|e| {
             let field = if e.field == "accepted" { "accelerators" } else { e.field };
             Error::invalid(field, e.problem)
         })?;
@@ -559,10 +555,12 @@ impl State {
         Ok(())
     }
 
-    /// The scheduler's id for a site feature.
-    fn feature(&mut self, name: String) -> Feature {
-        let next = Feature(self.features.len() as u32);
-        *self.features.entry(name).or_insert(next)
+    /// The scheduler's id for a site feature (`image:NAME`): 64 bits of its
+    /// SHA-256, so no table of names grows with what agents or tenants send
+    /// (two names sharing an id would take 2^32 distinct names to expect).
+    fn feature(name: &str) -> Feature {
+        let digest = crate::auth::hash(name);
+        Feature(u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")))
     }
 
     /// Tells the scheduler what a site's agent says it can run, when that changed.
@@ -571,7 +569,7 @@ impl State {
             return Ok(());
         }
         let features = match caps.containers {
-            true => caps.images.iter().map(|i| self.feature(format!("image:{i}"))).collect(),
+            true => caps.images.iter().map(|i| Self::feature(&format!("image:{i}"))).collect(),
             false => Vec::new(),
         };
         self.site_caps.insert(site, caps.clone());
