@@ -207,8 +207,24 @@ fn a_provider_sees_only_its_site_s_jobs_and_never_a_secret() {
         let owner = if id == alice_job { &alice } else { &bob };
         let _: Job = owner.post(&format!("/v1/jobs/{id}/cancel"), &()).unwrap();
     }
-    // Secrets are deleted once the job has ended.
+    // Secrets are deleted once the job has ended...
     assert_eq!(db_count(&p, "SELECT COUNT(*) FROM job_secrets"), 0, "a finished job's secrets are gone");
+    // ...from the file too: once the log is checkpointed into it (as any
+    // copy or backup would be), no byte of the value is left.
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import sqlite3; c = sqlite3.connect('{0}'); print(c.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()); c.close(); \
+                 import os; data = open('{0}', 'rb').read() + (open('{0}-wal', 'rb').read() if os.path.exists('{0}-wal') else b''); \
+                 print('LEFT', data.count(b'hf_alice_secret'))",
+                p.db()
+            ),
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("(0, ") && out.contains("LEFT 0"), "{out}{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// One number from the database (read with Python's sqlite3).

@@ -273,6 +273,11 @@ pub fn start(
     timings: Timings,
 ) -> std::result::Result<World, LedgerError> {
     let now = unix_now();
+    // A finished job's secrets are deleted: overwritten in the file, too,
+    // and the log shrinks to nothing whenever it restarts, so no old copy
+    // of a page lingers there.
+    ledger.connection().pragma_update(None, "secure_delete", "ON")?;
+    ledger.connection().pragma_update(None, "journal_size_limit", 0)?;
     voucher::init(&mut ledger, now)?;
     ledger.write(now, |b| {
         migrate(b.sql())?;
@@ -1371,7 +1376,9 @@ pub fn describe_cause(cause: &str, exit_code: Option<i32>) -> String {
     match cause {
         "succeeded" => "succeeded".into(),
         "failed" => match exit_code {
-            Some(code) if code > 128 => format!("was killed by signal {}", code - 128),
+            // 128 + N is how a death by signal N is reported (N < 32);
+            // above that, a plain exit code.
+            Some(code) if (129..160).contains(&code) => format!("was killed by signal {}", code - 128),
             Some(code) => format!("exited with code {code}"),
             None => "failed".into(),
         },
