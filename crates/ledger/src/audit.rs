@@ -172,12 +172,65 @@ pub fn programme_spend(ledger: &Ledger) -> Result<Vec<ProgrammeSpend>, LedgerErr
     Ok(out)
 }
 
-/// Rows as CSV with a header.
+/// Rows as CSV with a header, safe to open in a spreadsheet: a text cell
+/// that a spreadsheet would take for a formula (starting with `=`, `+`,
+/// `-`, `@`, a tab or a carriage return) is prefixed with `'`; numbers are
+/// left as they are.
 pub fn to_csv<T: Serialize>(rows: &[T]) -> Result<String, LedgerError> {
-    let mut writer = csv::Writer::from_writer(Vec::new());
+    let fail = |e: &dyn std::fmt::Display| LedgerError::Corrupt { path: "csv".into(), problem: e.to_string() };
+    let mut plain = csv::Writer::from_writer(Vec::new());
     for row in rows {
-        writer.serialize(row).map_err(|e| LedgerError::Corrupt { path: "csv".into(), problem: e.to_string() })?;
+        plain.serialize(row).map_err(|e| fail(&e))?;
     }
-    let bytes = writer.into_inner().map_err(|e| LedgerError::Corrupt { path: "csv".into(), problem: e.to_string() })?;
+    let plain = plain.into_inner().map_err(|e| fail(&e))?;
+    // Read the records back and write them again with risky cells escaped:
+    // the serializer decides the columns, this decides only the cells.
+    let mut safe = csv::Writer::from_writer(Vec::new());
+    for record in csv::ReaderBuilder::new().has_headers(false).from_reader(plain.as_slice()).records() {
+        let record = record.map_err(|e| fail(&e))?;
+        safe.write_record(record.iter().map(|cell| spreadsheet_safe(cell).into_owned())).map_err(|e| fail(&e))?;
+    }
+    let bytes = safe.into_inner().map_err(|e| fail(&e))?;
     Ok(String::from_utf8(bytes).expect("csv of strings is utf-8"))
+}
+
+/// A cell a spreadsheet will not evaluate.
+fn spreadsheet_safe(cell: &str) -> std::borrow::Cow<'_, str> {
+    let risky = cell.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if risky && cell.parse::<i64>().is_err() && cell.parse::<f64>().map_or(true, |f| !f.is_finite()) {
+        std::borrow::Cow::Owned(format!("'{cell}"))
+    } else {
+        std::borrow::Cow::Borrowed(cell)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Row {
+        job: String,
+        amount_fen: i64,
+    }
+
+    #[test]
+    fn formulas_are_escaped_and_numbers_kept() {
+        let rows = [
+            Row { job: "=HYPERLINK(\"http://x\",\"y\")".into(), amount_fen: -100 },
+            Row { job: "+1".into(), amount_fen: 5 },
+            Row { job: "-1+2".into(), amount_fen: 0 },
+            Row { job: "@SUM(A1)".into(), amount_fen: 1 },
+            Row { job: "plain".into(), amount_fen: 2 },
+        ];
+        let csv = to_csv(&rows).unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], "job,amount_fen");
+        assert_eq!(lines[1], "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\",-100");
+        // "+1" is a number to a spreadsheet, not a formula.
+        assert_eq!(lines[2], "+1,5");
+        assert_eq!(lines[3], "'-1+2,0");
+        assert_eq!(lines[4], "'@SUM(A1),1");
+        assert_eq!(lines[5], "plain,2");
+    }
 }
