@@ -4,11 +4,13 @@
 //! - `semantics`: each transfer rule and refusal, persistence, tampering;
 //! - `vouchers`: programmes, grants, caps, cards, the job billing flow, audit;
 //! - `concurrency`: many threads through the group-commit service;
-//! - `crash`: a child killed with SIGKILL over and over, then verified.
+//! - `crash`: a child killed with SIGKILL over and over, then verified;
+//! - `processes`: several processes writing one file at once.
 
 mod concurrency;
 mod crash;
 mod model;
+mod processes;
 mod semantics;
 mod vouchers;
 
