@@ -143,6 +143,10 @@ pub enum LedgerCommand {
     Verify {
         /// The database to verify (default: --db).
         db: Option<PathBuf>,
+        /// A head kept from an earlier verify (`SEQ:HASH`, as it prints):
+        /// the book must still contain exactly that entry.
+        #[arg(long, value_name = "SEQ:HASH")]
+        expect_head: Option<suanwang_ledger::Anchor>,
     },
 }
 
@@ -293,9 +297,9 @@ fn bill_text(bill: &voucher::Bill) -> String {
 }
 
 pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
-    if let LedgerCommand::Verify { db } = &args.command {
+    if let LedgerCommand::Verify { db, expect_head } = &args.command {
         let path = db.clone().unwrap_or_else(|| args.db.clone());
-        let report = suanwang_ledger::verify(&path).map_err(refused)?;
+        let report = suanwang_ledger::verify_anchored(&path, *expect_head).map_err(refused)?;
         let ledger = Ledger::open(&path).map_err(refused)?;
         let problems = voucher::verify(&ledger).map_err(refused)?;
         if !problems.is_empty() {
@@ -308,13 +312,19 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
                 .map(|(u, posted, pending)| format!("{u}: {posted} posted, {pending} pending"))
                 .collect();
             format!(
-                "{}: ok: {} journal entries, {} accounts, {} transfers, {} holds open; debits equal credits ({})\n",
+                "{}: ok: {} journal entries, {} accounts, {} transfers, {} holds open; debits equal credits ({})\nhead {}:{}{}\n",
                 path.display(),
                 report.journal_entries,
                 report.accounts,
                 report.transfers,
                 report.open_pending,
-                totals.join("; ")
+                totals.join("; "),
+                report.journal_entries,
+                report.head,
+                match expect_head {
+                    Some(a) => format!(" (extends the expected head {})", a.seq),
+                    None => String::new(),
+                }
             )
         });
     }

@@ -284,6 +284,18 @@ fn ledger_voucher_flow_from_the_command_line() {
     let o = suanwang(&["ledger", "verify", db.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains(": ok: "), "{}", stdout(&o));
+    // The head an auditor keeps, and gives back later.
+    let out = stdout(&o);
+    let head = out.lines().find_map(|l| l.strip_prefix("head ")).unwrap_or_else(|| panic!("{out}")).to_string();
+    let o = suanwang(&["ledger", "verify", db.to_str().unwrap(), "--expect-head", &head]);
+    assert!(o.status.success() && stdout(&o).contains("extends the expected head"), "{}", stderr(&o));
+    let (seq, _) = head.split_once(':').unwrap();
+    let forged = format!("{seq}:{}", "ab".repeat(32));
+    let o = suanwang(&["ledger", "verify", db.to_str().unwrap(), "--expect-head", &forged]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("history was rewritten"), "{}", stderr(&o));
+    let o = suanwang(&["ledger", "verify", db.to_str().unwrap(), "--expect-head", "nonsense"]);
+    assert_eq!(o.status.code(), Some(2), "a malformed head is a usage error");
 }
 
 #[test]

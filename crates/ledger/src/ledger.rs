@@ -1022,6 +1022,9 @@ impl Batch<'_> {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct VerifyReport {
     pub journal_entries: u64,
+    /// The last journal entry's hash (hex): with `journal_entries`, the head
+    /// an auditor keeps and later gives back as an [`Anchor`].
+    pub head: String,
     pub accounts: u64,
     pub transfers: u64,
     pub open_pending: u64,
@@ -1029,11 +1032,46 @@ pub struct VerifyReport {
     pub totals: Vec<(String, i64, i64)>,
 }
 
+/// A head of the journal kept by someone outside the database (an
+/// auditor): the book must still contain entry `seq` with exactly this hash,
+/// so a truncation below it or a re-hashed history is caught.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Anchor {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+
+    /// `SEQ:HASH`, as `verify` prints the head.
+    fn from_str(text: &str) -> Result<Anchor, String> {
+        let (seq, hash) = text.split_once(':').ok_or("expected SEQ:HASH, as verify prints the head")?;
+        let seq = seq.parse::<u64>().map_err(|_| format!("'{seq}' is not a journal sequence number"))?;
+        let bytes = (0..hash.len())
+            .step_by(2)
+            .map(|i| hash.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .filter(|b| b.len() == 32 && hash.len() == 64)
+            .ok_or("the hash must be 64 hex digits")?;
+        Ok(Anchor { seq, hash: bytes.try_into().expect("32 bytes") })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Replays the ledger in `path` from the beginning: checks the hash chain,
 /// recomputes every account's totals from the transfers and compares them
 /// with the stored ones, checks every flag held at every step, and that total
 /// debits equal total credits per unit. Opens the file read-only.
 pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, LedgerError> {
+    verify_anchored(path, None)
+}
+
+/// [`verify`], and that the book extends `anchor` (if given).
+pub fn verify_anchored(path: impl AsRef<Path>, anchor: Option<Anchor>) -> Result<VerifyReport, LedgerError> {
     let path = path.as_ref();
     let corrupt = |problem: String| LedgerError::Corrupt { path: path.display().to_string(), problem };
     if !path.exists() {
@@ -1041,6 +1079,10 @@ pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, LedgerError> {
     }
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    // Every read below sees one snapshot, however many writers commit
+    // meanwhile (WAL): the read transaction pins it at its first read.
+    let snapshot = conn.unchecked_transaction()?;
+    let conn = &*snapshot;
     let stored: HashMap<AccountId, Account> = {
         let mut stmt = conn.prepare("SELECT * FROM accounts ORDER BY seq")?;
         let rows = stmt.query_map([], read_account)?;
@@ -1110,8 +1152,26 @@ pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, LedgerError> {
         if hash.as_slice() != head {
             return Err(corrupt(format!("journal entry {entries}: hash chain broken")));
         }
+        if let Some(a) = anchor
+            && a.seq == entries
+            && a.hash != head
+        {
+            return Err(corrupt(format!(
+                "journal entry {entries} is not the anchored one: its hash is {}, the anchor says {} (history was rewritten)",
+                hex(&head),
+                hex(&a.hash)
+            )));
+        }
         expected_account = accounts_to + 1;
         expected_transfer = transfers_to + 1;
+    }
+    if let Some(a) = anchor
+        && a.seq > entries
+    {
+        return Err(corrupt(format!(
+            "the journal ends at entry {entries}, before the anchored entry {} (entries were removed)",
+            a.seq
+        )));
     }
     let total_transfers: i64 = conn.query_row("SELECT COUNT(*) FROM transfers", [], |r| r.get(0))?;
     if total_transfers as u64 != transfers || stored.len() != replayed.len() {
@@ -1158,6 +1218,7 @@ pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, LedgerError> {
     }
     Ok(VerifyReport {
         journal_entries: entries,
+        head: hex(&head),
         accounts: stored.len() as u64,
         transfers,
         open_pending: open,

@@ -24,5 +24,5 @@ pub mod service;
 pub mod voucher;
 
 pub use error::{LedgerError, Refusal};
-pub use ledger::{Ledger, VerifyReport, verify};
+pub use ledger::{Anchor, Ledger, VerifyReport, verify, verify_anchored};
 pub use model::{Account, AccountId, NewAccount, NewTransfer, Transfer, TransferId, TransferKind, Unit, flags};

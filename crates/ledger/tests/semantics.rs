@@ -2,7 +2,8 @@
 
 use suanwang_ledger::ledger::PendingState;
 use suanwang_ledger::{
-    AccountId, Ledger, NewAccount, NewTransfer, Refusal, TransferId, TransferKind, Unit, flags, verify,
+    AccountId, Anchor, Ledger, NewAccount, NewTransfer, Refusal, TransferId, TransferKind, Unit, flags, verify,
+    verify_anchored,
 };
 
 use crate::temp_db;
@@ -218,4 +219,87 @@ fn another_writer_on_the_same_file_is_picked_up() {
     assert_eq!(first.account(AccountId(50)).unwrap().balance(), 4);
     drop((first, second));
     verify(&path).unwrap();
+}
+
+#[test]
+fn an_anchor_catches_truncation_and_rewritten_history() {
+    let (path, mut l) = books();
+    for i in 0..3 {
+        one(&mut l, 2 + i, NewTransfer::posted(TransferId(200 + i as u128), WALLET, SHOP, 10, 0)).unwrap();
+    }
+    drop(l);
+    let kept = verify(&path).unwrap();
+    let anchor: Anchor = format!("{}:{}", kept.journal_entries, kept.head).parse().unwrap();
+    assert_eq!(verify_anchored(&path, Some(anchor)).unwrap().head, kept.head);
+    // More commits extend the anchored head: still fine.
+    let mut l = Ledger::open(&path).unwrap();
+    one(&mut l, 9, NewTransfer::posted(TransferId(300), WALLET, SHOP, 1, 0)).unwrap();
+    drop(l);
+    verify_anchored(&path, Some(anchor)).unwrap();
+    // Truncation: the last two commits removed, rows and journal alike,
+    // which plain verify cannot tell from a shorter history.
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let last_two: i64 = raw
+        .query_row(
+            "SELECT MIN(transfers_from) FROM (SELECT transfers_from FROM journal ORDER BY seq DESC LIMIT 2)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    raw.execute("DELETE FROM transfers WHERE seq >= ?1", [last_two]).unwrap();
+    raw.execute("DELETE FROM journal WHERE seq > (SELECT MAX(seq) - 2 FROM journal)", []).unwrap();
+    raw.execute(
+        "UPDATE accounts SET debits_posted = debits_posted - 11 WHERE id = ?1",
+        [WALLET.0.to_be_bytes().to_vec()],
+    )
+    .unwrap();
+    raw.execute(
+        "UPDATE accounts SET credits_posted = credits_posted - 11 WHERE id = ?1",
+        [SHOP.0.to_be_bytes().to_vec()],
+    )
+    .unwrap();
+    verify(&path).unwrap();
+    let err = verify_anchored(&path, Some(anchor)).unwrap_err().to_string();
+    assert!(err.contains("before the anchored entry"), "{err}");
+    // A history rewritten and re-hashed from the start (another book of
+    // the same length) does not contain the anchored entry.
+    let (other, mut o) = books();
+    for i in 0..3 {
+        one(&mut o, 2 + i, NewTransfer::posted(TransferId(200 + i as u128), WALLET, SHOP, 11, 0)).unwrap();
+    }
+    drop(o);
+    verify(&other).unwrap();
+    let err = verify_anchored(&other, Some(anchor)).unwrap_err().to_string();
+    assert!(err.contains("is not the anchored one") && err.contains("history was rewritten"), "{err}");
+    // Anchors are parsed strictly.
+    assert!("5".parse::<Anchor>().is_err() && "x:00".parse::<Anchor>().is_err() && "1:abc".parse::<Anchor>().is_err());
+}
+
+#[test]
+fn verify_beside_a_busy_writer_sees_one_snapshot() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (path, l) = books();
+    let commits = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let commits = commits.clone();
+        std::thread::spawn(move || {
+            let mut l = l;
+            // Small commits, one after the other, as a busy server makes them.
+            for n in 0..400u128 {
+                let batch: Vec<NewTransfer> =
+                    (0..5).map(|k| NewTransfer::posted(TransferId(10_000 + n * 5 + k), SOURCE, SHOP, 1, 0)).collect();
+                l.create_transfers(3, &batch).unwrap();
+                commits.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut rounds = 0;
+    while commits.load(Ordering::Relaxed) < 400 {
+        verify(&path).unwrap_or_else(|e| panic!("round {rounds}: a false failure beside a writer: {e}"));
+        rounds += 1;
+    }
+    writer.join().unwrap();
+    assert!(rounds >= 10, "only {rounds} verifies ran beside the writer");
+    assert_eq!(verify(&path).unwrap().transfers, 1 + 400 * 5);
 }
