@@ -69,6 +69,7 @@ pub enum LedgerCommand {
     /// Sell a compute card: prepaid accelerator-hours of one type.
     Card {
         org: String,
+        /// An accelerator type of the network (`--topology`).
         #[arg(long)]
         accel: String,
         #[arg(long)]
@@ -77,6 +78,9 @@ pub enum LedgerCommand {
         price_fen: i64,
         #[arg(long)]
         id: String,
+        /// The network whose accelerator types cards may be sold for.
+        #[arg(long, default_value = "shandong")]
+        topology: String,
     },
     /// What the voucher would pay for a job and what the organisation pays.
     Quote {
@@ -171,6 +175,9 @@ pub struct ProgrammeArgs {
     /// Eligible accelerator types, comma-separated (default: all).
     #[arg(long, default_value = "")]
     pub accels: String,
+    /// The network the sites and accelerator types must belong to.
+    #[arg(long, default_value = "shandong")]
+    pub topology: String,
     #[arg(long, default_value_t = 3_000)]
     pub rate_bp: i64,
     #[arg(long, default_value_t = 2_000)]
@@ -197,10 +204,17 @@ pub struct JobPlacement {
 }
 
 fn parse_time(text: &str) -> anyhow::Result<i64> {
-    if let Ok(seconds) = text.trim().parse::<i64>() {
-        return Ok(seconds);
+    use suanwang_ledger::model::{EARLIEST_TIME, LATEST_TIME};
+    let seconds = match text.trim().parse::<i64>() {
+        Ok(seconds) => seconds,
+        Err(_) => voucher::date_to_unix(text).map_err(|e| anyhow!("{e}"))?,
+    };
+    if !(EARLIEST_TIME..=LATEST_TIME).contains(&seconds) {
+        bail!(
+            "[invalid_time] {text} is outside the times the ledger keeps (unix seconds {EARLIEST_TIME} to {LATEST_TIME}, 2000-01-01 to 9999-12-31)"
+        );
     }
-    voucher::date_to_unix(text).map_err(|e| anyhow!("{e}"))
+    Ok(seconds)
 }
 
 fn now(args: &LedgerArgs) -> anyhow::Result<i64> {
@@ -208,6 +222,20 @@ fn now(args: &LedgerArgs) -> anyhow::Result<i64> {
         Some(text) => parse_time(text).context("--now"),
         None => Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64),
     }
+}
+
+/// Refuses accelerator types the network does not have (a typo would sell
+/// a card, or make a programme, nobody can ever use).
+fn known_accelerators(topology: &str, flag: &str, types: &[String]) -> anyhow::Result<()> {
+    let network = suanwang_topology::load(topology)?;
+    if let Some(bad) = types.iter().find(|t| network.accelerator_id(t).is_none()) {
+        bail!(
+            "[unknown_accelerator] {flag}: '{bad}' is not an accelerator type of the network {} (types: {})",
+            network.name,
+            network.accelerators.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn transfer_id(text: &str) -> anyhow::Result<TransferId> {
@@ -341,6 +369,11 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
             ok(format!("organisation {id} registered"))
         }
         LedgerCommand::Programme(p) => {
+            known_accelerators(&p.topology, "--accels", &list(&p.accels))?;
+            let network = suanwang_topology::load(&p.topology)?;
+            if let Some(bad) = list(&p.sites).iter().find(|s| network.site_id(s).is_none()) {
+                bail!("[unknown_site] --sites: no site '{bad}' in the network {}", network.name);
+            }
             let kinds = list(&p.kinds)
                 .iter()
                 .map(|k| k.parse::<OrgKind>().map_err(|e| anyhow!("--kinds: {e}")))
@@ -389,8 +422,9 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
             voucher::grant(l, now, transfer_id(&id)?, &programme, &org, amount_fen).map_err(refused)?;
             ok(format!("{amount_fen} fen of {programme} granted to {org}"))
         }
-        LedgerCommand::Card { org, accel, hours, price_fen, id } => {
-            let seconds = hours.checked_mul(3600).ok_or_else(|| anyhow!("--hours: too large"))?;
+        LedgerCommand::Card { org, accel, hours, price_fen, id, topology } => {
+            known_accelerators(&topology, "--accel", std::slice::from_ref(&accel))?;
+            let seconds = hours.checked_mul(3600).ok_or_else(|| anyhow!("[invalid_argument] --hours: too large"))?;
             voucher::buy_card(l, now, transfer_id(&id)?, &org, &accel, seconds, price_fen).map_err(refused)?;
             ok(format!("card of {hours} {accel}-hours sold to {org}"))
         }

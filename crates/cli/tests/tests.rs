@@ -356,6 +356,39 @@ fn ledger_refusals_name_their_code_and_change_nothing() {
         "--site: no site 'atlantis'",
     );
     fails(&["settle", "ghost", "--accel-seconds", "10"], "[not_found] job 'ghost' not found");
+    // Ids from one safe alphabet, so that account names cannot collide
+    // (`card x --accel y:z` against `card x:y --accel z`), and accelerator
+    // types of the network only.
+    fails(&["org", "x:y", "--kind", "enterprise"], "[invalid_argument] invalid org: 'x:y' is not an id");
+    fails(&["org", &"a".repeat(100_000), "--kind", "enterprise"], "is not an id");
+    fails(
+        &["card", "acme", "--accel", "y:z", "--hours", "1", "--price-fen", "1", "--id", "90"],
+        "[unknown_accelerator]",
+    );
+    fails(
+        &["card", "acme", "--accel", "H1OO-typo", "--hours", "1", "--price-fen", "1", "--id", "91"],
+        "'H1OO-typo' is not an accelerator type",
+    );
+    // Times and timeouts that would wrap are refused with a code.
+    let o = suanwang(&["ledger", "--db", db.to_str().unwrap(), "--now", "9223372036854775000", "init"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("[invalid_time]"), "{}", stderr(&o));
+    fails(
+        &[
+            "transfer",
+            "--id",
+            "77",
+            "--debit",
+            "wallet:acme",
+            "--credit",
+            "treasury",
+            "--amount",
+            "1",
+            "--pending-timeout-s",
+            "9223372036854775807",
+        ],
+        "[timeout_too_long]",
+    );
     let o = suanwang(&["ledger", "--db", db.to_str().unwrap(), "--now", "someday", "init"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--now: invalid date: 'someday' is not a date (YYYY-MM-DD)"), "{}", stderr(&o));

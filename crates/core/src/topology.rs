@@ -198,6 +198,16 @@ pub enum Problem {
     Empty(&'static str),
     #[error("is empty: {0}")]
     Blank(&'static str),
+    #[error("{field} '{value}' is not an id (1 to 64 of a-z 0-9 . _ -, starting with a letter or digit)")]
+    NotAnId { field: &'static str, value: String },
+}
+
+/// Site ids and providers name ledger accounts and cgroups: one safe alphabet.
+fn is_id(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 64
+        && text.as_bytes()[0].is_ascii_alphanumeric()
+        && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// One validation error: the item (e.g. `site 'jinan-scc' pool 1 (A100)`) and its problem.
@@ -361,6 +371,11 @@ impl TopologySpec {
             let item = format!("site '{}'", s.id);
             if s.id.trim().is_empty() {
                 err(item.clone(), Problem::Blank("id"));
+            } else if !is_id(&s.id) {
+                err(item.clone(), Problem::NotAnId { field: "id", value: s.id.clone() });
+            }
+            if !is_id(&s.provider) {
+                err(item.clone(), Problem::NotAnId { field: "provider", value: s.provider.clone() });
             }
             if site_index.contains_key(&s.id) {
                 err(item.clone(), Problem::DuplicateId(s.id.clone()));

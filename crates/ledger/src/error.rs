@@ -22,6 +22,8 @@ pub enum Refusal {
     AmountMustBePositive(i64),
     #[error("timeout must not be negative, got {0}")]
     TimeoutMustNotBeNegative(i64),
+    #[error("timeout must be at most {max} s (ten years), got {0}", max = crate::model::MAX_TIMEOUT_S)]
+    TimeoutTooLong(i64),
     #[error("accounts count different units: {debit} and {credit}")]
     UnitsMustMatch { debit: String, credit: String },
     #[error("insufficient funds in account {account}: {available} available, {amount} wanted")]
@@ -129,6 +131,7 @@ impl Refusal {
             Refusal::CreditAccountNotFound(_) => "credit_account_not_found",
             Refusal::AmountMustBePositive(_) => "amount_must_be_positive",
             Refusal::TimeoutMustNotBeNegative(_) => "timeout_must_not_be_negative",
+            Refusal::TimeoutTooLong(_) => "timeout_too_long",
             Refusal::UnitsMustMatch { .. } => "units_must_match",
             Refusal::InsufficientFunds { .. } => "insufficient_funds",
             Refusal::ExceedsDebits { .. } => "exceeds_debits",

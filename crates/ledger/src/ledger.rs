@@ -143,7 +143,9 @@ pub(crate) fn apply_recorded(
     let (pending_delta, posted_delta) = match t.kind {
         TransferKind::Posted => (0, a),
         TransferKind::Pending { timeout_s } => {
-            let expires_at = if timeout_s > 0 { t.at + timeout_s } else { 0 };
+            // Saturating: a stored timeout beyond the limit (written before
+            // it) never expires rather than wrapping into the past.
+            let expires_at = if timeout_s > 0 { t.at.saturating_add(timeout_s) } else { 0 };
             pending.insert(
                 t.id,
                 PendingRecord { debit: t.debit, credit: t.credit, amount: a, expires_at, state: PendingState::Pending },
@@ -850,6 +852,9 @@ impl Batch<'_> {
         }
         if t.kind.timeout_s() < 0 {
             return Ok(Err(Refusal::TimeoutMustNotBeNegative(t.kind.timeout_s())));
+        }
+        if t.kind.timeout_s() > crate::model::MAX_TIMEOUT_S {
+            return Ok(Err(Refusal::TimeoutTooLong(t.kind.timeout_s())));
         }
         let Some(debit) = self.account(t.debit) else { return Ok(Err(Refusal::DebitAccountNotFound(t.debit))) };
         let Some(credit) = self.account(t.credit) else { return Ok(Err(Refusal::CreditAccountNotFound(t.credit))) };

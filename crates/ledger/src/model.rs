@@ -101,6 +101,16 @@ impl Serialize for Unit {
 }
 
 /// Account flags.
+/// The longest a pending transfer may wait before it expires: ten years.
+/// (Longer would be a hold that never expires, or a time that overflows.)
+pub const MAX_TIMEOUT_S: i64 = 10 * 365 * 86_400;
+
+/// The times the ledger accepts, as unix seconds: from 2000-01-01 to the
+/// end of 9999, so that every time plus any timeout stays representable and
+/// prints as a date.
+pub const EARLIEST_TIME: i64 = 946_684_800;
+pub const LATEST_TIME: i64 = 253_402_300_799;
+
 pub mod flags {
     /// The account's debits (posted and pending) may never exceed its posted
     /// credits: it cannot be overdrawn.

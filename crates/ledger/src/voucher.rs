@@ -196,6 +196,42 @@ fn invalid(field: &'static str, problem: String) -> Refusal {
     Refusal::Invalid { field, problem }
 }
 
+/// An id of an organisation, programme, site, provider or job: 1 to 64 of
+/// `a-z 0-9 . _ -`, starting with a letter or digit. Account names are
+/// built from ids joined by `:`, so an id can never make two of them equal.
+pub fn check_id(field: &'static str, id: &str) -> Result<(), LedgerError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        return Ok(());
+    }
+    let shown: String = id.chars().take(64).filter(|c| !c.is_control()).collect();
+    refused(invalid(
+        field,
+        format!("'{shown}' is not an id (1 to 64 of a-z 0-9 . _ -, starting with a letter or digit)"),
+    ))
+}
+
+/// An accelerator type: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+pub fn check_accel(field: &'static str, accel: &str) -> Result<(), LedgerError> {
+    let ok = !accel.is_empty()
+        && accel.len() <= 64
+        && accel.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        return Ok(());
+    }
+    let shown: String = accel.chars().take(64).filter(|c| !c.is_control()).collect();
+    refused(invalid(field, format!("'{shown}' is not an accelerator type (1 to 64 of A-Z a-z 0-9 . _ -)")))
+}
+
+fn check_placement(p: &Placement) -> Result<(), LedgerError> {
+    check_id("site", &p.site)?;
+    check_id("provider", &p.provider)?;
+    check_accel("accel", &p.accel)
+}
+
 fn refused<T>(r: Refusal) -> Result<T, LedgerError> {
     Err(LedgerError::Refused(r))
 }
@@ -311,9 +347,7 @@ pub fn add_org(ledger: &mut Ledger, now: i64, id: &str, kind: OrgKind, name: &st
 
 /// [`add_org`] inside a caller's transaction.
 pub fn add_org_in(b: &mut Batch<'_>, id: &str, kind: OrgKind, name: &str) -> Result<(), LedgerError> {
-    if id.trim().is_empty() {
-        return refused(invalid("org", "must not be empty".into()));
-    }
+    check_id("org", id)?;
     let now = b.now();
     b.atomic(|b| {
         let kind_text = serde_json::to_value(kind).expect("kind serialises").as_str().unwrap_or_default().to_string();
@@ -367,9 +401,7 @@ pub fn programmes(ledger: &Ledger) -> Result<Vec<ProgrammeSpec>, LedgerError> {
 }
 
 fn validate_programme(p: &ProgrammeSpec) -> Result<(), LedgerError> {
-    if p.id.trim().is_empty() || p.id.contains(':') {
-        return refused(invalid("id", format!("must be non-empty without ':', got '{}'", p.id)));
-    }
+    check_id("id", &p.id)?;
     positive("budget_fen", p.budget_fen)?;
     if p.valid_until <= p.valid_from {
         return refused(invalid("valid_until", "must be after valid_from".into()));
@@ -476,9 +508,7 @@ pub fn buy_card(
 ) -> Result<(), LedgerError> {
     positive("seconds", seconds)?;
     positive("price_fen", price_fen)?;
-    if accel.trim().is_empty() {
-        return refused(invalid("accel", "must not be empty".into()));
-    }
+    check_accel("accel", accel)?;
     ledger.write(now, |b| {
         org_kind(b, org)?;
         let unit = Unit::AccelSeconds(accel.to_string());
@@ -762,9 +792,9 @@ pub fn hold_in(
     estimated: &Usage,
     timeout_s: i64,
 ) -> Result<HoldRecord, LedgerError> {
-    if job.trim().is_empty() {
-        return refused(invalid("job", "must not be empty".into()));
-    }
+    check_id("job", job)?;
+    check_id("org", org)?;
+    check_placement(placement)?;
     if timeout_s < 0 {
         return refused(Refusal::TimeoutMustNotBeNegative(timeout_s));
     }
