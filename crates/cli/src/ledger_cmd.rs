@@ -239,7 +239,7 @@ fn known_accelerators(topology: &str, flag: &str, types: &[String]) -> anyhow::R
 }
 
 fn transfer_id(text: &str) -> anyhow::Result<TransferId> {
-    text.parse().map_err(|e: String| anyhow!("--id: {e}"))
+    text.parse().map_err(|e: String| anyhow!("[invalid_argument] --id: {e}"))
 }
 
 /// An account by hex id or by voucher name (`wallet:ORG`, `voucher:PROGRAMME:ORG`, ...).
@@ -254,17 +254,17 @@ fn placement(job: &JobPlacement) -> anyhow::Result<(Placement, Usage)> {
     let topology = suanwang_topology::load(&job.topology)?;
     let site_id = topology
         .site_id(&job.site)
-        .ok_or_else(|| anyhow!("--site: no site '{}' in topology {}", job.site, topology.name))?;
+        .ok_or_else(|| anyhow!("[unknown_site] --site: no site '{}' in topology {}", job.site, topology.name))?;
     let site = topology.site(site_id);
     let accel_id = topology
         .accelerator_id(&job.accel)
-        .ok_or_else(|| anyhow!("--accel: unknown accelerator type '{}'", job.accel))?;
+        .ok_or_else(|| anyhow!("[unknown_accelerator] --accel: unknown accelerator type '{}'", job.accel))?;
     let pool = site
         .pools
         .iter()
         .map(|&p| topology.pool(p))
         .find(|p| p.accel == accel_id)
-        .ok_or_else(|| anyhow!("--accel: site '{}' has no {} pool", job.site, job.accel))?;
+        .ok_or_else(|| anyhow!("[unknown_accelerator] --accel: site '{}' has no {} pool", job.site, job.accel))?;
     Ok((
         Placement {
             site: site.key.clone(),
@@ -364,7 +364,7 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
     match args.command {
         LedgerCommand::Init => ok(format!("ledger ready in {}", args.db.display())),
         LedgerCommand::Org { id, kind, name } => {
-            let kind: OrgKind = kind.parse().map_err(|e| anyhow!("--kind: {e}"))?;
+            let kind: OrgKind = kind.parse().map_err(|e| anyhow!("[invalid_argument] --kind: {e}"))?;
             voucher::add_org(l, now, &id, kind, &name).map_err(refused)?;
             ok(format!("organisation {id} registered"))
         }
@@ -376,7 +376,7 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
             }
             let kinds = list(&p.kinds)
                 .iter()
-                .map(|k| k.parse::<OrgKind>().map_err(|e| anyhow!("--kinds: {e}")))
+                .map(|k| k.parse::<OrgKind>().map_err(|e| anyhow!("[invalid_argument] --kinds: {e}")))
                 .collect::<anyhow::Result<_>>()?;
             let spec = ProgrammeSpec {
                 id: p.id.clone(),

@@ -167,8 +167,19 @@ pub struct Bill {
     pub transfer_fen: i64,
     /// What the organisation pays in all: its compute share plus transfer fees.
     pub org_total_fen: i64,
-    /// Why the voucher pays nothing or less than the rate, if so.
+    /// Why the voucher pays nothing or less than the rate, if so, each as
+    /// `[code] message`.
     pub notes: Vec<String>,
+    /// The stable codes of those rules, in the same order (`related_party`,
+    /// `voucher_expired`, `not_yet_valid`, `not_eligible`, `no_voucher`,
+    /// `cap_exceeded`, `voucher_balance`).
+    #[serde(default)]
+    pub codes: Vec<String>,
+}
+
+/// A rule that limited a bill: its code and words.
+fn rule(notes: &mut Vec<(&'static str, String)>, code: &'static str, message: String) {
+    notes.push((code, message));
 }
 
 /// A held job: its bill and the placement and price it was held at.
@@ -601,7 +612,8 @@ pub fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> R
     let payable = compute_fen(usage.accel_seconds - card_seconds, placement.price_fen_per_hour);
     let mut chosen: Option<(ProgrammeSpec, i64)> = None;
     if org == placement.provider {
-        notes.push(Refusal::RelatedParty { org: org.into(), site: placement.site.clone() }.to_string());
+        let r = Refusal::RelatedParty { org: org.into(), site: placement.site.clone() };
+        rule(&mut notes, r.code(), r.to_string());
     } else {
         let mut candidates = Vec::new();
         {
@@ -617,21 +629,22 @@ pub fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> R
             if available <= 0 {
                 continue;
             }
+            let refusal = |r: Refusal| Some((r.code(), r.to_string()));
             let why_not = if now >= p.valid_until {
-                Some(Refusal::VoucherExpired(p.id.clone()).to_string())
+                refusal(Refusal::VoucherExpired(p.id.clone()))
             } else if now < p.valid_from {
-                Some(Refusal::NotYetValid(p.id.clone()).to_string())
+                refusal(Refusal::NotYetValid(p.id.clone()))
             } else if !p.kinds.contains(&kind) {
-                Some(format!("programme '{}' does not admit {kind:?} organisations", p.id))
+                Some(("not_eligible", format!("programme '{}' does not admit {kind:?} organisations", p.id)))
             } else if !p.sites.is_empty() && !p.sites.contains(&placement.site) {
-                Some(format!("programme '{}' does not cover site '{}'", p.id, placement.site))
+                Some(("not_eligible", format!("programme '{}' does not cover site '{}'", p.id, placement.site)))
             } else if !p.accels.is_empty() && !p.accels.contains(&placement.accel) {
-                Some(format!("programme '{}' does not cover accelerator '{}'", p.id, placement.accel))
+                Some(("not_eligible", format!("programme '{}' does not cover accelerator '{}'", p.id, placement.accel)))
             } else {
                 None
             };
             match why_not {
-                Some(note) => notes.push(note),
+                Some((code, note)) => rule(&mut notes, code, note),
                 // The voucher that expires first is spent first.
                 None if chosen.as_ref().is_none_or(|(c, _)| (p.valid_until, &p.id) < (c.valid_until, &c.id)) => {
                     chosen = Some((p, available))
@@ -640,7 +653,7 @@ pub fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> R
             }
         }
         if chosen.is_none() && notes.is_empty() {
-            notes.push("no voucher balance".into());
+            rule(&mut notes, "no_voucher", "no voucher balance".into());
         }
     }
     let (programme, rate_bp, subsidy) = match chosen {
@@ -650,14 +663,14 @@ pub fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> R
             let by_rate = (payable as i128 * rate as i128 / 10_000) as i64;
             let year_left = (p.org_year_cap_fen - org_year_used(b.sql(), &p.id, org, year_of(now))?).max(0);
             let mut subsidy = by_rate;
-            for (limit, note) in [
-                (p.job_cap_fen, "per-job cap"),
-                (year_left, "yearly cap of the organisation"),
-                (available, "voucher balance"),
+            for (limit, code, note) in [
+                (p.job_cap_fen, "cap_exceeded", "per-job cap"),
+                (year_left, "cap_exceeded", "yearly cap of the organisation"),
+                (available, "voucher_balance", "voucher balance"),
             ] {
                 if limit < subsidy {
                     subsidy = limit;
-                    notes.push(format!("subsidy limited by the {note} to {limit} fen"));
+                    rule(&mut notes, code, format!("subsidy limited by the {note} to {limit} fen"));
                 }
             }
             (Some(p.id), rate, subsidy)
@@ -674,7 +687,8 @@ pub fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> R
         org_compute_fen: org_compute,
         transfer_fen: usage.transfer_fen,
         org_total_fen: org_compute + usage.transfer_fen,
-        notes,
+        codes: notes.iter().map(|(code, _)| code.to_string()).collect(),
+        notes: notes.into_iter().map(|(code, note)| format!("[{code}] {note}")).collect(),
     })
 }
 
@@ -883,6 +897,7 @@ pub fn settle_in(b: &mut Batch<'_>, job: &str, actual: &Usage) -> Result<Settlem
             transfer_fen,
             org_total_fen: org_compute + transfer_fen,
             notes: Vec::new(),
+            codes: Vec::new(),
         };
         let posted = |part: &str| match part {
             "card" => card_seconds,

@@ -103,7 +103,8 @@ fn the_quote_applies_rate_caps_and_rules() {
     // The per-job cap.
     let q = voucher::quote(&mut l, now, "acme", &site("Ascend910B", true), &hours(1_000)).unwrap();
     assert_eq!((q.subsidy_fen, q.org_compute_fen), (100_000, 900_000));
-    assert!(q.notes.iter().any(|n| n.contains("per-job cap")), "{:?}", q.notes);
+    assert!(q.notes.iter().any(|n| n.contains("[cap_exceeded] subsidy limited by the per-job cap")), "{:?}", q.notes);
+    assert!(q.codes.contains(&"cap_exceeded".to_string()), "{:?}", q.codes);
     // Transfer fees are paid in full, never subsidised.
     let q = voucher::quote(
         &mut l,
@@ -119,10 +120,14 @@ fn the_quote_applies_rate_caps_and_rules() {
     let q = voucher::quote(&mut l, now, "jinan-icc-co", &site("Ascend910B", true), &hours(10)).unwrap();
     assert_eq!(q.subsidy_fen, 0);
     assert!(q.notes[0].contains("related parties"), "{:?}", q.notes);
+    assert_eq!(q.codes, ["related_party"]);
     // An expired voucher pays nothing; nor does one not yet valid.
     let q = voucher::quote(&mut l, day("2027-02-01"), "acme", &site("Ascend910B", true), &hours(10)).unwrap();
     assert_eq!(q.subsidy_fen, 0);
     assert!(q.notes[0].contains("expired"));
+    assert_eq!(q.codes, ["voucher_expired"]);
+    let q = voucher::quote(&mut l, day("2025-06-01"), "acme", &site("Ascend910B", true), &hours(10)).unwrap();
+    assert_eq!((q.subsidy_fen, q.codes.as_slice()), (0, &["not_yet_valid".to_string()][..]), "{:?}", q.notes);
     // A quote reserves nothing.
     assert_eq!(l.account(voucher::voucher("sd-2026", "acme")).unwrap().available(), 500_000);
     assert_eq!(
