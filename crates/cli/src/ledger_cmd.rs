@@ -11,7 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use suanwang_ledger::audit;
 use suanwang_ledger::voucher::{self, OrgKind, Placement, ProgrammeSpec, Usage};
-use suanwang_ledger::{AccountId, Ledger, LedgerError, NewTransfer, TransferId, TransferKind};
+use suanwang_ledger::{AccountId, Ledger, LedgerError, TransferId};
 
 use crate::table::{self, print};
 
@@ -122,11 +122,9 @@ pub enum LedgerCommand {
         credit: String,
         #[arg(long)]
         amount: i64,
-        /// Hold instead of posting, expiring after this many seconds (0: never).
+        /// Why: kept in the journal with the transfer.
         #[arg(long)]
-        pending_timeout_s: Option<i64>,
-        #[arg(long, default_value_t = 0)]
-        code: u16,
+        reason: String,
     },
     /// A provider's settlement statement (write-off) for [from, to).
     Statement {
@@ -476,23 +474,18 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
                 table::render(&["id", "kind", "owner", "unit", "balance", "held", "available"], &rows)
             })
         }
-        LedgerCommand::Transfer { id, debit, credit, amount, pending_timeout_s, code } => {
-            let t = NewTransfer {
-                id: transfer_id(&id)?,
-                debit: account_id(&debit)?,
-                credit: account_id(&credit)?,
+        LedgerCommand::Transfer { id, debit, credit, amount, reason } => {
+            let done = voucher::correction(
+                l,
+                now,
+                transfer_id(&id)?,
+                account_id(&debit)?,
+                account_id(&credit)?,
                 amount,
-                kind: match pending_timeout_s {
-                    Some(timeout_s) => TransferKind::Pending { timeout_s },
-                    None => TransferKind::Posted,
-                },
-                linked: false,
-                code,
-                memo: String::new(),
-            };
-            let outcome = l.create_transfers(now, &[t]).map_err(refused)?.remove(0);
-            let done = outcome.map_err(|r| refused(LedgerError::Refused(r)))?;
-            print(json, &done, || format!("transfer {} of {} {} done\n", done.id, done.amount, done.unit))
+                &reason,
+            )
+            .map_err(refused)?;
+            print(json, &done, || format!("correction {} of {} {} done\n", done.id, done.amount, done.unit))
         }
         LedgerCommand::Statement { provider, from, to, format } => {
             let st =

@@ -375,20 +375,56 @@ fn ledger_refusals_name_their_code_and_change_nothing() {
     assert!(stderr(&o).contains("[invalid_time]"), "{}", stderr(&o));
     fails(
         &[
-            "transfer",
-            "--id",
-            "77",
-            "--debit",
-            "wallet:acme",
-            "--credit",
-            "treasury",
-            "--amount",
-            "1",
-            "--pending-timeout-s",
+            "hold",
+            "job-x",
+            "acme",
+            "--site",
+            "jinan-icc",
+            "--accel",
+            "Ascend910B",
+            "--accel-seconds",
+            "10",
+            "--timeout-s",
             "9223372036854775807",
         ],
         "[timeout_too_long]",
     );
+    // Corrections move money only along permitted flows, with a reason.
+    ledger_ok(&db, &["deposit", "acme", "500", "--id", "a0"]);
+    ledger_ok(&db, &["grant", "p", "acme", "50", "--id", "a1"]);
+    for (debit, credit) in [
+        ("voucher:p:acme", "wallet:acme"),
+        ("programme:p", "wallet:acme"),
+        ("treasury", "programme:p"),
+        ("wallet:acme", "voucher:p:acme"),
+        ("wallet:acme", "treasury"),
+    ] {
+        fails(
+            &["transfer", "--id", "78", "--debit", debit, "--credit", credit, "--amount", "1", "--reason", "x"],
+            "[flow_not_permitted]",
+        );
+    }
+    fails(
+        &["transfer", "--id", "79", "--debit", "wallet:acme", "--credit", "bank", "--amount", "1", "--reason", ""],
+        "a correction needs a reason",
+    );
+    let done = ledger_ok(
+        &db,
+        &[
+            "transfer",
+            "--id",
+            "7a",
+            "--debit",
+            "wallet:acme",
+            "--credit",
+            "bank",
+            "--amount",
+            "100",
+            "--reason",
+            "refund of a double deposit",
+        ],
+    );
+    assert!(done.trim().ends_with("7a of 100 fen done"), "{done}");
     let o = suanwang(&["ledger", "--db", db.to_str().unwrap(), "--now", "someday", "init"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--now: invalid date: 'someday' is not a date (YYYY-MM-DD)"), "{}", stderr(&o));

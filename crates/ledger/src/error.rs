@@ -68,6 +68,10 @@ pub enum Refusal {
     RelatedParty { org: String, site: String },
     #[error("job '{0}' is already settled")]
     AlreadySettled(String),
+    #[error(
+        "a correction may not move money from a {debit} account to a {credit} account (permitted: {permitted}); voucher money moves only through grants, holds, settlements and expiry"
+    )]
+    FlowNotPermitted { debit: String, credit: String, permitted: String },
     #[error("job '{job}' is {state}, not held")]
     NotHeld { job: String, state: String },
     /// The stored outcome of a request that was refused before, returned
@@ -77,13 +81,14 @@ pub enum Refusal {
 }
 
 /// Every stable code, so a stored code can be returned as itself.
-pub const CODES: [&str; 30] = [
+pub const CODES: [&str; 32] = [
     "id_must_not_be_zero",
     "accounts_must_be_different",
     "debit_account_not_found",
     "credit_account_not_found",
     "amount_must_be_positive",
     "timeout_must_not_be_negative",
+    "timeout_too_long",
     "units_must_match",
     "insufficient_funds",
     "exceeds_debits",
@@ -107,6 +112,7 @@ pub const CODES: [&str; 30] = [
     "related_party",
     "already_settled",
     "not_held",
+    "flow_not_permitted",
     "store_error",
 ];
 
@@ -153,6 +159,7 @@ impl Refusal {
             Refusal::NotYetValid(_) => "not_yet_valid",
             Refusal::NotEligible(_) => "not_eligible",
             Refusal::RelatedParty { .. } => "related_party",
+            Refusal::FlowNotPermitted { .. } => "flow_not_permitted",
             Refusal::AlreadySettled(_) => "already_settled",
             Refusal::NotHeld { .. } => "not_held",
             Refusal::Replayed { code, .. } => code,

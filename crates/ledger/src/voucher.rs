@@ -266,6 +266,57 @@ pub fn date_to_unix(date: &str) -> Result<i64, Refusal> {
     Ok(china().from_local_datetime(&midnight).single().expect("fixed offset").timestamp())
 }
 
+/// The corrections an operator may make by hand, as (debit kind, credit
+/// kind): money between the outside world, organisations' wallets and
+/// providers' revenue, and a card sale refunded. Nothing that touches the
+/// treasury, a programme's pool, a voucher or compute-card units: those move
+/// only through their operations (fund, grant, hold, settle, release,
+/// expiry), so no correction can turn vouchers into cash or grant beyond a
+/// budget.
+pub const PERMITTED_CORRECTIONS: [(&str, &str); 6] = [
+    ("bank", "wallet"),
+    ("wallet", "bank"),
+    ("revenue", "wallet"),
+    ("wallet", "revenue"),
+    ("revenue", "bank"),
+    ("card_sales", "wallet"),
+];
+
+/// An operator's correction: a posted transfer between two accounts of
+/// kinds in [`PERMITTED_CORRECTIONS`], with its reason kept in the journal
+/// (the transfer's memo).
+pub fn correction(
+    ledger: &mut Ledger,
+    now: i64,
+    id: TransferId,
+    debit: AccountId,
+    credit: AccountId,
+    amount_fen: i64,
+    reason: &str,
+) -> Result<crate::model::Transfer, LedgerError> {
+    if reason.trim().is_empty() || reason.len() > 1024 || reason.chars().any(|c| c.is_control()) {
+        return refused(invalid(
+            "reason",
+            "a correction needs a reason: 1 to 1024 characters, no control characters".into(),
+        ));
+    }
+    let kind_of = |id: AccountId, missing: fn(AccountId) -> Refusal| {
+        ledger.account(id).map(|a| a.kind.clone()).ok_or_else(|| LedgerError::Refused(missing(id)))
+    };
+    let (debit_kind, credit_kind) =
+        (kind_of(debit, Refusal::DebitAccountNotFound)?, kind_of(credit, Refusal::CreditAccountNotFound)?);
+    if !PERMITTED_CORRECTIONS.contains(&(debit_kind.as_str(), credit_kind.as_str())) {
+        return refused(Refusal::FlowNotPermitted {
+            debit: debit_kind,
+            credit: credit_kind,
+            permitted: PERMITTED_CORRECTIONS.iter().map(|(d, c)| format!("{d} -> {c}")).collect::<Vec<_>>().join(", "),
+        });
+    }
+    let mut t = NewTransfer::posted(id, debit, credit, amount_fen, 0);
+    t.memo = format!("correction: {reason}");
+    ledger.create_transfers(now, &[t])?.remove(0).map_err(LedgerError::Refused)
+}
+
 pub fn treasury() -> AccountId {
     AccountId::derive("treasury")
 }
@@ -811,6 +862,9 @@ pub fn hold_in(
     check_placement(placement)?;
     if timeout_s < 0 {
         return refused(Refusal::TimeoutMustNotBeNegative(timeout_s));
+    }
+    if timeout_s > crate::model::MAX_TIMEOUT_S {
+        return refused(Refusal::TimeoutTooLong(timeout_s));
     }
     let now = b.now();
     b.atomic(|b| {
