@@ -273,6 +273,25 @@ fn ledger_voucher_flow_from_the_command_line() {
     ))
     .unwrap();
     assert_eq!(settled["bill"]["subsidy_fen"].as_i64(), Some(975));
+    // A settled job's bill is not held again.
+    let again = ledger(
+        &db,
+        &[
+            "hold",
+            "job-1",
+            "acme",
+            "--site",
+            "jinan-icc",
+            "--accel",
+            "Ascend910B",
+            "--accel-seconds",
+            "36000",
+            "--transfer-fen",
+            "300",
+        ],
+    );
+    assert_eq!(again.status.code(), Some(1));
+    assert!(stderr(&again).contains("[already_settled]"), "{}", stderr(&again));
     let csv =
         ledger_ok(&db, &["statement", "jinan-icc-co", "--from", "2026-01-01", "--to", "2027-01-01", "--format", "csv"]);
     assert!(csv.starts_with("job,org,site,accel,programme,settled_at,accel_seconds"), "{csv}");

@@ -868,9 +868,17 @@ pub fn hold_in(
     }
     let now = b.now();
     b.atomic(|b| {
-        if let Some((_, existing, _)) = load_hold(b.sql(), job)? {
+        if let Some((state, existing, _)) = load_hold(b.sql(), job)? {
             let same = existing.bill.org == org && existing.placement == *placement && existing.estimated == *estimated && existing.timeout_s == timeout_s;
-            return if same { Ok(existing) } else { refused(Refusal::IdReusedWithDifferentContent(job.to_string())) };
+            return match (same, state.as_str()) {
+                // A repeated request for a hold still open: its outcome again.
+                (true, "held") => Ok(existing),
+                // A job's bill is held once: once it ended, holding it again
+                // is a mistake, not a repeat.
+                (true, "settled") => refused(Refusal::AlreadySettled(job.to_string())),
+                (true, other) => refused(Refusal::NotHeld { job: job.into(), state: other.into() }),
+                (false, _) => refused(Refusal::IdReusedWithDifferentContent(job.to_string())),
+            };
         }
         let bill = bill(b, org, placement, estimated)?;
         ensure_accounts(b, &[account(revenue(&placement.provider), "revenue", &placement.provider, Unit::Fen, 0)])?;
