@@ -447,7 +447,10 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
         LedgerCommand::Sweep => {
             let report = voucher::sweep(l, now).map_err(refused)?;
             print(json, &report, || {
-                let mut out = format!("{} holds expired\n", report.holds_expired);
+                let mut out = match report.holds_expired.len() {
+                    0 => "0 holds expired\n".to_string(),
+                    n => format!("{n} holds expired: {}\n", report.holds_expired.join(", ")),
+                };
                 for (p, org, fen) in &report.returned {
                     out.push_str(&format!("{fen} fen of {p} returned from {org}\n"));
                 }

@@ -1010,7 +1010,10 @@ pub fn release_in(b: &mut Batch<'_>, job: &str) -> Result<(), LedgerError> {
 /// What a sweep did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SweepReport {
-    pub holds_expired: usize,
+    /// Jobs whose held bill expired, by job.
+    pub holds_expired: Vec<String>,
+    /// The pending transfers (parts of those holds) that expired.
+    pub parts_expired: usize,
     /// (programme, organisation, fen returned to the programme).
     pub returned: Vec<(String, String, i64)>,
 }
@@ -1019,7 +1022,8 @@ pub struct SweepReport {
 /// every expired voucher to its programme.
 pub fn sweep(ledger: &mut Ledger, now: i64) -> Result<SweepReport, LedgerError> {
     ledger.write(now, |b| {
-        let mut report = SweepReport { holds_expired: b.expire_pending()?, returned: Vec::new() };
+        let mut report =
+            SweepReport { holds_expired: Vec::new(), parts_expired: b.expire_pending()?, returned: Vec::new() };
         let held: Vec<String> = {
             let mut stmt = b.sql().prepare("SELECT job FROM billing WHERE state = 'held' ORDER BY job")?;
             stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
@@ -1037,6 +1041,7 @@ pub fn sweep(ledger: &mut Ledger, now: i64) -> Result<SweepReport, LedgerError> 
                     "UPDATE billing SET state = 'expired', settled_at = ?2 WHERE job = ?1",
                     params![job, now],
                 )?;
+                report.holds_expired.push(job);
             }
         }
         let vouchers: Vec<(String, String)> = {

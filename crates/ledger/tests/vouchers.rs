@@ -242,8 +242,8 @@ fn expiry_returns_unused_vouchers_and_expires_stale_holds() {
     let (_, mut l, now) = books();
     voucher::hold(&mut l, now, "stale", "acme", &site("Ascend910B", true), &hours(10), 3600).unwrap();
     let report = voucher::sweep(&mut l, now + 3600).unwrap();
-    // Two parts held: the voucher's share and the organisation's.
-    assert_eq!((report.holds_expired, report.returned.len()), (2, 0));
+    // One job's hold, of two parts: the voucher's share and the organisation's.
+    assert_eq!((report.holds_expired, report.parts_expired, report.returned.len()), (vec!["stale".to_string()], 2, 0));
     assert_eq!(code(voucher::settle(&mut l, now + 3601, "stale", &hours(1)).unwrap_err()), "not_held");
     assert_eq!(l.account(voucher::voucher("sd-2026", "acme")).unwrap().available(), 500_000);
     let after = day("2027-01-01");
