@@ -3,6 +3,13 @@
 //! the voucher issue (100,000 transfers/s in batches of 1,000; 2,000 single
 //! transfers/s from 64 clients). Every figure is for commits that returned,
 //! i.e. are on disk (`synchronous=FULL`).
+//!
+//! Beside the batches, in the same run, a raw-SQLite baseline of the same
+//! shape: the same transfer rows (same table and unique index), the same
+//! two account-total updates per transfer and one journal row per batch,
+//! the same pragmas and durability, but no ledger logic (no checks of
+//! balances, flags, ids or units, no hash chain, no caches). The ratio
+//! ledger / raw says what the ledger's rules cost.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -74,11 +81,24 @@ pub fn run(dir: &Path, batches: usize, batch_size: usize, clients: usize, per_cl
         "-".into(),
         "-".into(),
     ]);
+    let ledger_rate = n as f64 / seconds;
     drop(ledger);
     let verified = Instant::now();
     let report = suanwang_ledger::verify(&path)?;
     anyhow::ensure!(report.transfers as usize == n, "verify counted {} transfers", report.transfers);
     let verify_s = verified.elapsed().as_secs_f64();
+
+    // 1b. The same batches straight into SQLite: the baseline.
+    let raw_seconds = raw_batches(&dir.join("raw.db"), batches, batch_size)?;
+    let raw_rate = n as f64 / raw_seconds;
+    rows.push(vec![
+        format!("raw SQLite baseline, batches of {batch_size}"),
+        n.to_string(),
+        format!("{raw_seconds:.2}"),
+        format!("{raw_rate:.0}"),
+        "-".into(),
+        "-".into(),
+    ]);
 
     // 2. Single transfers, each its own commit, one client: the fsync rate.
     let path = dir.join("singles.db");
@@ -144,11 +164,76 @@ pub fn run(dir: &Path, batches: usize, batch_size: usize, clients: usize, per_cl
             &rows
         )
     );
+    println!("ledger / raw SQLite in batches: {:.2}", ledger_rate / raw_rate);
     println!("verify of {} transfers: {verify_s:.2} s", batches * batch_size);
-    for name in ["batches.db", "singles.db", "clients.db"] {
+    for name in ["batches.db", "singles.db", "clients.db", "raw.db"] {
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(dir.join(format!("{name}{suffix}")));
         }
     }
     Ok(())
+}
+
+/// Seconds to write `batches` batches of `batch_size` transfers as bare
+/// SQL: the ledger's rows and durability without its rules.
+fn raw_batches(path: &Path, batches: usize, batch_size: usize) -> anyhow::Result<f64> {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let mut conn = rusqlite::Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "cache_size", -262_144)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
+    conn.execute_batch(
+        "CREATE TABLE accounts (seq INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE, debits_posted INTEGER NOT NULL, credits_posted INTEGER NOT NULL);
+         CREATE TABLE transfers (seq INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE, debit BLOB NOT NULL, credit BLOB NOT NULL,
+             amount INTEGER NOT NULL, kind INTEGER NOT NULL, pending_id BLOB, timeout_s INTEGER NOT NULL, linked INTEGER NOT NULL,
+             code INTEGER NOT NULL, memo TEXT NOT NULL, unit TEXT NOT NULL, at INTEGER NOT NULL);
+         CREATE TABLE journal (seq INTEGER PRIMARY KEY, transfers_from INTEGER, transfers_to INTEGER, at INTEGER, hash BLOB);",
+    )?;
+    {
+        let tx = conn.transaction()?;
+        let mut insert = tx.prepare("INSERT INTO accounts (id, debits_posted, credits_posted) VALUES (?1, 0, 0)")?;
+        for i in 0..ACCOUNTS {
+            insert.execute([(1 + i as u128).to_be_bytes().to_vec()])?;
+        }
+        drop(insert);
+        tx.commit()?;
+    }
+    let started = Instant::now();
+    let mut seq = 1i64;
+    for b in 0..batches {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO transfers (seq, id, debit, credit, amount, kind, pending_id, timeout_s, linked, code, memo, unit, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 0, NULL, 0, 0, 1, '', 'fen', 1)",
+            )?;
+            let mut debit_update =
+                tx.prepare_cached("UPDATE accounts SET debits_posted = debits_posted + ?2 WHERE id = ?1")?;
+            let mut credit_update =
+                tx.prepare_cached("UPDATE accounts SET credits_posted = credits_posted + ?2 WHERE id = ?1")?;
+            let from = seq;
+            for i in 0..batch_size {
+                let t = transfer((b * batch_size + i) as u64);
+                insert.execute(rusqlite::params![
+                    seq,
+                    t.id.0.to_be_bytes().to_vec(),
+                    t.debit.0.to_be_bytes().to_vec(),
+                    t.credit.0.to_be_bytes().to_vec(),
+                    t.amount
+                ])?;
+                debit_update.execute(rusqlite::params![t.debit.0.to_be_bytes().to_vec(), t.amount])?;
+                credit_update.execute(rusqlite::params![t.credit.0.to_be_bytes().to_vec(), t.amount])?;
+                seq += 1;
+            }
+            tx.execute(
+                "INSERT INTO journal (transfers_from, transfers_to, at, hash) VALUES (?1, ?2, 1, zeroblob(32))",
+                [from, seq - 1],
+            )?;
+        }
+        tx.commit()?;
+    }
+    Ok(started.elapsed().as_secs_f64())
 }
