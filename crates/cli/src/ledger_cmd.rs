@@ -147,8 +147,28 @@ pub enum LedgerCommand {
         db: Option<PathBuf>,
         /// A head kept from an earlier verify (`SEQ:HASH`, as it prints):
         /// the book must still contain exactly that entry.
-        #[arg(long, value_name = "SEQ:HASH")]
+        #[arg(long, value_name = "SEQ:HASH", conflicts_with = "anchor")]
         expect_head: Option<suanwang_ledger::Anchor>,
+        /// A signed checkpoint kept from `ledger checkpoint`: its signature
+        /// must verify and the book must still contain its head.
+        #[arg(long, value_name = "FILE")]
+        anchor: Option<PathBuf>,
+        /// The operator's public key (hex) the checkpoint must be signed with.
+        #[arg(long, requires = "anchor")]
+        public_key: Option<String>,
+    },
+    /// Make an operator's signing key for checkpoints (secret in FILE, mode 0600; prints the public key).
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Verify the book and sign its head with the operator's key: a checkpoint for an auditor to keep.
+    Checkpoint {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Write the checkpoint here (default: standard output).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -323,9 +343,51 @@ fn bill_text(bill: &voucher::Bill) -> String {
 }
 
 pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
-    if let LedgerCommand::Verify { db, expect_head } = &args.command {
+    if let LedgerCommand::Keygen { out } = &args.command {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let (secret, public) = suanwang_ledger::checkpoint::keygen()?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(out)
+            .with_context(|| format!("--out {} (an existing key is never overwritten)", out.display()))?;
+        writeln!(file, "{}", secret.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
+        println!("{public}");
+        eprintln!("secret key in {} (keep it private); the public key above is for auditors", out.display());
+        return Ok(());
+    }
+    if let LedgerCommand::Checkpoint { key, out } = &args.command {
+        let text = std::fs::read_to_string(key).with_context(|| format!("--key {}", key.display()))?;
+        let secret = suanwang_ledger::checkpoint::parse_secret(&text).map_err(|e| anyhow!("--key: {e}"))?;
+        let report = suanwang_ledger::verify(&args.db).map_err(refused)?;
+        let checkpoint = suanwang_ledger::checkpoint::sign(&secret, &report, now(&args)?);
+        let json_text = serde_json::to_string_pretty(&checkpoint)?;
+        match out {
+            Some(path) => {
+                std::fs::write(path, format!("{json_text}\n")).with_context(|| format!("--out {}", path.display()))?;
+                println!("checkpoint of head {}:{} written to {}", checkpoint.seq, checkpoint.head, path.display());
+            }
+            None => println!("{json_text}"),
+        }
+        return Ok(());
+    }
+    if let LedgerCommand::Verify { db, expect_head, anchor, public_key } = &args.command {
         let path = db.clone().unwrap_or_else(|| args.db.clone());
-        let report = suanwang_ledger::verify_anchored(&path, *expect_head).map_err(refused)?;
+        let expected = match anchor {
+            Some(file) => {
+                let text = std::fs::read_to_string(file).with_context(|| format!("--anchor {}", file.display()))?;
+                let checkpoint: suanwang_ledger::checkpoint::Checkpoint = serde_json::from_str(&text)
+                    .map_err(|e| anyhow!("--anchor {}: not a checkpoint: {e}", file.display()))?;
+                Some(
+                    suanwang_ledger::checkpoint::check(&checkpoint, public_key.as_deref())
+                        .map_err(|e| anyhow!("[bad_checkpoint] --anchor {}: {e}", file.display()))?,
+                )
+            }
+            None => *expect_head,
+        };
+        let report = suanwang_ledger::verify_anchored(&path, expected).map_err(refused)?;
         let ledger = Ledger::open(&path).map_err(refused)?;
         let problems = voucher::verify(&ledger).map_err(refused)?;
         if !problems.is_empty() {
@@ -347,7 +409,7 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
                 totals.join("; "),
                 report.journal_entries,
                 report.head,
-                match expect_head {
+                match expected {
                     Some(a) => format!(" (extends the expected head {})", a.seq),
                     None => String::new(),
                 }
@@ -555,6 +617,8 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
                 )
             })
         }
-        LedgerCommand::Verify { .. } => unreachable!("handled above"),
+        LedgerCommand::Verify { .. } | LedgerCommand::Keygen { .. } | LedgerCommand::Checkpoint { .. } => {
+            unreachable!("handled above")
+        }
     }
 }

@@ -315,6 +315,41 @@ fn ledger_voucher_flow_from_the_command_line() {
     assert!(stderr(&o).contains("history was rewritten"), "{}", stderr(&o));
     let o = suanwang(&["ledger", "verify", db.to_str().unwrap(), "--expect-head", "nonsense"]);
     assert_eq!(o.status.code(), Some(2), "a malformed head is a usage error");
+    // Signed checkpoints: the operator signs the head, the auditor keeps it.
+    let dir = db.parent().unwrap();
+    let key = dir.join("operator.key");
+    let _ = std::fs::remove_file(&key);
+    let public = ledger_ok(&db, &["keygen", "--out", key.to_str().unwrap()]).trim().to_string();
+    assert_eq!(public.len(), 64, "{public}");
+    let earlier = dir.join("earlier-copy.db");
+    std::fs::copy(&db, &earlier).unwrap();
+    ledger_ok(&db, &["deposit", "acme", "1", "--id", "c1"]);
+    let kept = dir.join("checkpoint.json");
+    ledger_ok(&db, &["checkpoint", "--key", key.to_str().unwrap(), "--out", kept.to_str().unwrap()]);
+    let anchored = |path: &Path, file: &Path, key: &str| {
+        suanwang(&["ledger", "verify", path.to_str().unwrap(), "--anchor", file.to_str().unwrap(), "--public-key", key])
+    };
+    let o = anchored(&db, &kept, &public);
+    assert!(o.status.success() && stdout(&o).contains("extends the expected head"), "{}", stderr(&o));
+    // The book without its last commit (an older copy) does not reach the head.
+    let o = anchored(&earlier, &kept, &public);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("before the anchored entry"), "{}", stderr(&o));
+    // Another key, or an edited checkpoint, is refused.
+    let o = anchored(&db, &kept, &"0".repeat(64));
+    assert!(
+        stderr(&o).contains("[bad_checkpoint]") && stderr(&o).contains("not by the expected key"),
+        "{}",
+        stderr(&o)
+    );
+    let text = std::fs::read_to_string(&kept).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let forged = dir.join("forged.json");
+    std::fs::write(&forged, text.replace(&format!("\"seq\": {}", v["seq"]), "\"seq\": 1")).unwrap();
+    let o = anchored(&db, &forged, &public);
+    assert!(stderr(&o).contains("does not verify"), "{}", stderr(&o));
+    // A key is never overwritten.
+    assert_eq!(ledger(&db, &["keygen", "--out", key.to_str().unwrap()]).status.code(), Some(1));
 }
 
 #[test]

@@ -14,9 +14,11 @@
 //!   [`audit`] writes settlement statements and spend reports.
 //!
 //! [`service`] puts one ledger behind a writer thread with group commit for
-//! many concurrent clients.
+//! many concurrent clients; [`checkpoint`] signs the journal's head for an
+//! auditor to keep.
 
 pub mod audit;
+pub mod checkpoint;
 pub mod error;
 pub mod ledger;
 pub mod model;

@@ -1,0 +1,104 @@
+//! Signed checkpoints: the journal's head (sequence number and hash),
+//! signed with an operator's Ed25519 key, for an auditor to keep outside the
+//! database. `verify --anchor FILE` later proves that the book still
+//! extends that head: a truncation below it, or a history rewritten and
+//! re-hashed, no longer contains the signed entry. The signature makes the
+//! checkpoint the operator's word: nobody without the key can make one.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::{Anchor, VerifyReport};
+
+/// A signed head of the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// The number of journal entries (the last one's sequence number).
+    pub seq: u64,
+    /// The last entry's hash, hex.
+    pub head: String,
+    /// When it was signed, unix seconds.
+    pub at: i64,
+    /// The operator's public key, hex.
+    pub public_key: String,
+    /// Ed25519 over [`message`], hex.
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("the checkpoint's {0} is not valid hex of the right length")]
+    Malformed(&'static str),
+    #[error("the checkpoint's signature does not verify with its public key (it was altered or forged)")]
+    BadSignature,
+    #[error("the checkpoint was signed by {signed_by}, not by the expected key {expected}")]
+    UnexpectedKey { signed_by: String, expected: String },
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex<const N: usize>(text: &str, what: &'static str) -> Result<[u8; N], CheckpointError> {
+    if text.len() != 2 * N {
+        return Err(CheckpointError::Malformed(what));
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| CheckpointError::Malformed(what))?;
+    }
+    Ok(out)
+}
+
+/// What is signed: versioned, so a signature for anything else never fits.
+pub fn message(seq: u64, head: &str, at: i64) -> Vec<u8> {
+    format!("suanwang ledger checkpoint v1\nseq {seq}\nhead {head}\nat {at}\n").into_bytes()
+}
+
+/// A new secret key from the operating system's randomness, and its public key (hex).
+pub fn keygen() -> std::io::Result<([u8; 32], String)> {
+    use std::io::Read;
+    let mut secret = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut secret)?;
+    let public = hex(SigningKey::from_bytes(&secret).verifying_key().as_bytes());
+    Ok((secret, public))
+}
+
+/// The secret key in a key file (64 hex digits).
+pub fn parse_secret(text: &str) -> Result<[u8; 32], CheckpointError> {
+    unhex::<32>(text.trim(), "secret key")
+}
+
+/// Signs the head a verify found.
+pub fn sign(secret: &[u8; 32], report: &VerifyReport, at: i64) -> Checkpoint {
+    let key = SigningKey::from_bytes(secret);
+    let signature = key.sign(&message(report.journal_entries, &report.head, at));
+    Checkpoint {
+        seq: report.journal_entries,
+        head: report.head.clone(),
+        at,
+        public_key: hex(key.verifying_key().as_bytes()),
+        signature: hex(&signature.to_bytes()),
+    }
+}
+
+/// Checks the signature (and that it is `expected_key`'s, if given) and
+/// returns the head to verify against.
+pub fn check(checkpoint: &Checkpoint, expected_key: Option<&str>) -> Result<Anchor, CheckpointError> {
+    let public = unhex::<32>(&checkpoint.public_key, "public key")?;
+    let key = VerifyingKey::from_bytes(&public).map_err(|_| CheckpointError::Malformed("public key"))?;
+    let signature = Signature::from_bytes(&unhex::<64>(&checkpoint.signature, "signature")?);
+    let hash = unhex::<32>(&checkpoint.head, "head")?;
+    key.verify(&message(checkpoint.seq, &checkpoint.head, checkpoint.at), &signature)
+        .map_err(|_| CheckpointError::BadSignature)?;
+    if let Some(expected) = expected_key
+        && !expected.trim().eq_ignore_ascii_case(&checkpoint.public_key)
+    {
+        return Err(CheckpointError::UnexpectedKey {
+            signed_by: checkpoint.public_key.clone(),
+            expected: expected.trim().to_string(),
+        });
+    }
+    Ok(Anchor { seq: checkpoint.seq, hash })
+}
