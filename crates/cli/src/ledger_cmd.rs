@@ -157,6 +157,15 @@ pub enum LedgerCommand {
         #[arg(long, requires = "anchor")]
         public_key: Option<String>,
     },
+    /// Declare an organisation and a provider related parties (a subsidiary,
+    /// a shareholder): vouchers never pay for the one's work at the other's sites.
+    Relate {
+        org: String,
+        provider: String,
+        /// Why they are related (kept).
+        #[arg(long)]
+        why: String,
+    },
     /// Make an operator's signing key for checkpoints (secret in FILE, mode 0600; prints the public key).
     Keygen {
         #[arg(long, value_name = "FILE")]
@@ -505,6 +514,10 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
         LedgerCommand::Release { job } => {
             voucher::release(l, now, &job).map_err(refused)?;
             ok(format!("job {job} released"))
+        }
+        LedgerCommand::Relate { org, provider, why } => {
+            voucher::relate(l, now, &org, &provider, &why).map_err(refused)?;
+            ok(format!("{org} and {provider} are related parties: no voucher pays between them"))
         }
         LedgerCommand::Sweep => {
             let report = voucher::sweep(l, now).map_err(refused)?;

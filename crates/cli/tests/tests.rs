@@ -350,6 +350,11 @@ fn ledger_voucher_flow_from_the_command_line() {
     assert!(stderr(&o).contains("does not verify"), "{}", stderr(&o));
     // A key is never overwritten.
     assert_eq!(ledger(&db, &["keygen", "--out", key.to_str().unwrap()]).status.code(), Some(1));
+    // A declared relation stops the subsidy.
+    ledger_ok(&db, &["relate", "acme", "jinan-icc-co", "--why", "acme holds 51% of the centre"]);
+    let quote =
+        ledger_ok(&db, &["quote", "acme", "--site", "jinan-icc", "--accel", "Ascend910B", "--accel-seconds", "3600"]);
+    assert!(quote.contains("[related_party]"), "{quote}");
 }
 
 #[test]

@@ -84,6 +84,15 @@ CREATE TABLE IF NOT EXISTS org_year (
     posted_fen INTEGER NOT NULL,
     PRIMARY KEY (programme, org, year)
 );
+-- Related parties the operator declared (subsidiaries, shareholders): no
+-- subsidy between them, as between an organisation and its own site.
+CREATE TABLE IF NOT EXISTS relations (
+    org TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    why TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (org, provider)
+);
 ";
 
 /// The kinds of organisation a programme can make eligible.
@@ -430,6 +439,50 @@ pub fn add_org_in(b: &mut Batch<'_>, id: &str, kind: OrgKind, name: &str) -> Res
     })
 }
 
+/// Declares that `org` and `provider` are related parties (the reason is
+/// kept): vouchers never pay for `org`'s work at `provider`'s sites.
+/// Idempotent for the same pair and reason.
+pub fn relate(ledger: &mut Ledger, now: i64, org: &str, provider: &str, why: &str) -> Result<(), LedgerError> {
+    check_id("org", org)?;
+    check_id("provider", provider)?;
+    if why.trim().is_empty() || why.len() > 1024 || why.chars().any(|c| c.is_control()) {
+        return refused(invalid(
+            "why",
+            "a relation needs a reason: 1 to 1024 characters, no control characters".into(),
+        ));
+    }
+    ledger.write(now, |b| {
+        org_kind(b, org)?;
+        let existing: Option<String> = b
+            .sql()
+            .query_row("SELECT why FROM relations WHERE org = ?1 AND provider = ?2", [org, provider], |r| r.get(0))
+            .optional()?;
+        match existing {
+            Some(w) if w == why => Ok(()),
+            Some(_) => refused(Refusal::IdReusedWithDifferentContent(format!("{org}:{provider}"))),
+            None => {
+                b.sql().execute(
+                    "INSERT INTO relations (org, provider, why, at) VALUES (?1, ?2, ?3, ?4)",
+                    params![org, provider, why, now],
+                )?;
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Are `org` and `provider` related parties: the same, or declared so?
+fn related(b: &Batch<'_>, org: &str, provider: &str) -> Result<bool, LedgerError> {
+    if org == provider {
+        return Ok(true);
+    }
+    let declared: Option<i64> = b
+        .sql()
+        .query_row("SELECT 1 FROM relations WHERE org = ?1 AND provider = ?2", [org, provider], |r| r.get(0))
+        .optional()?;
+    Ok(declared.is_some())
+}
+
 fn org_kind(b: &Batch<'_>, org: &str) -> Result<OrgKind, LedgerError> {
     let kind: Option<String> =
         b.sql().query_row("SELECT kind FROM orgs WHERE id = ?1", [org], |r| r.get(0)).optional()?;
@@ -662,7 +715,7 @@ pub fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> R
     let compute = compute_fen(usage.accel_seconds, placement.price_fen_per_hour);
     let payable = compute_fen(usage.accel_seconds - card_seconds, placement.price_fen_per_hour);
     let mut chosen: Option<(ProgrammeSpec, i64)> = None;
-    if org == placement.provider {
+    if related(b, org, &placement.provider)? {
         let r = Refusal::RelatedParty { org: org.into(), site: placement.site.clone() };
         rule(&mut notes, r.code(), r.to_string());
     } else {

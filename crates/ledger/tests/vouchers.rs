@@ -137,6 +137,19 @@ fn the_quote_applies_rate_caps_and_rules() {
         ),
         "invalid_argument"
     );
+    // A declared relation (a subsidiary) counts the same; a reason is required.
+    let before = voucher::quote(&mut l, now, "acme", &site("Ascend910B", true), &hours(10)).unwrap();
+    assert!(before.subsidy_fen > 0);
+    assert_eq!(code(voucher::relate(&mut l, now, "acme", "jinan-icc-co", " ").unwrap_err()), "invalid_argument");
+    voucher::relate(&mut l, now, "acme", "jinan-icc-co", "acme owns 51% of the Jinan centre").unwrap();
+    voucher::relate(&mut l, now, "acme", "jinan-icc-co", "acme owns 51% of the Jinan centre").unwrap();
+    assert_eq!(
+        code(voucher::relate(&mut l, now, "acme", "jinan-icc-co", "another reason").unwrap_err()),
+        "id_reused_with_different_content"
+    );
+    let q = voucher::quote(&mut l, now, "acme", &site("Ascend910B", true), &hours(10)).unwrap();
+    assert_eq!((q.subsidy_fen, q.codes.as_slice()), (0, &["related_party".to_string()][..]), "{:?}", q.notes);
+    assert_eq!(q.org_compute_fen, before.compute_fen, "the organisation pays it all");
 }
 
 #[test]
