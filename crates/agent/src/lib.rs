@@ -147,6 +147,11 @@ fn private_dir(path: &Path, mode: u32) -> std::io::Result<()> {
 
 /// Runs the agent until the process is stopped or its token is refused.
 pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
+    if config.unsandboxed && config.containers == sandbox::Containers::Required {
+        return Err(AgentError::Config(
+            "--containers yes needs the sandbox (it cannot be used with --unsandboxed)".into(),
+        ));
+    }
     private_dir(&config.workdir, 0o711)?;
     // Absolute, so the sandbox binds the right directory whatever its cwd.
     config.workdir = std::fs::canonicalize(&config.workdir)?;
@@ -174,11 +179,6 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         }
         isolation
     };
-    if config.unsandboxed && config.containers == sandbox::Containers::Required {
-        return Err(AgentError::Config(
-            "--containers yes needs the sandbox (it cannot be used with --unsandboxed)".into(),
-        ));
-    }
     let capabilities_of = |isolation: &Isolation| Capabilities {
         containers: isolation.runs_containers(),
         images: isolation.images().into_keys().take(4096).collect(),
@@ -427,18 +427,6 @@ fn run_attempt(shared: &Shared, lease: &Lease, control: &Control) -> Result<(), 
     if lease.command.is_empty() && lease.image.is_none() {
         return finish(AttemptEnd::Exited, 127, 0, Some("the job has no command".into()));
     }
-    if let Some(image) = &lease.image
-        && lease.command.is_empty()
-        && shared.isolation.image_has_default_command(image) == Some(false)
-    {
-        // The job's own mistake, not the site's: no retry anywhere would help.
-        return finish(
-            AttemptEnd::Exited,
-            127,
-            0,
-            Some(format!("the image {image} has no command of its own (no CMD or ENTRYPOINT): give the job a command")),
-        );
-    }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let record_path = shared.spool_dir.join(format!("{name}.lease"));
@@ -470,13 +458,23 @@ fn run_prepared(
         memory_mb: lease.memory_mb,
         cpus: lease.cpus,
         image: lease.image.as_deref(),
+        command_given: !lease.command.is_empty(),
     };
     let prepared = match shared.isolation.prepare(&request, &dir) {
         Ok(p) => p,
+        Err(e @ sandbox::SandboxError::NoDefaultCommand(_)) => {
+            return finish(AttemptEnd::Exited, 127, 0, Some(e.to_string()));
+        }
         Err(e) => return finish(AttemptEnd::Infrastructure, 127, 0, Some(format!("sandbox set-up failed: {e}"))),
     };
     let env = environment(lease, &shared.site, &prepared.workdir_inside);
-    let mut command = shared.isolation.command(&prepared, &dir, &lease.command, &env);
+    let mut command = match shared.isolation.command(&prepared, &dir, &lease.command, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            shared.isolation.cleanup(&prepared);
+            return finish(AttemptEnd::Infrastructure, 127, 0, Some(format!("sandbox set-up failed: {e}")));
+        }
+    };
     let (reader, writer) = std::io::pipe()?;
     command.stdin(Stdio::null()).stdout(writer.try_clone()?).stderr(writer);
     let spool = Spool::create(&shared.spool_dir.join(format!("{name}.log")), lease.log_quota_bytes)?;

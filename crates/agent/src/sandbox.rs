@@ -54,6 +54,9 @@ pub enum SandboxError {
     NoContainers,
     #[error("the image '{0}' is not at this site (sites run only the images they hold)")]
     NoSuchImage(String),
+    /// The job's own mistake, not the site's: no retry anywhere would help.
+    #[error("the image {0} has no command of its own (no CMD or ENTRYPOINT): give the job a command")]
+    NoDefaultCommand(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -119,6 +122,9 @@ pub struct ContainerAttempt {
     pub image: String,
     env_file: PathBuf,
     guard: std::sync::Mutex<Option<Guard>>,
+    /// Removed already (each kill and the clean-up would otherwise run
+    /// podman again, ~0.15 s each).
+    removed: std::sync::atomic::AtomicBool,
 }
 
 /// One attempt's isolation, made before it starts and undone after.
@@ -141,6 +147,8 @@ pub struct Request<'a> {
     pub memory_mb: Option<u64>,
     pub cpus: Option<u32>,
     pub image: Option<&'a str>,
+    /// Does the job give a command (else an image's own runs)?
+    pub command_given: bool,
 }
 
 fn bwrap_path() -> Option<PathBuf> {
@@ -196,14 +204,15 @@ impl Isolation {
         let dir = std::fs::canonicalize(scratch)?.join(".sandbox-trial");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let trial = Request { job: 0, attempt: 0, gpus: 1, memory_mb: None, cpus: None, image: None };
+        let trial =
+            Request { job: 0, attempt: 0, gpus: 1, memory_mb: None, cpus: None, image: None, command_given: true };
         let prepared = isolation.prepare(&trial, &dir).map_err(|e| SandboxError::Trial(e.to_string()))?;
         let mut command = isolation.command(
             &prepared,
             &dir,
             &["sh".into(), "-c".into(), "test \"$(id -u)\" != 0 && touch /work/ok".into()],
             &Default::default(),
-        );
+        )?;
         let status = command.status().map_err(|e| SandboxError::Trial(format!("{}: {e}", bwrap.display())))?;
         let ok = status.success() && dir.join("ok").exists();
         isolation.cleanup(&prepared);
@@ -227,14 +236,6 @@ impl Isolation {
         }
     }
 
-    /// Has the image (as a job names it) a command of its own? `None` when
-    /// this site does not hold it or cannot tell.
-    pub fn image_has_default_command(&self, image: &str) -> Option<bool> {
-        let podman = self.podman()?;
-        let full = podman.images().remove(image)?;
-        podman.has_default_command(&full)
-    }
-
     /// The images this site can run, by the names jobs may give (empty
     /// without containers).
     pub fn images(&self) -> std::collections::BTreeMap<String, String> {
@@ -252,7 +253,7 @@ impl Isolation {
 
     /// Makes the attempt's cgroup and hands its directory to its user.
     pub fn prepare(&self, request: &Request<'_>, dir: &Path) -> Result<Prepared, SandboxError> {
-        let Request { job, attempt, gpus, memory_mb, cpus, image } = *request;
+        let Request { job, attempt, gpus, memory_mb, cpus, image, command_given } = *request;
         match self {
             Isolation::Unsandboxed if image.is_some() => Err(SandboxError::NoContainers),
             Isolation::Unsandboxed => Ok(Prepared {
@@ -295,9 +296,11 @@ impl Isolation {
                 };
                 let podman = podman.as_ref().ok_or(SandboxError::NoContainers)?;
                 let full = podman.images().remove(image).ok_or_else(|| SandboxError::NoSuchImage(image.to_string()))?;
+                if !command_given && podman.has_default_command(&full) == Some(false) {
+                    return Err(SandboxError::NoDefaultCommand(image.to_string()));
+                }
+                // (A container of a previous life was removed by the sweep at start.)
                 let container_name = podman.container_name(job, attempt);
-                // A container of this attempt from a previous life must not linger.
-                podman.remove(&container_name);
                 let group = podman.group(&name, limits)?;
                 let guard = podman.guard(&container_name)?;
                 let env_file = podman.env_file(job, attempt);
@@ -311,6 +314,7 @@ impl Isolation {
                         image: full,
                         env_file,
                         guard: std::sync::Mutex::new(Some(guard)),
+                        removed: std::sync::atomic::AtomicBool::new(false),
                     }),
                 })
             }
@@ -325,20 +329,13 @@ impl Isolation {
         dir: &Path,
         argv: &[String],
         env: &std::collections::BTreeMap<String, String>,
-    ) -> Command {
+    ) -> Result<Command, SandboxError> {
         let mut command = match (self, &prepared.group, prepared.uid) {
             (Isolation::Sandboxed { defaults, podman: Some(podman), .. }, Some(group), Some(uid))
                 if prepared.container.is_some() =>
             {
                 let container = prepared.container.as_ref().expect("container attempt");
-                if let Err(e) = crate::container::write_env_file(&container.env_file, env) {
-                    // Nothing to run: a command that fails at once, so the
-                    // attempt reports a start failure.
-                    let mut c = Command::new("/nonexistent/suanwang-env-file");
-                    c.env_clear();
-                    eprintln!("agent: {}: {e}", container.name);
-                    return c;
-                }
+                crate::container::write_env_file(&container.env_file, env)?;
                 let mut c = podman.run_command(
                     group,
                     &container.name,
@@ -361,7 +358,7 @@ impl Isolation {
                         Ok(())
                     });
                 }
-                return c;
+                return Ok(c);
             }
             (Isolation::Sandboxed { defaults, .. }, Some(group), Some(uid)) => {
                 // bwrap's own options go through a memory file (`--args 3`),
@@ -430,15 +427,22 @@ impl Isolation {
             }
         };
         command.env_clear().envs(env);
-        command
+        Ok(command)
+    }
+
+    /// Removes an attempt's container, once.
+    fn remove_container(&self, prepared: &Prepared) {
+        if let (Some(podman), Some(container)) = (self.podman(), &prepared.container)
+            && !container.removed.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            podman.remove(&container.name);
+        }
     }
 
     /// Kills the attempt's whole process tree (`leader` is the process the
     /// agent started).
     pub fn kill(&self, prepared: &Prepared, leader: u32) {
-        if let (Some(podman), Some(container)) = (self.podman(), &prepared.container) {
-            podman.remove(&container.name);
-        }
+        self.remove_container(prepared);
         match &prepared.group {
             Some(group) => group.kill_all(),
             // SAFETY: kill(2) of the process group the agent created for the attempt.
@@ -463,8 +467,8 @@ impl Isolation {
 
     /// Kills anything left and removes the attempt's cgroup.
     pub fn cleanup(&self, prepared: &Prepared) {
-        if let (Some(podman), Some(container)) = (self.podman(), &prepared.container) {
-            podman.remove(&container.name);
+        self.remove_container(prepared);
+        if let Some(container) = &prepared.container {
             let _ = std::fs::remove_file(&container.env_file);
             if let Some(guard) = container.guard.lock().expect("guard lock").take() {
                 guard.dismiss();

@@ -36,9 +36,10 @@ fn starts(isolation: &Isolation, dir: &Path, n: usize, image: Option<&str>) -> a
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)?;
         let started = Instant::now();
-        let request = Request { job: i as u64 + 1, attempt: 1, gpus: 1, memory_mb: None, cpus: None, image };
+        let request =
+            Request { job: i as u64 + 1, attempt: 1, gpus: 1, memory_mb: None, cpus: None, image, command_given: true };
         let prepared = isolation.prepare(&request, &work)?;
-        let status = isolation.command(&prepared, &work, &argv, &env).status()?;
+        let status = isolation.command(&prepared, &work, &argv, &env)?.status()?;
         isolation.cleanup(&prepared);
         times.push(started.elapsed().as_secs_f64() * 1000.0);
         if !status.success() {
