@@ -11,7 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use suanwang_ledger::audit;
 use suanwang_ledger::voucher::{self, OrgKind, Placement, ProgrammeSpec, Usage};
-use suanwang_ledger::{AccountId, Ledger, LedgerError, TransferId};
+use suanwang_ledger::{AccountId, LedgerError, TransferId};
 
 use crate::table::{self, print};
 
@@ -46,8 +46,10 @@ pub enum LedgerCommand {
         #[arg(long, default_value = "")]
         name: String,
     },
-    /// Create a voucher programme and fund it with its budget.
-    Programme(ProgrammeArgs),
+    /// Create a voucher programme (`programme create`), or change its
+    /// budget (`programme fund`, `programme defund`).
+    #[command(subcommand)]
+    Programme(ProgrammeAction),
     /// List programmes.
     Programmes,
     /// Put an organisation's own money in its wallet.
@@ -181,12 +183,45 @@ pub enum LedgerCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ProgrammeAction {
+    /// Create a voucher programme and fund it with its budget from the treasury.
+    Create(ProgrammeArgs),
+    /// Add to a programme's budget from the treasury (journaled with its reason).
+    Fund {
+        programme: String,
+        amount_fen: i64,
+        /// Client-chosen transfer id (hex): repeating it is safe.
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Take part of a programme's budget back to the treasury: at most what
+    /// is neither granted nor held (journaled with its reason).
+    Defund {
+        programme: String,
+        amount_fen: i64,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
 #[derive(Debug, Args)]
 pub struct ProgrammeArgs {
     #[arg(long)]
     pub id: String,
     #[arg(long, default_value = "")]
     pub name: String,
+    /// Who issues the programme (an id, e.g. a city's data bureau): an
+    /// organisation's yearly cap counts across the issuer's programmes.
+    #[arg(long)]
+    pub issuer: String,
+    /// Count the yearly cap across the issuer's programmes (`issuer`) or in this programme only.
+    #[arg(long, default_value = "issuer")]
+    pub cap_per: String,
     #[arg(long)]
     pub budget_fen: i64,
     #[arg(long)]
@@ -351,6 +386,18 @@ fn bill_text(bill: &voucher::Bill) -> String {
     out
 }
 
+fn budget_changed(json: bool, programme: voucher::Programme, what: &str) -> anyhow::Result<()> {
+    print(json, &programme, || {
+        format!(
+            "programme {} {what}: budget {} fen (funded {}, defunded {})\n",
+            programme.spec.id,
+            programme.budget_fen(),
+            programme.funded_fen,
+            programme.defunded_fen
+        )
+    })
+}
+
 pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
     if let LedgerCommand::Keygen { out } = &args.command {
         use std::io::Write;
@@ -370,7 +417,10 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
     if let LedgerCommand::Checkpoint { key, out } = &args.command {
         let text = std::fs::read_to_string(key).with_context(|| format!("--key {}", key.display()))?;
         let secret = suanwang_ledger::checkpoint::parse_secret(&text).map_err(|e| anyhow!("--key: {e}"))?;
-        let report = suanwang_ledger::verify(&args.db).map_err(refused)?;
+        let (report, problems) = voucher::verify_file(&args.db, None).map_err(refused)?;
+        if !problems.is_empty() {
+            bail!("{}: voucher rules broken, no checkpoint signed:\n{}", args.db.display(), problems.join("\n"));
+        }
         let checkpoint = suanwang_ledger::checkpoint::sign(&secret, &report, now(&args)?);
         let json_text = serde_json::to_string_pretty(&checkpoint)?;
         match out {
@@ -396,9 +446,7 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
             }
             None => *expect_head,
         };
-        let report = suanwang_ledger::verify_anchored(&path, expected).map_err(refused)?;
-        let ledger = Ledger::open(&path).map_err(refused)?;
-        let problems = voucher::verify(&ledger).map_err(refused)?;
+        let (report, problems) = voucher::verify_file(&path, expected).map_err(refused)?;
         if !problems.is_empty() {
             bail!("{}: voucher rules broken:\n{}", path.display(), problems.join("\n"));
         }
@@ -409,12 +457,13 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
                 .map(|(u, posted, pending)| format!("{u}: {posted} posted, {pending} pending"))
                 .collect();
             format!(
-                "{}: ok: {} journal entries, {} accounts, {} transfers, {} holds open; debits equal credits ({})\nhead {}:{}{}\n",
+                "{}: ok: {} journal entries, {} accounts, {} transfers, {} holds open, {} row changes; debits equal credits ({})\nhead {}:{}{}\n",
                 path.display(),
                 report.journal_entries,
                 report.accounts,
                 report.transfers,
                 report.open_pending,
+                report.row_changes,
                 totals.join("; "),
                 report.journal_entries,
                 report.head,
@@ -437,7 +486,17 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
             voucher::add_org(l, now, &id, kind, &name).map_err(refused)?;
             ok(format!("organisation {id} registered"))
         }
-        LedgerCommand::Programme(p) => {
+        LedgerCommand::Programme(ProgrammeAction::Fund { programme, amount_fen, id, reason }) => {
+            let programme = voucher::fund_programme(l, now, transfer_id(&id)?, &programme, amount_fen, &reason);
+            budget_changed(json, programme.map_err(refused)?, "funded")
+        }
+        LedgerCommand::Programme(ProgrammeAction::Defund { programme, amount_fen, id, reason }) => {
+            let programme = voucher::defund_programme(l, now, transfer_id(&id)?, &programme, amount_fen, &reason);
+            budget_changed(json, programme.map_err(refused)?, "defunded")
+        }
+        LedgerCommand::Programme(ProgrammeAction::Create(p)) => {
+            let cap_per: voucher::CapScope =
+                p.cap_per.parse().map_err(|e| anyhow!("[invalid_argument] --cap-per: {e}"))?;
             known_accelerators(&p.topology, "--accels", &list(&p.accels))?;
             let network = suanwang_topology::load(&p.topology)?;
             if let Some(bad) = list(&p.sites).iter().find(|s| network.site_id(s).is_none()) {
@@ -450,6 +509,8 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
             let spec = ProgrammeSpec {
                 id: p.id.clone(),
                 name: p.name,
+                issuer: p.issuer,
+                cap_per,
                 budget_fen: p.budget_fen,
                 valid_from: parse_time(&p.from).context("--from")?,
                 valid_until: parse_time(&p.until).context("--until")?,
@@ -471,16 +532,30 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
                     .iter()
                     .map(|p| {
                         vec![
-                            p.id.clone(),
-                            p.budget_fen.to_string(),
-                            p.rate_bp.to_string(),
-                            p.foreign_rate_bp.to_string(),
-                            p.org_year_cap_fen.to_string(),
-                            p.job_cap_fen.to_string(),
+                            p.spec.id.clone(),
+                            p.spec.issuer.clone(),
+                            p.budget_fen().to_string(),
+                            p.spec.rate_bp.to_string(),
+                            p.spec.foreign_rate_bp.to_string(),
+                            p.spec.org_year_cap_fen.to_string(),
+                            format!("{:?}", p.spec.cap_per).to_lowercase(),
+                            p.spec.job_cap_fen.to_string(),
                         ]
                     })
                     .collect();
-                table::render(&["programme", "budget fen", "rate bp", "foreign bp", "org/year cap", "job cap"], &rows)
+                table::render(
+                    &[
+                        "programme",
+                        "issuer",
+                        "budget fen",
+                        "rate bp",
+                        "foreign bp",
+                        "org/year cap",
+                        "cap per",
+                        "job cap",
+                    ],
+                    &rows,
+                )
             })
         }
         LedgerCommand::Deposit { org, amount_fen, id } => {
@@ -615,6 +690,7 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
                         vec![
                             r.programme.clone(),
                             r.budget_fen.to_string(),
+                            r.defunded_fen.to_string(),
                             r.granted_fen.to_string(),
                             r.spent_fen.to_string(),
                             r.held_fen.to_string(),
@@ -625,7 +701,7 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
                     })
                     .collect();
                 table::render(
-                    &["programme", "budget", "granted", "spent", "held", "returned", "pool", "in vouchers"],
+                    &["programme", "budget", "defunded", "granted", "spent", "held", "returned", "pool", "in vouchers"],
                     &body,
                 )
             })

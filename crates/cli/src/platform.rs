@@ -921,6 +921,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         let programme = suanwang_ledger::voucher::ProgrammeSpec {
             id: "demo-vouchers".into(),
             name: "Demo compute vouchers (30%, 20% on foreign accelerators)".into(),
+            issuer: "demo-bureau".into(),
+            cap_per: suanwang_ledger::voucher::CapScope::Issuer,
             budget_fen: 10_000_000,
             valid_from: 0,
             valid_until: 4_102_444_800,

@@ -224,6 +224,9 @@ fn ledger_voucher_flow_from_the_command_line() {
         &db,
         &[
             "programme",
+            "create",
+            "--issuer",
+            "sd-bureau",
             "--id",
             "sd-2026",
             "--budget-fen",
@@ -377,6 +380,9 @@ fn ledger_refusals_name_their_code_and_change_nothing() {
         &db,
         &[
             "programme",
+            "create",
+            "--issuer",
+            "sd-bureau",
             "--id",
             "p",
             "--budget-fen",
@@ -395,6 +401,9 @@ fn ledger_refusals_name_their_code_and_change_nothing() {
     fails(
         &[
             "programme",
+            "create",
+            "--issuer",
+            "sd-bureau",
             "--id",
             "q",
             "--budget-fen",

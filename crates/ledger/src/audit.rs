@@ -4,7 +4,7 @@
 use rusqlite::params;
 use serde::Serialize;
 
-use crate::error::LedgerError;
+use crate::error::{LedgerError, Refusal};
 use crate::ledger::Ledger;
 use crate::voucher::{self, HoldRecord, Settlement};
 
@@ -106,13 +106,18 @@ pub fn statement_of(
             transfer_fen: s.bill.transfer_fen,
             unbilled_fen: s.unbilled_fen,
         };
-        total.accel_seconds += line.accel_seconds;
-        total.card_seconds += line.card_seconds;
-        total.compute_fen += line.compute_fen;
-        total.voucher_fen += line.voucher_fen;
-        total.org_fen += line.org_fen;
-        total.transfer_fen += line.transfer_fen;
-        total.unbilled_fen += line.unbilled_fen;
+        // Checked: a total that cannot be written is refused, never wrapped.
+        for (sum, value) in [
+            (&mut total.accel_seconds, line.accel_seconds),
+            (&mut total.card_seconds, line.card_seconds),
+            (&mut total.compute_fen, line.compute_fen),
+            (&mut total.voucher_fen, line.voucher_fen),
+            (&mut total.org_fen, line.org_fen),
+            (&mut total.transfer_fen, line.transfer_fen),
+            (&mut total.unbilled_fen, line.unbilled_fen),
+        ] {
+            *sum = sum.checked_add(value).ok_or(LedgerError::Refused(Refusal::Overflow))?;
+        }
         lines.push(line);
     }
     Ok(Statement { provider: provider.into(), from, to, lines, total })
@@ -122,7 +127,11 @@ pub fn statement_of(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProgrammeSpend {
     pub programme: String,
+    pub issuer: String,
+    /// Funded less defunded: what the programme may grant in all.
     pub budget_fen: i64,
+    /// Taken back to the treasury by `programme defund`.
+    pub defunded_fen: i64,
     /// Granted to organisations, net of expiry returns.
     pub granted_fen: i64,
     pub returned_fen: i64,
@@ -139,28 +148,33 @@ pub struct ProgrammeSpend {
 
 pub fn programme_spend(ledger: &Ledger) -> Result<Vec<ProgrammeSpend>, LedgerError> {
     let sql = ledger.connection();
+    let overflow = || LedgerError::Refused(Refusal::Overflow);
     let mut out = Vec::new();
     for p in voucher::programmes(ledger)? {
-        let pool = voucher::programme_pool(&p.id);
-        // The pool is debited only by grants, and credited by its funding
-        // and by expiry returns: its totals tell both without a scan.
-        let (granted, returned) =
-            ledger.account(pool).map_or((0, 0), |a| (a.debits_posted, a.credits_posted - p.budget_fen));
+        let pool = voucher::programme_pool(&p.spec.id);
+        // The pool is credited by its funding and by expiry returns, and
+        // debited by grants and defunding: with the funding recorded on the
+        // programme, its totals tell all four without a scan.
+        let (debited, credited) = ledger.account(pool).map_or((0, 0), |a| (a.debits_posted, a.credits_posted));
+        let returned = credited.checked_sub(p.funded_fen).ok_or_else(overflow)?;
+        let granted = debited.checked_sub(p.defunded_fen).and_then(|g| g.checked_sub(returned)).ok_or_else(overflow)?;
         let (held, spent, organisations): (i64, i64, i64) = sql.query_row(
             "SELECT COALESCE(SUM(held_fen), 0), COALESCE(SUM(posted_fen), 0), COUNT(DISTINCT org) FROM org_year WHERE programme = ?1",
-            [&p.id],
+            [&p.spec.id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
-        let vouchers: i64 = ledger
-            .accounts()
-            .iter()
-            .filter(|a| a.kind == "voucher" && voucher::voucher(&p.id, &a.owner) == a.id)
-            .map(|a| a.available())
-            .sum();
+        let mut vouchers = 0i64;
+        for a in
+            ledger.accounts().iter().filter(|a| a.kind == "voucher" && voucher::voucher(&p.spec.id, &a.owner) == a.id)
+        {
+            vouchers = vouchers.checked_add(a.available()).ok_or_else(overflow)?;
+        }
         out.push(ProgrammeSpend {
-            programme: p.id.clone(),
-            budget_fen: p.budget_fen,
-            granted_fen: granted - returned,
+            programme: p.spec.id.clone(),
+            issuer: p.spec.issuer.clone(),
+            budget_fen: p.budget_fen(),
+            defunded_fen: p.defunded_fen,
+            granted_fen: granted,
             returned_fen: returned,
             spent_fen: spent,
             held_fen: held,

@@ -191,7 +191,8 @@ impl LedgerError {
     pub fn code(&self) -> &'static str {
         match self {
             LedgerError::Refused(r) => r.code(),
-            LedgerError::Store(_) | LedgerError::Corrupt { .. } | LedgerError::WriterGone => "store_error",
+            LedgerError::Corrupt { .. } => "corrupt",
+            LedgerError::Store(_) | LedgerError::WriterGone => "store_error",
         }
     }
 }

@@ -21,7 +21,9 @@ use sha2::{Digest, Sha256};
 use crate::error::{LedgerError, Refusal};
 use crate::model::{Account, AccountId, NewAccount, NewTransfer, Transfer, TransferId, TransferKind, Unit, flags};
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2: the journal also covers row changes of the journaled tables, and
+/// each entry's hash covers its sequence number and time.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
@@ -71,15 +73,34 @@ CREATE TABLE IF NOT EXISTS refusals (
     code TEXT NOT NULL,
     message TEXT NOT NULL
 ) WITHOUT ROWID;
--- One entry per commit: the account and transfer rows it added, chained by hash.
+-- One entry per commit: the account and transfer rows it added and the
+-- row changes it made, chained by hash.
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY,
     accounts_from INTEGER NOT NULL,
     accounts_to INTEGER NOT NULL,
     transfers_from INTEGER NOT NULL,
     transfers_to INTEGER NOT NULL,
+    changes_from INTEGER NOT NULL,
+    changes_to INTEGER NOT NULL,
     at INTEGER NOT NULL,
     hash BLOB NOT NULL
+);
+-- Every insert, update and delete of a journaled table, as its key and its
+-- new row (NULL: deleted), each a JSON array of SQL literals. Triggers
+-- write it, so no code path can change such a table unrecorded.
+CREATE TABLE IF NOT EXISTS row_changes (
+    seq INTEGER PRIMARY KEY,
+    tbl TEXT NOT NULL,
+    key TEXT NOT NULL,
+    row TEXT
+);
+-- The tables whose changes the journal records besides the core ones
+-- (the voucher tables), with their key and columns as JSON arrays.
+CREATE TABLE IF NOT EXISTS journaled_tables (
+    name TEXT PRIMARY KEY,
+    key_columns TEXT NOT NULL,
+    columns TEXT NOT NULL
 );
 ";
 
@@ -229,12 +250,145 @@ fn request_digest(t: &NewTransfer) -> [u8; 32] {
     h.finalize().into()
 }
 
-fn chain(prev: &[u8; 32], accounts: &[u8], transfers: &[u8]) -> [u8; 32] {
+/// The canonical bytes of a journal entry's own fields, for the hash chain.
+fn encode_header(seq: i64, at: i64) -> [u8; 17] {
+    let mut out = [0u8; 17];
+    out[0] = b'H';
+    out[1..9].copy_from_slice(&seq.to_be_bytes());
+    out[9..].copy_from_slice(&at.to_be_bytes());
+    out
+}
+
+/// One recorded change of a journaled table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RowChange {
+    seq: i64,
+    table: String,
+    key: String,
+    /// The row after the change; `None`: deleted.
+    row: Option<String>,
+}
+
+fn read_change(row: &rusqlite::Row<'_>) -> rusqlite::Result<RowChange> {
+    Ok(RowChange { seq: row.get(0)?, table: row.get(1)?, key: row.get(2)?, row: row.get(3)? })
+}
+
+/// The canonical bytes of a row change, for the hash chain.
+fn encode_change(out: &mut Vec<u8>, c: &RowChange) {
+    out.push(b'C');
+    out.extend_from_slice(&c.seq.to_be_bytes());
+    for text in [&c.table, &c.key] {
+        out.extend_from_slice(&(text.len() as u32).to_be_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
+    match &c.row {
+        None => out.push(0),
+        Some(row) => {
+            out.push(1);
+            out.extend_from_slice(&(row.len() as u32).to_be_bytes());
+            out.extend_from_slice(row.as_bytes());
+        }
+    }
+}
+
+fn chain(prev: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(prev);
-    h.update(accounts);
-    h.update(transfers);
+    for part in parts {
+        h.update(part);
+    }
     h.finalize().into()
+}
+
+/// A table besides the core ones whose every change the journal records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournaledTable {
+    pub name: String,
+    pub key: Vec<String>,
+    pub columns: Vec<String>,
+}
+
+/// The core tables journaled by row change (the others are covered by the
+/// replay of transfers): (name, key columns, columns).
+const CORE_JOURNALED: [(&str, &[&str], &[&str]); 2] = [
+    ("refusals", &["id"], &["id", "digest", "code", "message"]),
+    ("journaled_tables", &["name"], &["name", "key_columns", "columns"]),
+];
+
+/// Tables whose content the replay of accounts and transfers checks.
+const CORE_REPLAYED: [&str; 4] = ["accounts", "transfers", "pending", "journal"];
+
+fn is_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.as_bytes()[0].is_ascii_digit()
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// `json_array(quote(P.c1), ...)`: the canonical text of a row (or key),
+/// the same from a trigger (`P` = `NEW`/`OLD`) as from a query (no prefix),
+/// and exact for every SQLite type (`quote` keeps integers, text and blobs apart).
+fn canonical(prefix: &str, columns: &[String]) -> String {
+    let cells: Vec<String> = columns
+        .iter()
+        .map(|c| if prefix.is_empty() { format!("quote(\"{c}\")") } else { format!("quote({prefix}.\"{c}\")") })
+        .collect();
+    format!("json_array({})", cells.join(", "))
+}
+
+/// Creates (or re-creates) the triggers that record every change of `t`.
+fn create_triggers(conn: &Connection, t: &JournaledTable, replace: bool) -> Result<(), LedgerError> {
+    let n = &t.name;
+    let (new_key, old_key, new_row) =
+        (canonical("NEW", &t.key), canonical("OLD", &t.key), canonical("NEW", &t.columns));
+    let mut sql = String::new();
+    if replace {
+        for op in ["insert", "update", "delete"] {
+            sql.push_str(&format!("DROP TRIGGER IF EXISTS journal_{n}_{op};\n"));
+        }
+    }
+    sql.push_str(&format!(
+        "CREATE TRIGGER IF NOT EXISTS journal_{n}_insert AFTER INSERT ON \"{n}\" BEGIN
+            INSERT INTO row_changes (tbl, key, row) VALUES ('{n}', {new_key}, {new_row});
+         END;
+         CREATE TRIGGER IF NOT EXISTS journal_{n}_update AFTER UPDATE ON \"{n}\" BEGIN
+            INSERT INTO row_changes (tbl, key, row) SELECT '{n}', {old_key}, NULL WHERE {old_key} IS NOT {new_key};
+            INSERT INTO row_changes (tbl, key, row) VALUES ('{n}', {new_key}, {new_row});
+         END;
+         CREATE TRIGGER IF NOT EXISTS journal_{n}_delete AFTER DELETE ON \"{n}\" BEGIN
+            INSERT INTO row_changes (tbl, key, row) VALUES ('{n}', {old_key}, NULL);
+         END;"
+    ));
+    conn.execute_batch(&sql)?;
+    Ok(())
+}
+
+fn core_journaled() -> Vec<JournaledTable> {
+    CORE_JOURNALED
+        .iter()
+        .map(|(name, key, columns)| JournaledTable {
+            name: name.to_string(),
+            key: key.iter().map(|c| c.to_string()).collect(),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+        })
+        .collect()
+}
+
+/// The value of an SQL literal as `quote()` writes text: `'it''s'` is `it's`.
+fn unquote(literal: &str) -> Option<String> {
+    literal.strip_prefix('\'')?.strip_suffix('\'').map(|inner| inner.replace("''", "'"))
+}
+
+/// A journaled table from its registry row (canonical text), as replayed.
+fn registered_table(row: &str) -> Option<JournaledTable> {
+    let cells: Vec<String> = serde_json::from_str(row).ok()?;
+    let [name, key, columns] = <[String; 3]>::try_from(cells).ok()?;
+    let list = |cell: &str| -> Option<Vec<String>> {
+        let names: Vec<String> = serde_json::from_str(&unquote(cell)?).ok()?;
+        names.iter().all(|n| is_identifier(n)).then_some(names)
+    };
+    let name = unquote(&name).filter(|n| is_identifier(n))?;
+    Some(JournaledTable { name, key: list(&key)?, columns: list(&columns)? })
 }
 
 fn read_account(row: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
@@ -318,6 +472,9 @@ impl Ledger {
             });
         }
         conn.execute_batch(SCHEMA)?;
+        for t in core_journaled() {
+            create_triggers(&conn, &t, false)?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let mut ledger = Ledger {
             conn,
@@ -424,7 +581,12 @@ impl Ledger {
             drop(tx);
             self.refresh()?;
         };
+        // Read under the write lock: a change recorded outside the journal
+        // before this commit leaves a gap that verify reports, instead of
+        // being swept into this entry.
+        let changes_from: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM row_changes", [], |r| r.get(0))?;
         let mut batch = Batch {
+            changes_from,
             tx: &tx,
             base: &self.accounts,
             overlay: HashMap::new(),
@@ -440,7 +602,7 @@ impl Ledger {
             transfer_bytes: Vec::new(),
         };
         let value = f(&mut batch)?;
-        let head = batch.finish(&self.head)?;
+        let head = batch.finish(self.journal_seq + 1, &self.head)?;
         let Batch { overlay, next_account_seq, next_transfer_seq, .. } = batch;
         tx.commit()?;
         if let Some(head) = head {
@@ -493,6 +655,8 @@ struct Undo {
 /// One write transaction in progress.
 pub struct Batch<'a> {
     tx: &'a rusqlite::Transaction<'a>,
+    /// The first row change this transaction's triggers write.
+    changes_from: i64,
     base: &'a HashMap<AccountId, Account>,
     overlay: HashMap<AccountId, Account>,
     /// Open atomic blocks, innermost last.
@@ -526,6 +690,56 @@ impl Batch<'_> {
 
     pub fn account(&self, id: AccountId) -> Option<&Account> {
         self.overlay.get(&id).or_else(|| self.base.get(&id))
+    }
+
+    /// Is a transfer with this id recorded (a repeated request)?
+    pub fn transfer_exists(&self, id: TransferId) -> Result<bool, LedgerError> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT 1 FROM transfers WHERE id = ?1")?
+            .query_row([blob(id.0)], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Puts a table kept alongside the ledger under the journal: triggers
+    /// record every insert, update and delete of it as a row change hashed
+    /// into the chain, and [`verify`] replays them and compares the table.
+    /// Call it before the table gets rows; idempotent.
+    pub fn journal_table(&mut self, name: &str, key: &[&str], columns: &[&str]) -> Result<(), LedgerError> {
+        let t = JournaledTable {
+            name: name.to_string(),
+            key: key.iter().map(|c| c.to_string()).collect(),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+        };
+        let all_names = std::iter::once(&t.name).chain(&t.key).chain(&t.columns);
+        if let Some(bad) = all_names.into_iter().find(|n| !is_identifier(n)) {
+            return Err(LedgerError::Corrupt {
+                path: self.tx.path().unwrap_or_default().into(),
+                problem: format!("'{bad}' cannot name a journaled table or column"),
+            });
+        }
+        if CORE_REPLAYED.contains(&name) || CORE_JOURNALED.iter().any(|(n, ..)| *n == name) || name == "row_changes" {
+            return Err(LedgerError::Corrupt { path: String::new(), problem: format!("{name} is a core table") });
+        }
+        let (key_text, columns_text) =
+            (serde_json::to_string(&t.key).expect("names"), serde_json::to_string(&t.columns).expect("names"));
+        let registered: Option<(String, String)> = self
+            .tx
+            .query_row("SELECT key_columns, columns FROM journaled_tables WHERE name = ?1", [name], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        if registered.as_ref() == Some(&(key_text.clone(), columns_text.clone())) {
+            return create_triggers(self.tx, &t, false);
+        }
+        create_triggers(self.tx, &t, registered.is_some())?;
+        self.tx.execute(
+            "INSERT INTO journaled_tables (name, key_columns, columns) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET key_columns = excluded.key_columns, columns = excluded.columns",
+            params![name, key_text, columns_text],
+        )?;
+        Ok(())
     }
 
     fn account_mut(&mut self, id: AccountId) -> Option<&mut Account> {
@@ -989,8 +1203,8 @@ impl Batch<'_> {
         Ok(due.len())
     }
 
-    /// Writes the touched accounts and the journal entry; returns the new head.
-    fn finish(&mut self, prev: &[u8; 32]) -> Result<Option<[u8; 32]>, LedgerError> {
+    /// Writes the touched accounts and the journal entry `seq`; returns the new head.
+    fn finish(&mut self, seq: i64, prev: &[u8; 32]) -> Result<Option<[u8; 32]>, LedgerError> {
         let mut stmt = self.tx.prepare_cached(
             "UPDATE accounts SET debits_pending = ?2, debits_posted = ?3, credits_pending = ?4, credits_posted = ?5 WHERE id = ?1",
         )?;
@@ -1003,19 +1217,35 @@ impl Batch<'_> {
                 a.credits_posted
             ])?;
         }
-        if self.account_bytes.is_empty() && self.transfer_bytes.is_empty() {
+        let mut change_bytes = Vec::new();
+        let mut changes_to = self.changes_from - 1;
+        {
+            let mut stmt =
+                self.tx.prepare_cached("SELECT seq, tbl, key, row FROM row_changes WHERE seq >= ?1 ORDER BY seq")?;
+            for change in stmt.query_map([self.changes_from], read_change)? {
+                let change = change?;
+                changes_to = change.seq;
+                encode_change(&mut change_bytes, &change);
+            }
+        }
+        if self.account_bytes.is_empty() && self.transfer_bytes.is_empty() && change_bytes.is_empty() {
             return Ok(None);
         }
-        let head = chain(prev, &self.account_bytes, &self.transfer_bytes);
+        let head =
+            chain(prev, &[&encode_header(seq, self.now), &self.account_bytes, &self.transfer_bytes, &change_bytes]);
         self.tx
             .prepare_cached(
-                "INSERT INTO journal (accounts_from, accounts_to, transfers_from, transfers_to, at, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO journal (seq, accounts_from, accounts_to, transfers_from, transfers_to, changes_from, changes_to, at, hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
             .execute(params![
+                seq,
                 self.accounts_from,
                 self.next_account_seq - 1,
                 self.transfers_from,
                 self.next_transfer_seq - 1,
+                self.changes_from,
+                changes_to,
                 self.now,
                 head.to_vec()
             ])?;
@@ -1033,8 +1263,11 @@ pub struct VerifyReport {
     pub accounts: u64,
     pub transfers: u64,
     pub open_pending: u64,
-    /// Per unit: total posted debits (= total posted credits) and pending.
-    pub totals: Vec<(String, i64, i64)>,
+    /// Changes of journaled tables (organisations, programmes, bills...) replayed.
+    pub row_changes: u64,
+    /// Per unit: total posted debits (= total posted credits) and pending,
+    /// summed without overflow.
+    pub totals: Vec<(String, i128, i128)>,
 }
 
 /// A head of the journal kept by someone outside the database (an
@@ -1077,17 +1310,70 @@ pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, LedgerError> {
 
 /// [`verify`], and that the book extends `anchor` (if given).
 pub fn verify_anchored(path: impl AsRef<Path>, anchor: Option<Anchor>) -> Result<VerifyReport, LedgerError> {
+    struct Nothing;
+    impl Replay for Nothing {}
+    verify_with(path, anchor, &mut Nothing)
+}
+
+/// What a layer on top of the ledger (the vouchers) checks during
+/// [`verify_with`]: it sees every transfer as it is replayed, then the
+/// same snapshot of the file, so that both checks judge the same book.
+pub trait Replay {
+    /// A transfer of the history, with its accounts as they are after it.
+    fn transfer(&mut self, _t: &Transfer, _debit: &Account, _credit: &Account) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// After the replay succeeded, on the snapshot it read.
+    fn finish(&mut self, _snapshot: &Connection) -> Result<(), LedgerError> {
+        Ok(())
+    }
+}
+
+/// [`verify_anchored`], with `replay` shown every transfer and then the
+/// same snapshot of the file.
+pub fn verify_with(
+    path: impl AsRef<Path>,
+    anchor: Option<Anchor>,
+    replay: &mut dyn Replay,
+) -> Result<VerifyReport, LedgerError> {
     let path = path.as_ref();
-    let corrupt = |problem: String| LedgerError::Corrupt { path: path.display().to_string(), problem };
     if !path.exists() {
-        return Err(corrupt("no such file".into()));
+        return Err(LedgerError::Corrupt { path: path.display().to_string(), problem: "no such file".into() });
     }
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version != SCHEMA_VERSION {
+        return Err(LedgerError::Corrupt {
+            path: path.display().to_string(),
+            problem: format!("schema version {version}, this build reads {SCHEMA_VERSION}"),
+        });
+    }
     // Every read below sees one snapshot, however many writers commit
     // meanwhile (WAL): the read transaction pins it at its first read.
     let snapshot = conn.unchecked_transaction()?;
-    let conn = &*snapshot;
+    let report = verify_snapshot(&snapshot, &path.display().to_string(), anchor, replay)?;
+    replay.finish(&snapshot)?;
+    Ok(report)
+}
+
+/// Journal entry columns, as verify reads them.
+struct EntryRow {
+    accounts: (i64, i64),
+    transfers: (i64, i64),
+    changes: (i64, i64),
+    at: i64,
+    hash: Vec<u8>,
+}
+
+fn verify_snapshot(
+    conn: &Connection,
+    path: &str,
+    anchor: Option<Anchor>,
+    replay: &mut dyn Replay,
+) -> Result<VerifyReport, LedgerError> {
+    let corrupt = |problem: String| LedgerError::Corrupt { path: path.to_string(), problem };
     let stored: HashMap<AccountId, Account> = {
         let mut stmt = conn.prepare("SELECT * FROM accounts ORDER BY seq")?;
         let rows = stmt.query_map([], read_account)?;
@@ -1095,30 +1381,50 @@ pub fn verify_anchored(path: impl AsRef<Path>, anchor: Option<Anchor>) -> Result
     };
     let mut replayed: HashMap<AccountId, Account> = HashMap::new();
     let mut pending: HashMap<TransferId, PendingRecord> = HashMap::new();
+    // Journaled tables as the row changes say they must be: table -> key -> row.
+    let mut tables: HashMap<String, std::collections::BTreeMap<String, String>> = HashMap::new();
     let mut head = [0u8; 32];
     let mut entries = 0u64;
     let mut transfers = 0u64;
-    let mut expected_account = 1i64;
-    let mut expected_transfer = 1i64;
-    let journal: Vec<(i64, i64, i64, i64, Vec<u8>)> = {
+    let mut changes = 0u64;
+    let (mut expected_account, mut expected_transfer, mut expected_change) = (1i64, 1i64, 1i64);
+    let journal: Vec<(i64, EntryRow)> = {
         let mut stmt = conn.prepare(
-            "SELECT accounts_from, accounts_to, transfers_from, transfers_to, hash FROM journal ORDER BY seq",
+            "SELECT seq, accounts_from, accounts_to, transfers_from, transfers_to, changes_from, changes_to, at, hash FROM journal ORDER BY seq",
         )?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                EntryRow {
+                    accounts: (r.get(1)?, r.get(2)?),
+                    transfers: (r.get(3)?, r.get(4)?),
+                    changes: (r.get(5)?, r.get(6)?),
+                    at: r.get(7)?,
+                    hash: r.get(8)?,
+                },
+            ))
+        })?;
         rows.collect::<Result<_, _>>()?
     };
     let mut account_stmt = conn.prepare("SELECT * FROM accounts WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq")?;
     let mut transfer_stmt = conn.prepare("SELECT * FROM transfers WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq")?;
-    for (accounts_from, accounts_to, transfers_from, transfers_to, hash) in journal {
+    let mut change_stmt =
+        conn.prepare("SELECT seq, tbl, key, row FROM row_changes WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq")?;
+    for (seq, entry) in journal {
         entries += 1;
-        if accounts_from != expected_account || transfers_from != expected_transfer {
-            return Err(corrupt(format!("journal entry {entries} does not follow the previous one")));
+        let n = entries;
+        if seq != n as i64
+            || entry.accounts.0 != expected_account
+            || entry.transfers.0 != expected_transfer
+            || entry.changes.0 != expected_change
+        {
+            return Err(corrupt(format!("journal entry {n} does not follow the previous one")));
         }
         let mut account_bytes = Vec::new();
         let accounts: Vec<Account> =
-            account_stmt.query_map([accounts_from, accounts_to], read_account)?.collect::<Result<_, _>>()?;
-        if accounts.len() as i64 != accounts_to - accounts_from + 1 {
-            return Err(corrupt(format!("journal entry {entries}: account rows missing")));
+            account_stmt.query_map([entry.accounts.0, entry.accounts.1], read_account)?.collect::<Result<_, _>>()?;
+        if accounts.len() as i64 != entry.accounts.1 - entry.accounts.0 + 1 {
+            return Err(corrupt(format!("journal entry {n}: account rows missing")));
         }
         for a in accounts {
             encode_account(&mut account_bytes, &a);
@@ -1127,10 +1433,11 @@ pub fn verify_anchored(path: impl AsRef<Path>, anchor: Option<Anchor>) -> Result
                 Account { debits_pending: 0, debits_posted: 0, credits_pending: 0, credits_posted: 0, ..a },
             );
         }
-        let rows: Vec<Transfer> =
-            transfer_stmt.query_map([transfers_from, transfers_to], read_transfer)?.collect::<Result<_, _>>()?;
-        if rows.len() as i64 != transfers_to - transfers_from + 1 {
-            return Err(corrupt(format!("journal entry {entries}: transfer rows missing")));
+        let rows: Vec<Transfer> = transfer_stmt
+            .query_map([entry.transfers.0, entry.transfers.1], read_transfer)?
+            .collect::<Result<_, _>>()?;
+        if rows.len() as i64 != entry.transfers.1 - entry.transfers.0 + 1 {
+            return Err(corrupt(format!("journal entry {n}: transfer rows missing")));
         }
         let mut transfer_bytes = Vec::new();
         for t in &rows {
@@ -1141,34 +1448,61 @@ pub fn verify_anchored(path: impl AsRef<Path>, anchor: Option<Anchor>) -> Result
                 if a.unit != t.unit {
                     return Err(corrupt(format!("transfer {} moves {} on an account of {}", t.id, t.unit, a.unit)));
                 }
-                if a.has(flags::DEBITS_MUST_NOT_EXCEED_CREDITS) && a.debits_posted + a.debits_pending > a.credits_posted
+                if a.has(flags::DEBITS_MUST_NOT_EXCEED_CREDITS)
+                    && a.debits_posted.saturating_add(a.debits_pending) > a.credits_posted
                 {
                     return Err(corrupt(format!("account {id} overdrawn after transfer {}", t.id)));
                 }
                 if a.has(flags::CREDITS_MUST_NOT_EXCEED_DEBITS)
-                    && a.credits_posted + a.credits_pending > a.debits_posted
+                    && a.credits_posted.saturating_add(a.credits_pending) > a.debits_posted
                 {
                     return Err(corrupt(format!("account {id} over-credited after transfer {}", t.id)));
                 }
             }
+            replay.transfer(t, &replayed[&t.debit], &replayed[&t.credit]).map_err(corrupt)?;
             transfers += 1;
         }
-        head = chain(&head, &account_bytes, &transfer_bytes);
-        if hash.as_slice() != head {
-            return Err(corrupt(format!("journal entry {entries}: hash chain broken")));
+        let recorded: Vec<RowChange> =
+            change_stmt.query_map([entry.changes.0, entry.changes.1], read_change)?.collect::<Result<_, _>>()?;
+        if recorded.len() as i64 != entry.changes.1 - entry.changes.0 + 1 {
+            return Err(corrupt(format!("journal entry {n}: row changes missing")));
+        }
+        let mut change_bytes = Vec::new();
+        for c in recorded {
+            encode_change(&mut change_bytes, &c);
+            let table = tables.entry(c.table.clone()).or_default();
+            match c.row {
+                Some(row) => {
+                    table.insert(c.key, row);
+                }
+                None => {
+                    if table.remove(&c.key).is_none() {
+                        return Err(corrupt(format!(
+                            "journal entry {n}: row change {} deletes {} row {} that does not exist",
+                            c.seq, c.table, c.key
+                        )));
+                    }
+                }
+            }
+            changes += 1;
+        }
+        head = chain(&head, &[&encode_header(seq, entry.at), &account_bytes, &transfer_bytes, &change_bytes]);
+        if entry.hash.as_slice() != head {
+            return Err(corrupt(format!("journal entry {n}: hash chain broken")));
         }
         if let Some(a) = anchor
-            && a.seq == entries
+            && a.seq == n
             && a.hash != head
         {
             return Err(corrupt(format!(
-                "journal entry {entries} is not the anchored one: its hash is {}, the anchor says {} (history was rewritten)",
+                "journal entry {n} is not the anchored one: its hash is {}, the anchor says {} (history was rewritten)",
                 hex(&head),
                 hex(&a.hash)
             )));
         }
-        expected_account = accounts_to + 1;
-        expected_transfer = transfers_to + 1;
+        expected_account = entry.accounts.1 + 1;
+        expected_transfer = entry.transfers.1 + 1;
+        expected_change = entry.changes.1 + 1;
     }
     if let Some(a) = anchor
         && a.seq > entries
@@ -1178,9 +1512,32 @@ pub fn verify_anchored(path: impl AsRef<Path>, anchor: Option<Anchor>) -> Result
             a.seq
         )));
     }
-    let total_transfers: i64 = conn.query_row("SELECT COUNT(*) FROM transfers", [], |r| r.get(0))?;
-    if total_transfers as u64 != transfers || stored.len() != replayed.len() {
-        return Err(corrupt("rows exist outside the journal".into()));
+    let count = |table: &str| -> Result<i64, LedgerError> {
+        Ok(conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))?)
+    };
+    if count("transfers")? as u64 != transfers {
+        return Err(corrupt("transfers: rows exist outside the journal".into()));
+    }
+    if stored.len() != replayed.len() {
+        return Err(corrupt("accounts: rows exist outside the journal".into()));
+    }
+    if count("row_changes")? as u64 != changes {
+        let stray: Option<RowChange> = conn
+            .query_row(
+                "SELECT seq, tbl, key, row FROM row_changes WHERE seq >= ?1 OR seq < 1 ORDER BY seq LIMIT 1",
+                [expected_change],
+                read_change,
+            )
+            .optional()?;
+        return Err(corrupt(match stray {
+            Some(c) => format!(
+                "row_changes: {} of {} row {} is outside the journal (the table was edited around the ledger)",
+                if c.row.is_some() { "a write" } else { "a delete" },
+                c.table,
+                c.key
+            ),
+            None => "row_changes: changes exist outside the journal".into(),
+        }));
     }
     for (id, a) in &stored {
         let r = &replayed[id];
@@ -1200,13 +1557,16 @@ pub fn verify_anchored(path: impl AsRef<Path>, anchor: Option<Anchor>) -> Result
             )));
         }
     }
-    let mut totals: HashMap<String, (i64, i64, i64, i64)> = HashMap::new();
+    verify_pending(conn, &pending).map_err(corrupt)?;
+    verify_tables(conn, &tables).map_err(corrupt)?;
+    // Sums over all accounts in i128: no total of i64 amounts can wrap.
+    let mut totals: HashMap<String, (i128, i128, i128, i128)> = HashMap::new();
     for a in replayed.values() {
         let t = totals.entry(a.unit.to_string()).or_default();
-        t.0 += a.debits_posted;
-        t.1 += a.credits_posted;
-        t.2 += a.debits_pending;
-        t.3 += a.credits_pending;
+        t.0 += a.debits_posted as i128;
+        t.1 += a.credits_posted as i128;
+        t.2 += a.debits_pending as i128;
+        t.3 += a.credits_pending as i128;
     }
     let mut report_totals = Vec::new();
     for (unit, (dp, cp, dpe, cpe)) in totals {
@@ -1216,17 +1576,126 @@ pub fn verify_anchored(path: impl AsRef<Path>, anchor: Option<Anchor>) -> Result
         report_totals.push((unit, dp, dpe));
     }
     report_totals.sort();
-    let stored_open: i64 = conn.query_row("SELECT COUNT(*) FROM pending WHERE state = 0", [], |r| r.get(0))?;
     let open = pending.values().filter(|p| p.state == PendingState::Pending).count() as u64;
-    if stored_open as u64 != open {
-        return Err(corrupt(format!("{stored_open} pending transfers stored open, {open} by the replay")));
-    }
     Ok(VerifyReport {
         journal_entries: entries,
         head: hex(&head),
         accounts: stored.len() as u64,
         transfers,
         open_pending: open,
+        row_changes: changes,
         totals: report_totals,
     })
+}
+
+/// The pending table must be exactly what the replay of the transfers says:
+/// every hold's accounts, amount, expiry and state.
+fn verify_pending(conn: &Connection, replayed: &HashMap<TransferId, PendingRecord>) -> Result<(), String> {
+    let mut stmt =
+        conn.prepare("SELECT id, debit, credit, amount, expires_at, state FROM pending").map_err(|e| e.to_string())?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                TransferId(from_blob(&r.get::<_, Vec<u8>>(0)?)),
+                PendingRecord {
+                    debit: AccountId(from_blob(&r.get::<_, Vec<u8>>(1)?)),
+                    credit: AccountId(from_blob(&r.get::<_, Vec<u8>>(2)?)),
+                    amount: r.get(3)?,
+                    expires_at: r.get(4)?,
+                    state: PendingState::from_code(r.get(5)?),
+                },
+            ))
+        })
+        .map_err(|e| e.to_string())?;
+    let mut seen = 0usize;
+    for row in rows {
+        let (id, stored) = row.map_err(|e| e.to_string())?;
+        match replayed.get(&id) {
+            None => return Err(format!("pending: transfer {id} is held in the table but by no transfer")),
+            Some(r) if *r != stored => {
+                return Err(format!(
+                    "pending: transfer {id} stored as {} of {} expiring at {} ({:?}), the replay says {} of {} expiring at {} ({:?})",
+                    stored.amount,
+                    stored.debit,
+                    stored.expires_at,
+                    stored.state,
+                    r.amount,
+                    r.debit,
+                    r.expires_at,
+                    r.state
+                ));
+            }
+            Some(_) => seen += 1,
+        }
+    }
+    if seen != replayed.len() {
+        return Err(format!("pending: {} pending transfers missing from the table", replayed.len() - seen));
+    }
+    Ok(())
+}
+
+/// Every journaled table must hold exactly the rows its changes say.
+fn verify_tables(
+    conn: &Connection,
+    replayed: &HashMap<String, std::collections::BTreeMap<String, String>>,
+) -> Result<(), String> {
+    let empty = std::collections::BTreeMap::new();
+    let mut journaled = core_journaled();
+    for row in replayed.get("journaled_tables").unwrap_or(&empty).values() {
+        journaled.push(registered_table(row).ok_or_else(|| format!("journaled_tables: unreadable entry {row}"))?);
+    }
+    let names: Vec<String> = {
+        let mut stmt = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+            .map_err(|e| e.to_string())?;
+        stmt.query_map([], |r| r.get(0))
+            .map_err(|e| e.to_string())?
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?
+    };
+    // Other tables may share the file (the platform's jobs and attempts):
+    // they are not the books, and nothing that decides money reads them.
+    for name in replayed.keys() {
+        if !journaled.iter().any(|t| &t.name == name) {
+            return Err(format!("row_changes: changes of {name}, which is not a journaled table"));
+        }
+    }
+    for t in &journaled {
+        let want = replayed.get(&t.name).unwrap_or(&empty);
+        if !names.contains(&t.name) {
+            return Err(format!("table {} is journaled but missing", t.name));
+        }
+        let sql = format!("SELECT {}, {} FROM \"{}\"", canonical("", &t.key), canonical("", &t.columns), t.name);
+        let mut stmt = conn.prepare(&sql).map_err(|e| format!("table {}: {e}", t.name))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| format!("table {}: {e}", t.name))?;
+        let mut seen = 0usize;
+        for row in rows {
+            let (key, row) = row.map_err(|e| format!("table {}: {e}", t.name))?;
+            match want.get(&key) {
+                None => return Err(format!("table {}: row {key} is not in the journal (inserted outside it)", t.name)),
+                Some(w) if *w != row => {
+                    return Err(format!(
+                        "table {}: row {key} differs from the journal (stored {row}, journaled {w})",
+                        t.name
+                    ));
+                }
+                Some(_) => seen += 1,
+            }
+        }
+        if seen != want.len() {
+            let stored: std::collections::HashSet<String> = {
+                let sql = format!("SELECT {} FROM \"{}\"", canonical("", &t.key), t.name);
+                let mut stmt = conn.prepare(&sql).map_err(|e| e.to_string())?;
+                stmt.query_map([], |r| r.get(0))
+                    .map_err(|e| e.to_string())?
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| e.to_string())?
+            };
+            let gone = want.keys().find(|k| !stored.contains(*k)).cloned().unwrap_or_default();
+            return Err(format!("table {}: row {gone} of the journal is missing (deleted outside it)", t.name));
+        }
+    }
+    Ok(())
 }

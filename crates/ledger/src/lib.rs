@@ -26,5 +26,5 @@ pub mod service;
 pub mod voucher;
 
 pub use error::{LedgerError, Refusal};
-pub use ledger::{Anchor, Ledger, VerifyReport, verify, verify_anchored};
+pub use ledger::{Anchor, Ledger, Replay, VerifyReport, verify, verify_anchored, verify_with};
 pub use model::{Account, AccountId, NewAccount, NewTransfer, Transfer, TransferId, TransferKind, Unit, flags};

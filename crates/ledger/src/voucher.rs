@@ -47,6 +47,7 @@ pub mod codes {
     pub const CARD_ISSUE: u16 = 8;
     pub const CARD_REDEEM: u16 = 9;
     pub const EXPIRY_RETURN: u16 = 10;
+    pub const DEFUND: u16 = 11;
 }
 
 const SCHEMA: &str = "
@@ -56,10 +57,14 @@ CREATE TABLE IF NOT EXISTS orgs (
     name TEXT NOT NULL,
     created_at INTEGER NOT NULL
 );
+-- A programme's budget is what `programme fund` put in less what
+-- `programme defund` took back, each a transfer with the treasury.
 CREATE TABLE IF NOT EXISTS programmes (
     id TEXT PRIMARY KEY,
     spec TEXT NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    funded_fen INTEGER NOT NULL,
+    defunded_fen INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS billing (
     job TEXT PRIMARY KEY,
@@ -95,6 +100,33 @@ CREATE TABLE IF NOT EXISTS relations (
 );
 ";
 
+/// The voucher tables, each with its key and all its columns: every change
+/// of them is a journaled row change.
+const JOURNALED: [(&str, &[&str], &[&str]); 5] = [
+    ("orgs", &["id"], &["id", "kind", "name", "created_at"]),
+    ("programmes", &["id"], &["id", "spec", "created_at", "funded_fen", "defunded_fen"]),
+    (
+        "billing",
+        &["job"],
+        &[
+            "job",
+            "org",
+            "provider",
+            "site",
+            "accel",
+            "programme",
+            "year",
+            "state",
+            "hold",
+            "settlement",
+            "held_at",
+            "settled_at",
+        ],
+    ),
+    ("org_year", &["programme", "org", "year"], &["programme", "org", "year", "held_fen", "posted_fen"]),
+    ("relations", &["org", "provider"], &["org", "provider", "why", "at"]),
+];
+
 /// The kinds of organisation a programme can make eligible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -116,11 +148,38 @@ impl std::str::FromStr for OrgKind {
     }
 }
 
+/// Over which programmes an organisation's yearly cap counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CapScope {
+    /// All programmes of the same issuer (a city's cap per organisation).
+    #[default]
+    Issuer,
+    /// This programme alone.
+    Programme,
+}
+
+impl std::str::FromStr for CapScope {
+    type Err = Refusal;
+    fn from_str(s: &str) -> Result<CapScope, Refusal> {
+        match s {
+            "issuer" => Ok(CapScope::Issuer),
+            "programme" => Ok(CapScope::Programme),
+            _ => Err(invalid("cap_per", format!("must be issuer or programme, got '{s}'"))),
+        }
+    }
+}
+
 /// A voucher programme as the operator defines it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgrammeSpec {
     pub id: String,
     pub name: String,
+    /// Who issues the programme (a city's data bureau): the yearly cap of
+    /// an organisation counts across the issuer's programmes.
+    pub issuer: String,
+    /// The budget the programme is created with; `programme fund` and
+    /// `defund` change it later ([`Programme::budget_fen`]).
     pub budget_fen: i64,
     /// Valid from this time (inclusive) until `valid_until` (exclusive), unix seconds.
     pub valid_from: i64,
@@ -135,8 +194,11 @@ pub struct ProgrammeSpec {
     pub rate_bp: i64,
     /// The rate for non-domestic accelerators.
     pub foreign_rate_bp: i64,
-    /// Most subsidy one organisation receives per calendar year.
+    /// Most subsidy one organisation receives per calendar year, from all
+    /// the issuer's programmes (or from this one, with [`CapScope::Programme`]).
     pub org_year_cap_fen: i64,
+    #[serde(default)]
+    pub cap_per: CapScope,
     /// Most subsidy one job receives.
     pub job_cap_fen: i64,
 }
@@ -399,6 +461,11 @@ fn positive(field: &'static str, value: i64) -> Result<(), LedgerError> {
 pub fn init(ledger: &mut Ledger, now: i64) -> Result<(), LedgerError> {
     ledger.write(now, |b| {
         b.sql().execute_batch(SCHEMA)?;
+        // Everything that decides money besides the transfers: under the
+        // journal, so verify catches any edit of it.
+        for (table, key, columns) in JOURNALED {
+            b.journal_table(table, key, columns)?;
+        }
         ensure_accounts(
             b,
             &[
@@ -492,31 +559,63 @@ fn org_kind(b: &Batch<'_>, org: &str) -> Result<OrgKind, LedgerError> {
     }
 }
 
+/// A programme as it stands: its definition and its funding so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Programme {
+    #[serde(flatten)]
+    pub spec: ProgrammeSpec,
+    /// Put in from the treasury, the creation budget included.
+    pub funded_fen: i64,
+    /// Taken back to the treasury.
+    pub defunded_fen: i64,
+}
+
+impl Programme {
+    /// What the programme may grant in all: funded less defunded.
+    pub fn budget_fen(&self) -> i64 {
+        self.funded_fen - self.defunded_fen
+    }
+}
+
+fn read_programme(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, i64, i64)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+}
+
+fn parse_programme((spec, funded_fen, defunded_fen): (String, i64, i64)) -> Result<Programme, LedgerError> {
+    let spec = serde_json::from_str(&spec)
+        .map_err(|e| LedgerError::Corrupt { path: "programmes".into(), problem: e.to_string() })?;
+    Ok(Programme { spec, funded_fen, defunded_fen })
+}
+
 fn programme(sql: &rusqlite::Connection, id: &str) -> Result<ProgrammeSpec, LedgerError> {
-    let spec: Option<String> =
-        sql.query_row("SELECT spec FROM programmes WHERE id = ?1", [id], |r| r.get(0)).optional()?;
-    match spec {
-        Some(s) => Ok(serde_json::from_str(&s)
-            .map_err(|e| LedgerError::Corrupt { path: "programmes".into(), problem: e.to_string() })?),
+    Ok(programme_state(sql, id)?.spec)
+}
+
+fn programme_state(sql: &rusqlite::Connection, id: &str) -> Result<Programme, LedgerError> {
+    let row = sql
+        .query_row("SELECT spec, funded_fen, defunded_fen FROM programmes WHERE id = ?1", [id], read_programme)
+        .optional()?;
+    match row {
+        Some(row) => parse_programme(row),
         None => refused(Refusal::NotFound { what: "programme", id: id.to_string() }),
     }
 }
 
 /// All programmes, by id.
-pub fn programmes(ledger: &Ledger) -> Result<Vec<ProgrammeSpec>, LedgerError> {
-    let mut stmt = ledger.connection().prepare("SELECT spec FROM programmes ORDER BY id")?;
-    let specs: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
-    specs
-        .iter()
-        .map(|s| {
-            serde_json::from_str(s)
-                .map_err(|e| LedgerError::Corrupt { path: "programmes".into(), problem: e.to_string() })
-        })
-        .collect()
+pub fn programmes(ledger: &Ledger) -> Result<Vec<Programme>, LedgerError> {
+    programmes_of(ledger.connection())
+}
+
+/// All programmes, by id, on any connection to the ledger file.
+pub fn programmes_of(sql: &rusqlite::Connection) -> Result<Vec<Programme>, LedgerError> {
+    let mut stmt = sql.prepare_cached("SELECT spec, funded_fen, defunded_fen FROM programmes ORDER BY id")?;
+    let rows: Vec<(String, i64, i64)> = stmt.query_map([], read_programme)?.collect::<Result<_, _>>()?;
+    rows.into_iter().map(parse_programme).collect()
 }
 
 fn validate_programme(p: &ProgrammeSpec) -> Result<(), LedgerError> {
     check_id("id", &p.id)?;
+    check_id("issuer", &p.issuer)?;
     positive("budget_fen", p.budget_fen)?;
     if p.valid_until <= p.valid_from {
         return refused(invalid("valid_until", "must be after valid_from".into()));
@@ -535,7 +634,9 @@ fn validate_programme(p: &ProgrammeSpec) -> Result<(), LedgerError> {
 }
 
 /// Creates a programme and funds its pool with the budget from the treasury.
-/// The same programme again is accepted; a different one under the same id is refused.
+/// The same programme again is accepted; a different one under the same id
+/// is refused. Programmes of one issuer whose yearly cap counts across the
+/// issuer must agree on it: it is the issuer's cap.
 pub fn create_programme(ledger: &mut Ledger, now: i64, p: &ProgrammeSpec) -> Result<(), LedgerError> {
     validate_programme(p)?;
     ledger.write(now, |b| {
@@ -547,20 +648,108 @@ pub fn create_programme(ledger: &mut Ledger, now: i64, p: &ProgrammeSpec) -> Res
             Some(_) => return refused(Refusal::IdReusedWithDifferentContent(p.id.clone())),
             None => {}
         }
-        b.sql()
-            .execute("INSERT INTO programmes (id, spec, created_at) VALUES (?1, ?2, ?3)", params![p.id, text, now])?;
+        if p.cap_per == CapScope::Issuer
+            && let Some(other) = programmes_of(b.sql())?.into_iter().find(|o| {
+                o.spec.issuer == p.issuer && o.spec.cap_per == CapScope::Issuer && o.spec.org_year_cap_fen != p.org_year_cap_fen
+            })
+        {
+            return refused(invalid(
+                "org_year_cap_fen",
+                format!(
+                    "issuer '{}' caps an organisation at {} fen a year (programme '{}'); a programme of the issuer with cap_per issuer must have the same cap, or cap_per programme",
+                    p.issuer, other.spec.org_year_cap_fen, other.spec.id
+                ),
+            ));
+        }
+        b.sql().execute(
+            "INSERT INTO programmes (id, spec, created_at, funded_fen, defunded_fen) VALUES (?1, ?2, ?3, 0, 0)",
+            params![p.id, text, now],
+        )?;
         let pool = programme_pool(&p.id);
         ensure_accounts(b, &[account(pool, "programme", &p.id, Unit::Fen, flags::DEBITS_MUST_NOT_EXCEED_CREDITS)])?;
-        transfer_all(
-            b,
-            vec![NewTransfer::posted(
-                TransferId::derive(&format!("fund:{}", p.id)),
-                treasury(),
-                pool,
-                p.budget_fen,
-                codes::FUND,
-            )],
-        )
+        fund_in(b, TransferId::derive(&format!("fund:{}", p.id)), &p.id, p.budget_fen, "budget at creation")
+    })
+}
+
+fn check_reason(field: &'static str, reason: &str) -> Result<(), LedgerError> {
+    if reason.trim().is_empty() || reason.len() > 1024 || reason.chars().any(|c| c.is_control()) {
+        return refused(invalid(field, "needs a reason: 1 to 1024 characters, no control characters".into()));
+    }
+    Ok(())
+}
+
+/// Adds `amount_fen` to a programme's budget from the treasury, with the
+/// reason kept in the journal (a council's top-up). Repeating the same id
+/// is safe.
+pub fn fund_programme(
+    ledger: &mut Ledger,
+    now: i64,
+    id: TransferId,
+    programme_id: &str,
+    amount_fen: i64,
+    reason: &str,
+) -> Result<Programme, LedgerError> {
+    positive("amount", amount_fen)?;
+    check_reason("reason", reason)?;
+    ledger.write(now, |b| {
+        fund_in(b, id, programme_id, amount_fen, reason)?;
+        programme_state(b.sql(), programme_id)
+    })
+}
+
+fn fund_in(
+    b: &mut Batch<'_>,
+    id: TransferId,
+    programme_id: &str,
+    amount_fen: i64,
+    reason: &str,
+) -> Result<(), LedgerError> {
+    programme_state(b.sql(), programme_id)?;
+    let mut t = NewTransfer::posted(id, treasury(), programme_pool(programme_id), amount_fen, codes::FUND);
+    t.memo = format!("fund {programme_id}: {reason}");
+    let new = !b.transfer_exists(id)?;
+    b.create_transfer(&t)?.map_err(LedgerError::Refused)?;
+    if new {
+        b.sql().execute(
+            "UPDATE programmes SET funded_fen = funded_fen + ?2 WHERE id = ?1",
+            params![programme_id, amount_fen],
+        )?;
+    }
+    Ok(())
+}
+
+/// Takes `amount_fen` of a programme's budget back to the treasury: at
+/// most what is still in its pool (neither granted nor held), with the
+/// reason kept in the journal. Repeating the same id is safe.
+pub fn defund_programme(
+    ledger: &mut Ledger,
+    now: i64,
+    id: TransferId,
+    programme_id: &str,
+    amount_fen: i64,
+    reason: &str,
+) -> Result<Programme, LedgerError> {
+    positive("amount", amount_fen)?;
+    check_reason("reason", reason)?;
+    ledger.write(now, |b| {
+        programme_state(b.sql(), programme_id)?;
+        let mut t = NewTransfer::posted(id, programme_pool(programme_id), treasury(), amount_fen, codes::DEFUND);
+        t.memo = format!("defund {programme_id}: {reason}");
+        let new = !b.transfer_exists(id)?;
+        match b.create_transfer(&t)? {
+            Ok(_) if new => {
+                b.sql().execute(
+                    "UPDATE programmes SET defunded_fen = defunded_fen + ?2 WHERE id = ?1",
+                    params![programme_id, amount_fen],
+                )?;
+            }
+            Ok(_) => {}
+            Err(Refusal::InsufficientFunds { available, amount, .. }) => {
+                return refused(Refusal::ProgrammeExhausted { programme: programme_id.into(), available, amount });
+            }
+            Err(r) => return refused(r),
+        }
+        programme_state(b.sql(), programme_id)
     })
 }
 
@@ -687,6 +876,26 @@ fn org_year_used(sql: &rusqlite::Connection, programme: &str, org: &str, year: i
         .unwrap_or(0))
 }
 
+/// Subsidy held or paid to `org` in `year` that counts against `p`'s
+/// yearly cap: from `p` alone, or from every programme of its issuer.
+fn year_used(
+    sql: &rusqlite::Connection,
+    all: &[ProgrammeSpec],
+    p: &ProgrammeSpec,
+    org: &str,
+    year: i32,
+) -> Result<i64, LedgerError> {
+    if p.cap_per == CapScope::Programme {
+        return org_year_used(sql, &p.id, org, year);
+    }
+    let mut used = 0i64;
+    for q in all.iter().filter(|q| q.issuer == p.issuer) {
+        used =
+            used.checked_add(org_year_used(sql, &q.id, org, year)?).ok_or(LedgerError::Refused(Refusal::Overflow))?;
+    }
+    Ok(used)
+}
+
 fn bump_org_year(
     sql: &rusqlite::Connection,
     programme: &str,
@@ -714,21 +923,13 @@ pub fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> R
     let card_seconds = usage.accel_seconds.min(card_available.max(0));
     let compute = compute_fen(usage.accel_seconds, placement.price_fen_per_hour);
     let payable = compute_fen(usage.accel_seconds - card_seconds, placement.price_fen_per_hour);
-    let mut chosen: Option<(ProgrammeSpec, i64)> = None;
+    let all: Vec<ProgrammeSpec> = programmes_of(b.sql())?.into_iter().map(|p| p.spec).collect();
+    let mut chosen: Option<(&ProgrammeSpec, i64)> = None;
     if related(b, org, &placement.provider)? {
         let r = Refusal::RelatedParty { org: org.into(), site: placement.site.clone() };
         rule(&mut notes, r.code(), r.to_string());
     } else {
-        let mut candidates = Vec::new();
-        {
-            let mut stmt = b.sql().prepare_cached("SELECT spec FROM programmes ORDER BY id")?;
-            for spec in stmt.query_map([], |r| r.get::<_, String>(0))? {
-                let p: ProgrammeSpec = serde_json::from_str(&spec?)
-                    .map_err(|e| LedgerError::Corrupt { path: "programmes".into(), problem: e.to_string() })?;
-                candidates.push(p);
-            }
-        }
-        for p in candidates {
+        for p in &all {
             let available = b.account(voucher(&p.id, org)).map_or(0, |a| a.available());
             if available <= 0 {
                 continue;
@@ -765,19 +966,24 @@ pub fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> R
         Some((p, available)) => {
             let rate = if placement.domestic { p.rate_bp } else { p.foreign_rate_bp };
             let by_rate = (payable as i128 * rate as i128 / 10_000) as i64;
-            let year_left = (p.org_year_cap_fen - org_year_used(b.sql(), &p.id, org, year_of(now))?).max(0);
+            let used = year_used(b.sql(), &all, p, org, year_of(now))?;
+            let year_left = (p.org_year_cap_fen - used).max(0);
+            let year_note = match p.cap_per {
+                CapScope::Issuer => format!("yearly cap of the organisation across issuer {}'s programmes", p.issuer),
+                CapScope::Programme => "yearly cap of the organisation in this programme".to_string(),
+            };
             let mut subsidy = by_rate;
             for (limit, code, note) in [
-                (p.job_cap_fen, "cap_exceeded", "per-job cap"),
-                (year_left, "cap_exceeded", "yearly cap of the organisation"),
-                (available, "voucher_balance", "voucher balance"),
+                (p.job_cap_fen, "cap_exceeded", "per-job cap".to_string()),
+                (year_left, "cap_exceeded", year_note),
+                (available, "voucher_balance", "voucher balance".to_string()),
             ] {
                 if limit < subsidy {
                     subsidy = limit;
                     rule(&mut notes, code, format!("subsidy limited by the {note} to {limit} fen"));
                 }
             }
-            (Some(p.id), rate, subsidy)
+            (Some(p.id.clone()), rate, subsidy)
         }
     };
     let org_compute = payable - subsidy;
@@ -1077,15 +1283,19 @@ pub fn sweep(ledger: &mut Ledger, now: i64) -> Result<SweepReport, LedgerError> 
     ledger.write(now, |b| {
         let mut report =
             SweepReport { holds_expired: Vec::new(), parts_expired: b.expire_pending()?, returned: Vec::new() };
-        let held: Vec<String> = {
-            let mut stmt = b.sql().prepare("SELECT job FROM billing WHERE state = 'held' ORDER BY job")?;
-            stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+        let held: Vec<(String, i64)> = {
+            let mut stmt = b.sql().prepare("SELECT job, held_at FROM billing WHERE state = 'held' ORDER BY job")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
         };
-        for job in held {
+        for (job, held_at) in held {
             let (_, hold, _) = load_hold(b.sql(), &job)?.expect("listed job");
-            let expired = hold_parts(&hold).first().is_some_and(|(part, ..)| {
-                pending_state(b, part_id(&job, "hold", part)).is_ok_and(|s| s == Some(PendingState::Expired))
-            });
+            let expired = match hold_parts(&hold).first() {
+                Some((part, ..)) => {
+                    pending_state(b, part_id(&job, "hold", part)).is_ok_and(|s| s == Some(PendingState::Expired))
+                }
+                // A bill of nothing holds no transfer: it expires on its own clock.
+                None => hold.timeout_s > 0 && now >= held_at.saturating_add(hold.timeout_s),
+            };
             if expired {
                 if let Some(p) = &hold.bill.programme {
                     bump_org_year(b.sql(), p, &hold.bill.org, hold.year, -hold.bill.subsidy_fen, 0)?;
@@ -1136,71 +1346,179 @@ pub fn open(path: impl AsRef<std::path::Path>, now: i64) -> Result<Ledger, Ledge
     Ok(ledger)
 }
 
-/// Checks the voucher rules over the whole history, on top of [`crate::verify`]:
-/// every programme's pool received exactly its budget, no organisation's
-/// subsidy in a year exceeds the cap, the per-year counters match the jobs,
-/// every job's subsidy was posted at most once, and held jobs still hold.
-pub fn verify(ledger: &Ledger) -> Result<Vec<String>, LedgerError> {
-    let sql = ledger.connection();
-    let mut problems = Vec::new();
-    for p in programmes(ledger)? {
-        let funded = ledger.transfer(TransferId::derive(&format!("fund:{}", p.id)))?.map_or(0, |t| t.amount);
-        if funded != p.budget_fen {
-            problems.push(format!("programme {}: funded {funded} fen, budget {}", p.id, p.budget_fen));
-        }
-        let mut stmt = sql.prepare("SELECT org, year, held_fen, posted_fen FROM org_year WHERE programme = ?1")?;
-        let rows: Vec<(String, i32, i64, i64)> =
-            stmt.query_map([&p.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<Result<_, _>>()?;
-        for (org, year, held, posted) in rows {
-            if held + posted > p.org_year_cap_fen {
-                problems.push(format!(
-                    "programme {}: {org} in {year} has {} fen, cap {}",
-                    p.id,
-                    held + posted,
-                    p.org_year_cap_fen
-                ));
-            }
-            let (mut want_held, mut want_posted) = (0, 0);
-            let mut jobs = sql.prepare(
-                "SELECT state, hold, settlement FROM billing WHERE programme = ?1 AND org = ?2 AND year = ?3",
-            )?;
-            let rows: Vec<(String, String, Option<String>)> = jobs
-                .query_map(params![p.id, org, year], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?;
-            for (state, hold, settlement) in rows {
-                let hold: HoldRecord = serde_json::from_str(&hold)
-                    .map_err(|e| LedgerError::Corrupt { path: "billing".into(), problem: e.to_string() })?;
-                match state.as_str() {
-                    "held" => want_held += hold.bill.subsidy_fen,
-                    "settled" => {
-                        let s: Settlement = serde_json::from_str(settlement.as_deref().unwrap_or("null"))
-                            .map_err(|e| LedgerError::Corrupt { path: "billing".into(), problem: e.to_string() })?;
-                        want_posted += s.bill.subsidy_fen;
-                    }
-                    _ => {}
+/// The flows money may take, as (debit kind, credit kind, business code):
+/// every operation's transfers, and the operator's corrections (code 0).
+/// A pending transfer's resolution (post, void, expiry) follows its hold.
+pub const PERMITTED_FLOWS: [(&str, &str, u16); 11] = [
+    ("treasury", "programme", codes::FUND),
+    ("programme", "treasury", codes::DEFUND),
+    ("programme", "voucher", codes::GRANT),
+    ("bank", "wallet", codes::DEPOSIT),
+    ("voucher", "revenue", codes::SUBSIDY),
+    ("wallet", "revenue", codes::ORG_SHARE),
+    ("wallet", "revenue", codes::TRANSFER_FEE),
+    ("wallet", "card_sales", codes::CARD_PURCHASE),
+    ("card_mint", "card", codes::CARD_ISSUE),
+    ("card", "card_redeemed", codes::CARD_REDEEM),
+    ("voucher", "programme", codes::EXPIRY_RETURN),
+];
+
+/// What the replay of the transfers tells the voucher checks.
+#[derive(Default)]
+struct RuleCheck {
+    /// Per programme pool: (funded, defunded) by FUND and DEFUND transfers.
+    funding: std::collections::HashMap<AccountId, (i64, i64)>,
+    /// Jobs whose subsidy was posted, and how often.
+    subsidies: std::collections::HashMap<String, u32>,
+    problems: Vec<String>,
+}
+
+impl crate::ledger::Replay for RuleCheck {
+    fn transfer(
+        &mut self,
+        t: &crate::model::Transfer,
+        debit: &crate::model::Account,
+        credit: &crate::model::Account,
+    ) -> Result<(), String> {
+        match t.kind {
+            TransferKind::Posted | TransferKind::Pending { .. } => {
+                let flow = (debit.kind.as_str(), credit.kind.as_str());
+                let permitted = if t.code == 0 {
+                    PERMITTED_CORRECTIONS.contains(&flow)
+                } else {
+                    PERMITTED_FLOWS.contains(&(flow.0, flow.1, t.code))
+                };
+                if !permitted {
+                    return Err(format!(
+                        "transfer {} moves {} from a {} account to a {} account with code {}: not a permitted flow",
+                        t.id, t.amount, flow.0, flow.1, t.code
+                    ));
                 }
             }
-            if (held, posted) != (want_held, want_posted) {
-                problems.push(format!("programme {}: {org} in {year}: counters ({held}, {posted}) but jobs say ({want_held}, {want_posted})", p.id));
+            TransferKind::PostPending { .. } if t.code == codes::SUBSIDY => {
+                *self.subsidies.entry(t.memo.clone()).or_default() += 1;
+            }
+            _ => {}
+        }
+        if t.kind == TransferKind::Posted {
+            let overflow = || format!("transfer {}: the programme's funding total overflows", t.id);
+            if t.code == codes::FUND {
+                let f = self.funding.entry(t.credit).or_default();
+                f.0 = f.0.checked_add(t.amount).ok_or_else(overflow)?;
+            } else if t.code == codes::DEFUND {
+                let f = self.funding.entry(t.debit).or_default();
+                f.1 = f.1.checked_add(t.amount).ok_or_else(overflow)?;
             }
         }
+        Ok(())
     }
-    let twice: Vec<String> = {
-        let mut stmt =
-            sql.prepare("SELECT memo FROM transfers WHERE code = ?1 AND kind = 2 GROUP BY memo HAVING COUNT(*) > 1")?;
-        stmt.query_map([codes::SUBSIDY], |r| r.get(0))?.collect::<Result<_, _>>()?
+
+    fn finish(&mut self, sql: &rusqlite::Connection) -> Result<(), LedgerError> {
+        let problems = rule_problems(sql, self)?;
+        self.problems.extend(problems);
+        Ok(())
+    }
+}
+
+/// Verifies the ledger file in `path` ([`crate::verify_anchored`]) and the
+/// voucher rules over its whole history, on one snapshot: every transfer
+/// follows a permitted flow; every programme's pool received exactly the
+/// funding recorded on it; no organisation's subsidy in a year exceeds its
+/// cap (across the issuer where the cap says so); the per-year counters
+/// match the jobs; no job's subsidy was posted twice; held jobs still hold.
+/// Returns the book's report and the broken rules (none: all hold).
+pub fn verify_file(
+    path: impl AsRef<std::path::Path>,
+    anchor: Option<crate::ledger::Anchor>,
+) -> Result<(crate::ledger::VerifyReport, Vec<String>), LedgerError> {
+    let mut check = RuleCheck::default();
+    let report = crate::ledger::verify_with(path, anchor, &mut check)?;
+    Ok((report, check.problems))
+}
+
+/// [`verify_file`] of an open ledger's file: the broken rules.
+pub fn verify(ledger: &Ledger) -> Result<Vec<String>, LedgerError> {
+    Ok(verify_file(ledger.path(), None)?.1)
+}
+
+fn rule_problems(sql: &rusqlite::Connection, check: &RuleCheck) -> Result<Vec<String>, LedgerError> {
+    let corrupt = |e: serde_json::Error| LedgerError::Corrupt { path: "billing".into(), problem: e.to_string() };
+    let mut problems = Vec::new();
+    let all = programmes_of(sql)?;
+    for p in &all {
+        let (funded, defunded) = check.funding.get(&programme_pool(&p.spec.id)).copied().unwrap_or((0, 0));
+        if (funded, defunded) != (p.funded_fen, p.defunded_fen) {
+            problems.push(format!(
+                "programme {}: transfers funded {funded} and defunded {defunded} fen, the programme records {} and {}",
+                p.spec.id, p.funded_fen, p.defunded_fen
+            ));
+        }
+    }
+    let funded_pools: std::collections::HashSet<AccountId> = all.iter().map(|p| programme_pool(&p.spec.id)).collect();
+    if let Some(pool) = check.funding.keys().find(|k| !funded_pools.contains(k)) {
+        problems.push(format!("account {pool}: funded as a programme pool, but no programme has it"));
+    }
+    let specs: Vec<ProgrammeSpec> = all.into_iter().map(|p| p.spec).collect();
+    let rows: Vec<(String, String, i32, i64, i64)> = {
+        let mut stmt = sql
+            .prepare("SELECT programme, org, year, held_fen, posted_fen FROM org_year ORDER BY programme, org, year")?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+            .collect::<Result<_, _>>()?
     };
+    let mut jobs =
+        sql.prepare("SELECT state, hold, settlement FROM billing WHERE programme = ?1 AND org = ?2 AND year = ?3")?;
+    for (programme_id, org, year, held, posted) in &rows {
+        let Some(p) = specs.iter().find(|p| &p.id == programme_id) else {
+            problems.push(format!("org_year: counters of {programme_id}, which is not a programme"));
+            continue;
+        };
+        let used = year_used(sql, &specs, p, org, *year)?;
+        if used > p.org_year_cap_fen {
+            let over = match p.cap_per {
+                CapScope::Issuer => format!("from issuer {}'s programmes", p.issuer),
+                CapScope::Programme => "from it".to_string(),
+            };
+            problems
+                .push(format!("programme {}: {org} in {year} has {used} fen {over}, cap {}", p.id, p.org_year_cap_fen));
+        }
+        let (mut want_held, mut want_posted) = (0i64, 0i64);
+        let listed: Vec<(String, String, Option<String>)> = jobs
+            .query_map(params![programme_id, org, year], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        for (state, hold, settlement) in listed {
+            let hold: HoldRecord = serde_json::from_str(&hold).map_err(corrupt)?;
+            match state.as_str() {
+                "held" => want_held = want_held.saturating_add(hold.bill.subsidy_fen),
+                "settled" => {
+                    let s: Settlement =
+                        serde_json::from_str(settlement.as_deref().unwrap_or("null")).map_err(corrupt)?;
+                    want_posted = want_posted.saturating_add(s.bill.subsidy_fen);
+                }
+                _ => {}
+            }
+        }
+        if (*held, *posted) != (want_held, want_posted) {
+            problems.push(format!(
+                "programme {programme_id}: {org} in {year}: counters ({held}, {posted}) but jobs say ({want_held}, {want_posted})"
+            ));
+        }
+    }
+    let mut twice: Vec<&String> = check.subsidies.iter().filter(|(_, n)| **n > 1).map(|(job, _)| job).collect();
+    twice.sort();
     for job in twice {
         problems.push(format!("job {job}: subsidy posted more than once"));
     }
     let held: Vec<String> = {
-        let mut stmt = sql.prepare("SELECT job FROM billing WHERE state = 'held'")?;
+        let mut stmt = sql.prepare("SELECT job FROM billing WHERE state = 'held' ORDER BY job")?;
         stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
     };
+    let mut state_of = sql.prepare("SELECT state FROM pending WHERE id = ?1")?;
     for job in held {
         let (_, hold, _) = load_hold(sql, &job)?.expect("listed job");
         for (part, ..) in hold_parts(&hold) {
-            if ledger.pending_state(part_id(&job, "hold", part))? != Some(PendingState::Pending) {
+            let state: Option<i64> =
+                state_of.query_row([part_id(&job, "hold", part).0.to_be_bytes()], |r| r.get(0)).optional()?;
+            if state.map(PendingState::from_code) != Some(PendingState::Pending) {
                 problems.push(format!("job {job}: held, but its {part} hold is not pending"));
             }
         }

@@ -2,7 +2,7 @@
 //! the rules of the published city programmes.
 
 use suanwang_ledger::audit;
-use suanwang_ledger::voucher::{self, OrgKind, Placement, ProgrammeSpec, Usage, date_to_unix};
+use suanwang_ledger::voucher::{self, CapScope, OrgKind, Placement, ProgrammeSpec, Usage, date_to_unix};
 use suanwang_ledger::{Ledger, LedgerError, TransferId, verify};
 
 use crate::temp_db;
@@ -15,6 +15,8 @@ fn programme() -> ProgrammeSpec {
     ProgrammeSpec {
         id: "sd-2026".into(),
         name: "Shandong compute vouchers 2026".into(),
+        issuer: "sd-bureau".into(),
+        cap_per: CapScope::Issuer,
         budget_fen: 1_000_000,
         valid_from: day("2026-01-01"),
         valid_until: day("2027-01-01"),
