@@ -877,7 +877,8 @@ fn org_year_used(sql: &rusqlite::Connection, programme: &str, org: &str, year: i
 }
 
 /// Subsidy held or paid to `org` in `year` that counts against `p`'s
-/// yearly cap: from `p` alone, or from every programme of its issuer.
+/// yearly cap: from `p` alone, or from every programme of its issuer that
+/// counts its cap across the issuer.
 fn year_used(
     sql: &rusqlite::Connection,
     all: &[ProgrammeSpec],
@@ -889,7 +890,8 @@ fn year_used(
         return org_year_used(sql, &p.id, org, year);
     }
     let mut used = 0i64;
-    for q in all.iter().filter(|q| q.issuer == p.issuer) {
+    // A programme capped on its own stands outside its issuer's cap.
+    for q in all.iter().filter(|q| q.issuer == p.issuer && q.cap_per == CapScope::Issuer) {
         used =
             used.checked_add(org_year_used(sql, &q.id, org, year)?).ok_or(LedgerError::Refused(Refusal::Overflow))?;
     }
@@ -924,7 +926,7 @@ pub fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> R
     let compute = compute_fen(usage.accel_seconds, placement.price_fen_per_hour);
     let payable = compute_fen(usage.accel_seconds - card_seconds, placement.price_fen_per_hour);
     let all: Vec<ProgrammeSpec> = programmes_of(b.sql())?.into_iter().map(|p| p.spec).collect();
-    let mut chosen: Option<(&ProgrammeSpec, i64)> = None;
+    let mut eligible: Vec<(&ProgrammeSpec, i64)> = Vec::new();
     if related(b, org, &placement.provider)? {
         let r = Refusal::RelatedParty { org: org.into(), site: placement.site.clone() };
         rule(&mut notes, r.code(), r.to_string());
@@ -950,42 +952,48 @@ pub fn bill(b: &Batch<'_>, org: &str, placement: &Placement, usage: &Usage) -> R
             };
             match why_not {
                 Some((code, note)) => rule(&mut notes, code, note),
-                // The voucher that expires first is spent first.
-                None if chosen.as_ref().is_none_or(|(c, _)| (p.valid_until, &p.id) < (c.valid_until, &c.id)) => {
-                    chosen = Some((p, available))
-                }
-                None => {}
+                None => eligible.push((p, available)),
             }
         }
-        if chosen.is_none() && notes.is_empty() {
+        if eligible.is_empty() && notes.is_empty() {
             rule(&mut notes, "no_voucher", "no voucher balance".into());
         }
     }
-    let (programme, rate_bp, subsidy) = match chosen {
-        None => (None, 0, 0),
-        Some((p, available)) => {
-            let rate = if placement.domestic { p.rate_bp } else { p.foreign_rate_bp };
-            let by_rate = (payable as i128 * rate as i128 / 10_000) as i64;
-            let used = year_used(b.sql(), &all, p, org, year_of(now))?;
-            let year_left = (p.org_year_cap_fen - used).max(0);
-            let year_note = match p.cap_per {
-                CapScope::Issuer => format!("yearly cap of the organisation across issuer {}'s programmes", p.issuer),
-                CapScope::Programme => "yearly cap of the organisation in this programme".to_string(),
-            };
-            let mut subsidy = by_rate;
-            for (limit, code, note) in [
-                (p.job_cap_fen, "cap_exceeded", "per-job cap".to_string()),
-                (year_left, "cap_exceeded", year_note),
-                (available, "voucher_balance", "voucher balance".to_string()),
-            ] {
-                if limit < subsidy {
-                    subsidy = limit;
-                    rule(&mut notes, code, format!("subsidy limited by the {note} to {limit} fen"));
-                }
+    // The voucher that expires first is spent first; one whose caps leave
+    // it nothing to pay gives way to the next, and says why.
+    eligible.sort_by(|(a, _), (b, _)| (a.valid_until, &a.id).cmp(&(b.valid_until, &b.id)));
+    let mut chosen = None;
+    for (p, available) in eligible {
+        let rate = if placement.domestic { p.rate_bp } else { p.foreign_rate_bp };
+        let by_rate = (payable as i128 * rate as i128 / 10_000) as i64;
+        let used = year_used(b.sql(), &all, p, org, year_of(now))?;
+        let year_left = (p.org_year_cap_fen - used).max(0);
+        let year_note = match p.cap_per {
+            CapScope::Issuer => format!("yearly cap of the organisation across issuer {}'s programmes", p.issuer),
+            CapScope::Programme => format!("yearly cap of the organisation in programme {}", p.id),
+        };
+        let mut subsidy = by_rate;
+        let mut limits = Vec::new();
+        for (limit, code, note) in [
+            (p.job_cap_fen, "cap_exceeded", format!("per-job cap of programme {}", p.id)),
+            (year_left, "cap_exceeded", year_note),
+            (available, "voucher_balance", format!("voucher balance of programme {}", p.id)),
+        ] {
+            if limit < subsidy {
+                subsidy = limit;
+                limits.push((code, format!("subsidy limited by the {note} to {limit} fen")));
             }
-            (Some(p.id.clone()), rate, subsidy)
         }
-    };
+        let first = chosen.is_none();
+        if first || subsidy > 0 {
+            notes.extend(limits);
+            chosen = Some((Some(p.id.clone()), rate, subsidy));
+        }
+        if subsidy > 0 {
+            break;
+        }
+    }
+    let (programme, rate_bp, subsidy) = chosen.unwrap_or((None, 0, 0));
     let org_compute = payable - subsidy;
     Ok(Bill {
         org: org.into(),

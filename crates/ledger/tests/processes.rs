@@ -161,3 +161,122 @@ fn processes_writing_one_file_never_lose_an_update_or_overdraw() {
         }
     }
 }
+
+/// Not a test on its own: a child making voucher operations (grants, holds,
+/// settlements, releases, top-ups, relations), each on the tables and the
+/// transfers at once.
+#[test]
+fn voucher_process_child() {
+    use suanwang_ledger::voucher::{self, Placement, Usage};
+    let (Ok(db), Ok(seed)) = (std::env::var("SUANWANG_VOUCHER_CHILD"), std::env::var("SUANWANG_PROCESS_SEED")) else {
+        return;
+    };
+    let seed: u64 = seed.parse().unwrap();
+    let mut rng = seed | 1;
+    let now = 1_772_294_400; // 2026-03-01
+    let mut ledger = Ledger::open(&db).unwrap();
+    let place = Placement {
+        site: "jinan-icc".into(),
+        provider: "jinan-icc-co".into(),
+        accel: "Ascend910B".into(),
+        domestic: true,
+        price_fen_per_hour: 1_000,
+    };
+    let mut held: Vec<String> = Vec::new();
+    for n in 0..VOUCHER_OPS {
+        let org = ["acme", "sdu"][(xorshift(&mut rng) % 2) as usize];
+        let id = TransferId(seed as u128 * 1_000_000 + n as u128);
+        let hours = 1 + (xorshift(&mut rng) % 30) as i64;
+        let usage = Usage { accel_seconds: hours * 3600, transfer_fen: (xorshift(&mut rng) % 50) as i64 };
+        let done = match xorshift(&mut rng) % 6 {
+            0 => {
+                voucher::grant(&mut ledger, now, id, "sd-2026", org, 1 + (xorshift(&mut rng) % 20_000) as i64).map(drop)
+            }
+            1 => voucher::fund_programme(&mut ledger, now, id, "sd-2026", 1_000, "top-up").map(drop),
+            2 if !held.is_empty() => {
+                let job = held.swap_remove((xorshift(&mut rng) as usize) % held.len());
+                if xorshift(&mut rng).is_multiple_of(3) {
+                    voucher::release(&mut ledger, now, &job)
+                } else {
+                    let actual = Usage { accel_seconds: usage.accel_seconds / 2, transfer_fen: usage.transfer_fen };
+                    voucher::settle(&mut ledger, now + 60, &job, &actual).map(drop)
+                }
+            }
+            3 => voucher::relate(&mut ledger, now, org, &format!("provider-{}", xorshift(&mut rng) % 4), "shares")
+                .map(drop),
+            _ => {
+                let job = format!("job-{seed}-{n}");
+                let outcome = voucher::hold(&mut ledger, now, &job, org, &place, &usage, 86_400).map(drop);
+                if outcome.is_ok() {
+                    held.push(job);
+                }
+                outcome
+            }
+        };
+        // Refusals (an exhausted budget, a wallet short of money) are part
+        // of the game; a store error is not.
+        if let Err(e) = done {
+            assert!(matches!(e, suanwang_ledger::LedgerError::Refused(_)), "{e}");
+        }
+    }
+}
+
+const VOUCHER_OPS: u64 = 40;
+
+#[test]
+fn processes_making_voucher_operations_keep_tables_and_books_in_step() {
+    use suanwang_ledger::voucher::{self, CapScope, OrgKind, ProgrammeSpec};
+    let exe = std::env::current_exe().unwrap();
+    let db = temp_db("voucher-processes");
+    let now = 1_772_294_400;
+    {
+        let mut l = voucher::open(&db, now).unwrap();
+        voucher::add_org(&mut l, now, "acme", OrgKind::Enterprise, "").unwrap();
+        voucher::add_org(&mut l, now, "sdu", OrgKind::University, "").unwrap();
+        let p = ProgrammeSpec {
+            id: "sd-2026".into(),
+            name: String::new(),
+            issuer: "sd-bureau".into(),
+            cap_per: CapScope::Issuer,
+            budget_fen: 100_000,
+            valid_from: now - 86_400,
+            valid_until: now + 365 * 86_400,
+            kinds: vec![OrgKind::Enterprise, OrgKind::University],
+            sites: vec![],
+            accels: vec![],
+            rate_bp: 3_000,
+            foreign_rate_bp: 2_000,
+            org_year_cap_fen: 60_000,
+            job_cap_fen: 5_000,
+        };
+        voucher::create_programme(&mut l, now, &p).unwrap();
+        voucher::deposit(&mut l, now, TransferId(1), "acme", 200_000).unwrap();
+        voucher::deposit(&mut l, now, TransferId(2), "sdu", 100_000).unwrap();
+    }
+    let children: Vec<_> = (0..4u64)
+        .map(|c| {
+            Command::new(&exe)
+                .args(["processes::voucher_process_child", "--exact", "--nocapture", "--test-threads=1"])
+                .env("SUANWANG_VOUCHER_CHILD", &db)
+                .env("SUANWANG_PROCESS_SEED", (7 + c).to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "a child failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (report, problems) = voucher::verify_file(&db, None).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(report.row_changes > 20, "the children changed few rows: {report:?}");
+    let l = Ledger::open(&db).unwrap();
+    let p = &voucher::programmes(&l).unwrap()[0];
+    assert_eq!(
+        l.account(voucher::programme_pool("sd-2026")).unwrap().credits_posted,
+        p.funded_fen,
+        "every top-up is on the programme"
+    );
+}

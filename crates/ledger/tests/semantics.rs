@@ -377,3 +377,17 @@ fn every_kind_of_edit_to_the_core_tables_is_caught() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[test]
+fn verify_sums_totals_beyond_what_one_account_holds_without_wrapping() {
+    let (path, mut l) = books();
+    let big = 5_000_000_000_000_000_000i64;
+    one(&mut l, 2, NewTransfer::posted(TransferId(200), SOURCE, SHOP, big, 0)).unwrap();
+    one(&mut l, 3, NewTransfer::posted(TransferId(201), SHOP, SOURCE, big, 0)).unwrap();
+    // Each account is within i64, their sum is not.
+    let report = verify(&path).unwrap();
+    let fen = report.totals.iter().find(|(unit, ..)| unit == "fen").unwrap();
+    assert_eq!(fen.1, 2 * big as i128 + 1_000, "{report:?}");
+    // A third one would overflow an account's own total: refused, never wrapped.
+    assert_eq!(one(&mut l, 4, NewTransfer::posted(TransferId(202), SOURCE, SHOP, big, 0)), Err(Refusal::Overflow));
+}

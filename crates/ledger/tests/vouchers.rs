@@ -407,3 +407,294 @@ mod random {
         }
     }
 }
+
+#[test]
+fn a_budget_changes_only_by_fund_and_defund_and_reports_follow() {
+    let (path, mut l, now) = books();
+    let p = voucher::fund_programme(&mut l, now, TransferId(50), "sd-2026", 200_000, "council top-up").unwrap();
+    assert_eq!((p.budget_fen(), p.funded_fen, p.defunded_fen), (1_200_000, 1_200_000, 0));
+    // The same request again is the same funding.
+    voucher::fund_programme(&mut l, now, TransferId(50), "sd-2026", 200_000, "council top-up").unwrap();
+    assert_eq!(
+        code(voucher::fund_programme(&mut l, now, TransferId(50), "sd-2026", 300_000, "other").unwrap_err()),
+        "id_reused_with_different_content"
+    );
+    assert_eq!(
+        code(voucher::fund_programme(&mut l, now, TransferId(51), "sd-2026", 1, " ").unwrap_err()),
+        "invalid_argument"
+    );
+    assert_eq!(code(voucher::fund_programme(&mut l, now, TransferId(52), "nope", 1, "x").unwrap_err()), "not_found");
+    // 1,200,000 funded, 500,000 granted: 700,000 can go back, not more.
+    let err = voucher::defund_programme(&mut l, now, TransferId(53), "sd-2026", 700_001, "cut").unwrap_err();
+    assert_eq!(code(err), "programme_exhausted");
+    let p = voucher::defund_programme(&mut l, now, TransferId(54), "sd-2026", 300_000, "budget cut").unwrap();
+    assert_eq!((p.budget_fen(), p.defunded_fen), (900_000, 300_000));
+    voucher::defund_programme(&mut l, now, TransferId(54), "sd-2026", 300_000, "budget cut").unwrap();
+    assert_eq!(voucher::programmes(&l).unwrap()[0].budget_fen(), 900_000);
+    // An expiry return, then the report: every figure from its own record.
+    voucher::sweep(&mut l, day("2027-01-02")).unwrap();
+    let report = &audit::programme_spend(&l).unwrap()[0];
+    assert_eq!(
+        (report.budget_fen, report.defunded_fen, report.granted_fen, report.returned_fen, report.pool_fen),
+        (900_000, 300_000, 0, 500_000, 900_000),
+        "{report:?}"
+    );
+    // A grant can never exceed the budget as funded less defunded.
+    let err = voucher::grant(&mut l, now, TransferId(55), "sd-2026", "sdu", 900_001).unwrap_err();
+    assert_eq!(code(err), "programme_exhausted");
+    assert!(voucher::verify(&l).unwrap().is_empty());
+    // The purpose of each operation is in the journal.
+    let memos: Vec<String> =
+        l.transfers_of(voucher::programme_pool("sd-2026")).unwrap().into_iter().map(|t| t.memo).collect();
+    assert!(memos.contains(&"fund sd-2026: council top-up".to_string()), "{memos:?}");
+    assert!(memos.contains(&"defund sd-2026: budget cut".to_string()), "{memos:?}");
+    // A budget edited in the table, with its row changes let through by a
+    // dropped trigger, is caught by the replay.
+    drop(l);
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch("DROP TRIGGER journal_programmes_update; UPDATE programmes SET funded_fen = funded_fen + 1")
+        .unwrap();
+    let err = verify(&path).unwrap_err().to_string();
+    assert!(err.contains("table programmes: row [\"'sd-2026'\"] differs from the journal"), "{err}");
+}
+
+#[test]
+fn every_raw_transfer_outside_the_permitted_flows_is_refused_with_its_code() {
+    let (_, mut l, now) = books();
+    voucher::buy_card(&mut l, now, TransferId(60), "acme", "H100", 3600, 1000).unwrap();
+    voucher::hold(&mut l, now, "j", "acme", &site("Ascend910B", true), &hours(1), 3600).unwrap();
+    // One account of every kind the vouchers make.
+    let kinds: Vec<(String, suanwang_ledger::AccountId)> = {
+        let mut seen = std::collections::BTreeMap::new();
+        for a in l.accounts() {
+            seen.entry(a.kind.clone()).or_insert(a.id);
+        }
+        seen.into_iter().collect()
+    };
+    let names: Vec<&str> = kinds.iter().map(|(k, _)| k.as_str()).collect();
+    for kind in [
+        "treasury",
+        "bank",
+        "programme",
+        "voucher",
+        "wallet",
+        "revenue",
+        "card_sales",
+        "card",
+        "card_mint",
+        "card_redeemed",
+    ] {
+        assert!(names.contains(&kind), "no {kind} account in {names:?}");
+    }
+    let mut id = 1000u128;
+    let mut permitted = 0;
+    for (debit_kind, debit) in &kinds {
+        for (credit_kind, credit) in &kinds {
+            if debit == credit {
+                continue;
+            }
+            id += 1;
+            let outcome = voucher::correction(&mut l, now, TransferId(id), *debit, *credit, 1, "test");
+            let allowed = voucher::PERMITTED_CORRECTIONS.contains(&(debit_kind.as_str(), credit_kind.as_str()));
+            match outcome {
+                Err(e) if !allowed => assert_eq!(e.code(), "flow_not_permitted", "{debit_kind} -> {credit_kind}"),
+                Err(e) => {
+                    // Permitted, but the debited account may not hold 1 fen.
+                    assert_eq!(e.code(), "insufficient_funds", "{debit_kind} -> {credit_kind}: {e}")
+                }
+                Ok(_) => {
+                    assert!(allowed, "{debit_kind} -> {credit_kind} went through");
+                    permitted += 1;
+                }
+            }
+        }
+    }
+    assert!(permitted >= 4, "only {permitted} permitted corrections went through");
+    assert!(voucher::verify(&l).unwrap().is_empty());
+}
+
+#[test]
+fn verify_catches_a_transfer_along_a_flow_no_operation_makes() {
+    let (path, mut l, now) = books();
+    // Below the voucher rules, straight on the ledger: a "grant" from an
+    // organisation's wallet into a voucher, which no operation makes.
+    let t = suanwang_ledger::NewTransfer::posted(
+        TransferId(70),
+        voucher::wallet("acme"),
+        voucher::voucher("sd-2026", "acme"),
+        10,
+        voucher::codes::GRANT,
+    );
+    l.create_transfers(now, &[t]).unwrap().remove(0).unwrap();
+    let err = voucher::verify_file(&path, None).unwrap_err().to_string();
+    assert!(err.contains("from a wallet account to a voucher account with code 2: not a permitted flow"), "{err}");
+}
+
+fn issuer_programme(id: &str, issuer: &str, cap: i64, cap_per: CapScope) -> ProgrammeSpec {
+    ProgrammeSpec {
+        id: id.into(),
+        issuer: issuer.into(),
+        org_year_cap_fen: cap,
+        cap_per,
+        job_cap_fen: 1_000_000,
+        ..programme()
+    }
+}
+
+#[test]
+fn the_yearly_cap_counts_across_the_issuer_s_programmes() {
+    let (_, mut l, now) = books();
+    voucher::deposit(&mut l, now, TransferId(90), "acme", 100_000_000).unwrap();
+    // Two more programmes of the same issuer (sd-bureau, cap 300,000),
+    // one of another issuer, one of the same issuer capped on its own.
+    for p in [
+        issuer_programme("sd-ai", "sd-bureau", 300_000, CapScope::Issuer),
+        issuer_programme("jn-city", "jn-bureau", 300_000, CapScope::Issuer),
+        issuer_programme("sd-own", "sd-bureau", 50_000, CapScope::Programme),
+    ] {
+        voucher::create_programme(&mut l, now, &p).unwrap();
+        voucher::grant(&mut l, now, TransferId::derive(&p.id), &p.id, "acme", 1_000_000).unwrap();
+    }
+    // An issuer's cap is one cap: a programme of it with another cap is refused.
+    let err = voucher::create_programme(&mut l, now, &issuer_programme("sd-x", "sd-bureau", 1, CapScope::Issuer));
+    assert!(err.unwrap_err().to_string().contains("issuer 'sd-bureau' caps an organisation at 300000 fen"));
+    // 3,000 hours at 10 yuan: 3,000,000 fen, 30% = 900,000 by rate, each job's subsidy capped by what is left.
+    let big = hours(1000);
+    let mut paid = Vec::new();
+    for job in ["j1", "j2", "j3", "j4", "j5", "j6"] {
+        let h = voucher::hold(&mut l, now, job, "acme", &site("Ascend910B", true), &big, 3600).unwrap();
+        paid.push((h.bill.programme.clone().unwrap_or_default(), h.bill.subsidy_fen, h.bill.codes.clone()));
+    }
+    let from = |issuer: &str| -> i64 {
+        let ids: Vec<String> = voucher::programmes(&l)
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.spec.issuer == issuer && p.spec.cap_per == CapScope::Issuer)
+            .map(|p| p.spec.id)
+            .collect();
+        paid.iter().filter(|(p, ..)| ids.contains(p)).map(|(_, s, _)| s).sum()
+    };
+    // sd-bureau's issuer-wide programmes pay 300,000 in all, not 300,000 each.
+    assert_eq!(from("sd-bureau"), 300_000, "{paid:?}");
+    assert_eq!(from("jn-bureau"), 300_000, "{paid:?}");
+    let own: i64 = paid.iter().filter(|(p, ..)| p == "sd-own").map(|(_, s, _)| s).sum();
+    assert_eq!(own, 50_000, "{paid:?}");
+    // Every job after the caps were used says so, by code.
+    assert!(paid.iter().any(|(_, s, codes)| *s == 0 || codes.contains(&"cap_exceeded".to_string())));
+    let last = voucher::quote(&mut l, now, "acme", &site("Ascend910B", true), &big).unwrap();
+    assert_eq!(last.subsidy_fen, 0, "{last:?}");
+    assert!(last.codes.contains(&"cap_exceeded".to_string()), "{last:?}");
+    let problems = voucher::verify(&l).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+#[test]
+fn a_zero_usage_hold_settles_as_zero_and_an_unsettled_one_expires() {
+    let (_, mut l, now) = books();
+    let nothing = Usage { accel_seconds: 0, transfer_fen: 0 };
+    let h = voucher::hold(&mut l, now, "z1", "acme", &site("Ascend910B", true), &nothing, 600).unwrap();
+    assert_eq!((h.bill.compute_fen, h.bill.subsidy_fen, h.bill.org_total_fen), (0, 0, 0));
+    let s = voucher::settle(&mut l, now + 10, "z1", &nothing).unwrap();
+    assert_eq!(s.bill.org_total_fen, 0);
+    voucher::hold(&mut l, now, "z2", "acme", &site("Ascend910B", true), &nothing, 600).unwrap();
+    assert!(voucher::sweep(&mut l, now + 599).unwrap().holds_expired.is_empty());
+    assert_eq!(voucher::sweep(&mut l, now + 600).unwrap().holds_expired, vec!["z2".to_string()]);
+    assert_eq!(code(voucher::settle(&mut l, now + 700, "z2", &nothing).unwrap_err()), "not_held");
+    assert!(voucher::verify(&l).unwrap().is_empty());
+}
+
+/// One book with every voucher table in use, copied fresh for each case.
+fn voucher_tamper_book() -> std::path::PathBuf {
+    let (path, mut l, now) = books();
+    voucher::relate(&mut l, now, "sdu", "jinan-icc-co", "sdu owns the centre").unwrap();
+    voucher::hold(&mut l, now, "held-job", "acme", &site("Ascend910B", true), &hours(2), 3600).unwrap();
+    voucher::hold(&mut l, now, "done-job", "acme", &site("Ascend910B", true), &hours(2), 3600).unwrap();
+    voucher::settle(&mut l, now + 60, "done-job", &hours(1)).unwrap();
+    // A refusal, remembered so that a repeat answers the same.
+    assert!(voucher::grant(&mut l, now, TransferId(80), "sd-2026", "cas", 10).is_err());
+    l.create_transfers(
+        now,
+        &[suanwang_ledger::NewTransfer::posted(TransferId(81), voucher::bank(), voucher::wallet("sdu"), i64::MAX, 0)],
+    )
+    .unwrap();
+    drop(l);
+    verify(&path).unwrap();
+    path
+}
+
+#[test]
+fn every_kind_of_edit_to_the_voucher_tables_is_caught_and_named() {
+    // (case, SQL, what the error must name)
+    let cases: [(&str, &str, &str); 20] = [
+        (
+            "change an organisation's kind",
+            "UPDATE orgs SET kind = 'university' WHERE id = 'acme'",
+            "orgs row [\"'acme'\"]",
+        ),
+        ("delete an organisation", "DELETE FROM orgs WHERE id = 'cas'", "orgs row [\"'cas'\"]"),
+        ("insert an organisation", "INSERT INTO orgs VALUES ('evil', 'enterprise', '', 0)", "orgs row [\"'evil'\"]"),
+        (
+            "raise a programme's rate",
+            "UPDATE programmes SET spec = replace(spec, '\"rate_bp\":3000', '\"rate_bp\":9000')",
+            "programmes row",
+        ),
+        (
+            "raise a programme's cap",
+            "UPDATE programmes SET spec = replace(spec, '300000', '900000000')",
+            "programmes row",
+        ),
+        (
+            "rewrite a statement line",
+            "UPDATE billing SET settlement = replace(settlement, '\"subsidy_fen\":3000', '\"subsidy_fen\":1') WHERE job = 'done-job'",
+            "billing row [\"'done-job'\"]",
+        ),
+        ("delete a statement line", "DELETE FROM billing WHERE job = 'done-job'", "billing row [\"'done-job'\"]"),
+        (
+            "close a held bill",
+            "UPDATE billing SET state = 'released' WHERE job = 'held-job'",
+            "billing row [\"'held-job'\"]",
+        ),
+        ("reset a yearly counter", "UPDATE org_year SET posted_fen = 0", "org_year row"),
+        ("delete a relation", "DELETE FROM relations", "relations row [\"'sdu'\",\"'jinan-icc-co'\"]"),
+        ("declare a relation", "INSERT INTO relations VALUES ('acme', 'x', 'y', 0)", "relations row"),
+        ("forget a refusal", "DELETE FROM refusals", "refusals row"),
+        (
+            "change a hold's expiry",
+            "UPDATE pending SET expires_at = expires_at + 86400 WHERE state = 0",
+            "pending: transfer",
+        ),
+        ("change a hold's amount", "UPDATE pending SET amount = amount - 1 WHERE state = 0", "pending: transfer"),
+        ("change a hold's state", "UPDATE pending SET state = 2 WHERE state = 0", "pending"),
+        ("delete a row change", "DELETE FROM row_changes WHERE seq = 3", "row changes missing"),
+        (
+            "edit a row change",
+            "UPDATE row_changes SET row = replace(row, 'enterprise', 'university') WHERE tbl = 'orgs'",
+            "hash chain broken",
+        ),
+        (
+            "reorder row changes",
+            "UPDATE row_changes SET seq = -seq WHERE seq IN (3, 4); UPDATE row_changes SET seq = 7 - (-seq) WHERE seq < 0",
+            "hash chain broken",
+        ),
+        (
+            "unregister a table",
+            "DELETE FROM journaled_tables WHERE name = 'billing'",
+            "journaled_tables row [\"'billing'\"]",
+        ),
+        (
+            "edit with the triggers dropped",
+            "DROP TRIGGER journal_orgs_update; UPDATE orgs SET name = 'x' WHERE id = 'acme'",
+            "table orgs: row [\"'acme'\"] differs from the journal",
+        ),
+    ];
+    for (case, sql, named) in cases {
+        let path = voucher_tamper_book();
+        rusqlite::Connection::open(&path).unwrap().execute_batch(sql).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let err = match voucher::verify_file(&path, None) {
+            Ok((_, problems)) if !problems.is_empty() => problems.join("; "),
+            Ok(_) => panic!("{case}: not caught"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(named), "{case}: the error does not name {named:?}: {err}");
+    }
+}
