@@ -67,6 +67,7 @@ pub fn submit(dir: &Path, clients: usize, jobs: usize, quiet: bool) -> anyhow::R
         listen: "127.0.0.1:0".parse()?,
         policy: "network".into(),
         timings: Timings::default(),
+        checkpoints: None,
     };
     runtime.spawn(suanwang_server::serve(config, Some(tx)));
     let address = runtime.block_on(rx).context("server start")?;

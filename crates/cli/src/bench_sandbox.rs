@@ -105,6 +105,7 @@ fn loud_job(dir: &Path, output_mb: u64, quota_mb: u64) -> anyhow::Result<()> {
         listen: "127.0.0.1:0".parse()?,
         policy: "network".into(),
         timings: Timings { log_quota_bytes: quota_mb << 20, ..Timings::default() },
+        checkpoints: None,
     };
     runtime.spawn(suanwang_server::serve(config, Some(tx)));
     let address = runtime.block_on(rx).context("server start")?;

@@ -417,11 +417,8 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
     if let LedgerCommand::Checkpoint { key, out } = &args.command {
         let text = std::fs::read_to_string(key).with_context(|| format!("--key {}", key.display()))?;
         let secret = suanwang_ledger::checkpoint::parse_secret(&text).map_err(|e| anyhow!("--key: {e}"))?;
-        let (report, problems) = voucher::verify_file(&args.db, None).map_err(refused)?;
-        if !problems.is_empty() {
-            bail!("{}: voucher rules broken, no checkpoint signed:\n{}", args.db.display(), problems.join("\n"));
-        }
-        let checkpoint = suanwang_ledger::checkpoint::sign(&secret, &report, now(&args)?);
+        let checkpoint =
+            suanwang_ledger::checkpoint::verify_and_sign(&args.db, &secret, now(&args)?).map_err(refused)?;
         let json_text = serde_json::to_string_pretty(&checkpoint)?;
         match out {
             Some(path) => {

@@ -54,6 +54,17 @@ pub struct ServeArgs {
     /// Most pending and running jobs one organisation may have.
     #[arg(long, default_value_t = 100_000)]
     pub max_active_jobs_per_org: u64,
+    /// The operator's checkpoint key (`ledger keygen`): with it, the server
+    /// verifies the ledger and writes a signed checkpoint of its head
+    /// periodically, for auditors to collect.
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint_key: Option<PathBuf>,
+    /// Where periodic checkpoints go (default: the database's path with `.checkpoints`).
+    #[arg(long, value_name = "DIR", requires = "checkpoint_key")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Seconds between periodic checkpoints (one is also written at start).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every_s: u64,
 }
 
 #[derive(Debug, Args)]
@@ -700,8 +711,22 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
     }
 }
 
-fn server_config(args: &ServeArgs) -> ServerConfig {
-    ServerConfig {
+fn server_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
+    let checkpoints = match &args.checkpoint_key {
+        None => None,
+        Some(key) => {
+            let text = std::fs::read_to_string(key).with_context(|| format!("--checkpoint-key {}", key.display()))?;
+            let secret = suanwang_ledger::checkpoint::parse_secret(&text)
+                .map_err(|e| anyhow!("--checkpoint-key {}: {e}", key.display()))?;
+            let dir = args
+                .checkpoint_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("{}.checkpoints", args.db.display())));
+            Some(suanwang_server::Checkpoints { secret, dir, every_s: args.checkpoint_every_s })
+        }
+    };
+    Ok(ServerConfig {
+        checkpoints,
         db: args.db.clone(),
         topology: args.topology.clone(),
         listen: args.listen,
@@ -714,16 +739,17 @@ fn server_config(args: &ServeArgs) -> ServerConfig {
             log_quota_per_org_bytes: args.log_quota_per_org_mb.saturating_mul(1 << 20),
             max_active_jobs_per_org: args.max_active_jobs_per_org,
         },
-    }
+    })
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     suanwang_core::policy::by_name(&args.policy).map_err(|e| anyhow!("--policy: {e}"))?;
-    server_config(&args).timings.check().map_err(|e| anyhow!(e))?;
+    let config = server_config(&args)?;
+    config.timings.check().map_err(|e| anyhow!(e))?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let server = tokio::spawn(suanwang_server::serve(server_config(&args), Some(tx)));
+        let server = tokio::spawn(suanwang_server::serve(config, Some(tx)));
         if let Ok(address) = rx.await {
             eprintln!("suanwang serving on http://{address} (database {})", args.db.display());
         }
@@ -858,7 +884,8 @@ fn stored_token(db: &Path, file: &Path, role: &Role, label: &str) -> anyhow::Res
 
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let db = &args.serve.db;
-    let timings = server_config(&args.serve).timings;
+    let config = server_config(&args.serve)?;
+    let timings = config.timings;
     timings.check().map_err(|e| anyhow!(e))?;
     // Before anything is written: a busy port fails here, changing nothing.
     if let Err(e) = std::net::TcpListener::bind(args.serve.listen) {
@@ -963,7 +990,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut server = tokio::spawn(suanwang_server::serve(server_config(&args.serve), Some(tx)));
+        let mut server = tokio::spawn(suanwang_server::serve(config, Some(tx)));
         let address = match rx.await {
             Ok(address) => address,
             // The server ended before listening: say why.

@@ -671,3 +671,72 @@ fn up_supervises_its_agents_stops_them_on_sigterm_and_reuses_its_tokens() {
     assert!(up.wait().unwrap().success());
     assert!(processes(&format!("agent --server {url} ")).is_empty(), "agents left behind after SIGINT");
 }
+
+/// The checkpoint files in `dir`, oldest first.
+fn checkpoint_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "json")).collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+#[test]
+fn the_server_writes_signed_checkpoints_that_an_auditor_verifies() {
+    let keys = std::env::temp_dir().join(format!("suanwang-checkpoint-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&keys);
+    std::fs::create_dir_all(&keys).unwrap();
+    let key = keys.join("operator.key");
+    let public = run_ok(&["ledger", "keygen", "--out", key.to_str().unwrap()]);
+    let dir = keys.join("checkpoints");
+    let p = Platform::with(
+        "checkpoints",
+        &[
+            "--checkpoint-key",
+            key.to_str().unwrap(),
+            "--checkpoint-dir",
+            dir.to_str().unwrap(),
+            "--checkpoint-every-s",
+            "1",
+        ],
+    );
+    let wait_for = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while checkpoint_files(&dir).len() < n {
+            assert!(Instant::now() < deadline, "no checkpoint {n} in {}: {:?}", dir.display(), checkpoint_files(&dir));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(1);
+    // Each write moves the head, and the next period signs it.
+    p.org("acme", "a");
+    wait_for(2);
+    p.org("betacorp", "a");
+    wait_for(3);
+    let files = checkpoint_files(&dir);
+    let mut seqs = Vec::new();
+    for file in &files {
+        let checkpoint: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+        seqs.push(checkpoint["seq"].as_u64().unwrap());
+        assert_eq!(checkpoint["public_key"].as_str(), Some(public.as_str()));
+        // The auditor's check: the signature, then that the live book extends the head.
+        let out = run_ok(&["ledger", "verify", p.db(), "--anchor", file.to_str().unwrap(), "--public-key", &public]);
+        assert!(out.contains("extends the expected head"), "{out}");
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "a checkpoint only when the head moved: {seqs:?}");
+    // Without the key the server writes none, and a bad key stops it at once.
+    std::fs::write(keys.join("bad.key"), "not a key").unwrap();
+    let o = run(&[
+        "serve",
+        "--db",
+        p.db(),
+        "--listen",
+        "127.0.0.1:0",
+        "--checkpoint-key",
+        keys.join("bad.key").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--checkpoint-key"), "{}", String::from_utf8_lossy(&o.stderr));
+}

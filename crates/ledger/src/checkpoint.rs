@@ -5,6 +5,8 @@
 //! re-hashed, no longer contains the signed entry. The signature makes the
 //! checkpoint the operator's word: nobody without the key can make one.
 
+use std::path::{Path, PathBuf};
+
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
@@ -101,4 +103,56 @@ pub fn check(checkpoint: &Checkpoint, expected_key: Option<&str>) -> Result<Anch
         });
     }
     Ok(Anchor { seq: checkpoint.seq, hash })
+}
+
+/// Verifies the book in `db` (the voucher rules included) and signs its
+/// head: refused if anything is wrong, so a checkpoint only ever vouches
+/// for a book that verified.
+pub fn verify_and_sign(db: &Path, secret: &[u8; 32], at: i64) -> Result<Checkpoint, crate::LedgerError> {
+    let (report, problems) = crate::voucher::verify_file(db, None)?;
+    if !problems.is_empty() {
+        return Err(crate::LedgerError::Corrupt {
+            path: db.display().to_string(),
+            problem: format!("voucher rules broken, no checkpoint signed: {}", problems.join("; ")),
+        });
+    }
+    Ok(sign(secret, &report, at))
+}
+
+/// The file a periodic checkpoint of entry `seq` is kept in.
+pub fn file_name(seq: u64) -> String {
+    format!("checkpoint-{seq:012}.json")
+}
+
+/// A periodic checkpoint: if the head moved past `last_seq`, verifies and
+/// signs it and writes it to `dir` (made if missing) as
+/// [`file_name`]`(seq)`, whole or not at all (written aside, synced, then
+/// renamed). Returns the checkpoint written, if any.
+pub fn write_periodic(
+    db: &Path,
+    secret: &[u8; 32],
+    dir: &Path,
+    at: i64,
+    last_seq: u64,
+) -> Result<Option<(Checkpoint, PathBuf)>, crate::LedgerError> {
+    let checkpoint = verify_and_sign(db, secret, at)?;
+    if checkpoint.seq <= last_seq {
+        return Ok(None);
+    }
+    let io = |e: std::io::Error| crate::LedgerError::Corrupt {
+        path: dir.display().to_string(),
+        problem: format!("cannot write the checkpoint: {e}"),
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let path = dir.join(file_name(checkpoint.seq));
+    let aside = dir.join(format!(".{}.tmp", file_name(checkpoint.seq)));
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&aside).map_err(io)?;
+        let text = serde_json::to_string_pretty(&checkpoint).expect("a checkpoint serialises");
+        file.write_all(format!("{text}\n").as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&aside, &path).map_err(io)?;
+    Ok(Some((checkpoint, path)))
 }

@@ -36,6 +36,28 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub policy: String,
     pub timings: Timings,
+    /// Signed checkpoints of the ledger written while serving, if configured.
+    pub checkpoints: Option<Checkpoints>,
+}
+
+/// Periodic signed checkpoints of the ledger's head, for auditors to
+/// collect: each one verifies the whole book first and is written only
+/// when the head moved.
+#[derive(Clone)]
+pub struct Checkpoints {
+    /// The operator's Ed25519 secret key.
+    pub secret: [u8; 32],
+    /// Where the checkpoint files go.
+    pub dir: PathBuf,
+    /// Seconds between two checkpoints.
+    pub every_s: u64,
+}
+
+impl std::fmt::Debug for Checkpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret key.
+        f.debug_struct("Checkpoints").field("dir", &self.dir).field("every_s", &self.every_s).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +106,39 @@ pub fn open(config: &ServerConfig) -> Result<http::AppState, ServeError> {
     Ok(http::AppState { world, tokens, topology, db: config.db.clone(), timings: config.timings })
 }
 
+/// Verifies and signs the ledger's head every `every_s` seconds (the first
+/// at start), beside the writer: verify reads its own snapshot.
+async fn checkpoint_loop(db: PathBuf, c: Checkpoints) {
+    let mut interval = tokio::time::interval(Duration::from_secs(c.every_s.max(1)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seq = 0u64;
+    loop {
+        interval.tick().await;
+        let (db, c2) = (db.clone(), c.clone());
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let done = tokio::task::spawn_blocking(move || {
+            suanwang_ledger::checkpoint::write_periodic(&db, &c2.secret, &c2.dir, at, last_seq)
+        })
+        .await;
+        match done {
+            Ok(Ok(Some((checkpoint, path)))) => {
+                last_seq = checkpoint.seq;
+                eprintln!(
+                    "suanwang server: checkpoint of head {}:{} written to {}",
+                    checkpoint.seq,
+                    checkpoint.head,
+                    path.display()
+                );
+            }
+            Ok(Ok(None)) => {}
+            // Loud, and no checkpoint: an auditor must never get a signed
+            // head of a book that does not verify.
+            Ok(Err(e)) => eprintln!("suanwang server: NO CHECKPOINT: the ledger does not verify: {e}"),
+            Err(e) => eprintln!("suanwang server: the checkpoint task failed: {e}"),
+        }
+    }
+}
+
 /// Serves until the process is stopped. `bound` receives the address once
 /// the socket is listening (port 0 picks a free one).
 pub async fn serve(
@@ -112,6 +167,9 @@ pub async fn serve(
             }
         }
     });
+    if let Some(checkpoints) = config.checkpoints.clone() {
+        tokio::spawn(checkpoint_loop(config.db.clone(), checkpoints));
+    }
     if let Some(bound) = bound {
         let _ = bound.send(address);
     }
