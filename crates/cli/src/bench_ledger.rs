@@ -6,7 +6,8 @@
 //!
 //! Beside the batches, in the same run, a raw-SQLite baseline of the same
 //! shape: the same transfer rows (same table and unique index), the same
-//! two account-total updates per transfer and one journal row per batch,
+//! two account-total updates per transfer (by row number, as the ledger
+//! writes them) and one journal row per batch,
 //! the same pragmas and durability, but no ledger logic (no checks of
 //! balances, flags, ids or units, no hash chain, no caches). The ratio
 //! ledger / raw says what the ledger's rules cost.
@@ -210,10 +211,11 @@ fn raw_batches(path: &Path, batches: usize, batch_size: usize) -> anyhow::Result
                 "INSERT INTO transfers (seq, id, debit, credit, amount, kind, pending_id, timeout_s, linked, code, memo, unit, at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 0, NULL, 0, 0, 1, '', 'fen', 1)",
             )?;
+            // By row number, as the ledger writes its totals: account n is row n.
             let mut debit_update =
-                tx.prepare_cached("UPDATE accounts SET debits_posted = debits_posted + ?2 WHERE id = ?1")?;
+                tx.prepare_cached("UPDATE accounts SET debits_posted = debits_posted + ?2 WHERE seq = ?1")?;
             let mut credit_update =
-                tx.prepare_cached("UPDATE accounts SET credits_posted = credits_posted + ?2 WHERE id = ?1")?;
+                tx.prepare_cached("UPDATE accounts SET credits_posted = credits_posted + ?2 WHERE seq = ?1")?;
             let from = seq;
             for i in 0..batch_size {
                 let t = transfer((b * batch_size + i) as u64);
@@ -224,8 +226,8 @@ fn raw_batches(path: &Path, batches: usize, batch_size: usize) -> anyhow::Result
                     t.credit.0.to_be_bytes().to_vec(),
                     t.amount
                 ])?;
-                debit_update.execute(rusqlite::params![t.debit.0.to_be_bytes().to_vec(), t.amount])?;
-                credit_update.execute(rusqlite::params![t.credit.0.to_be_bytes().to_vec(), t.amount])?;
+                debit_update.execute(rusqlite::params![t.debit.0 as i64, t.amount])?;
+                credit_update.execute(rusqlite::params![t.credit.0 as i64, t.amount])?;
                 seq += 1;
             }
             tx.execute(

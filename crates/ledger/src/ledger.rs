@@ -12,7 +12,9 @@
 //! pending transfer's fate is another transfer (post, void, expire).
 //! [`verify`] replays the whole history from the file and checks it.
 
-use std::collections::HashMap;
+// foldhash, seeded per process: the writer's account caches are hashed
+// on every transfer, and SipHash costs more than the rest of the lookup.
+use foldhash::{HashMap, HashSet};
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -139,7 +141,8 @@ fn blob(id: u128) -> [u8; 16] {
 
 fn from_blob(bytes: &[u8]) -> u128 {
     let mut b = [0u8; 16];
-    b.copy_from_slice(&bytes[..16.min(bytes.len())]);
+    let n = bytes.len().min(16);
+    b[..n].copy_from_slice(&bytes[..n]);
     u128::from_be_bytes(b)
 }
 
@@ -391,42 +394,77 @@ fn registered_table(row: &str) -> Option<JournaledTable> {
     Some(JournaledTable { name, key: list(&key)?, columns: list(&columns)? })
 }
 
+/// The columns [`read_account`] reads, in its order.
+const ACCOUNT_COLUMNS: &str =
+    "seq, id, kind, owner, unit, flags, debits_pending, debits_posted, credits_pending, credits_posted, created_at";
+
+/// The columns [`read_transfer`] reads, in its order.
+const TRANSFER_COLUMNS: &str =
+    "seq, id, debit, credit, amount, kind, pending_id, timeout_s, linked, code, memo, unit, at";
+
+/// A 16-byte id column, read without a copy (verify reads millions).
+fn id_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<u128> {
+    let bytes = row
+        .get_ref(i)?
+        .as_blob()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Blob, Box::new(e)))?;
+    if bytes.len() != 16 {
+        return Err(rusqlite::Error::InvalidColumnType(
+            i,
+            format!("a {}-byte id", bytes.len()),
+            rusqlite::types::Type::Blob,
+        ));
+    }
+    Ok(from_blob(bytes))
+}
+
+fn unit_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Unit> {
+    let text = row
+        .get_ref(i)?
+        .as_str()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e)))?;
+    Ok(if text == "fen" { Unit::Fen } else { text.parse().unwrap_or(Unit::Fen) })
+}
+
+/// An account row selected as [`ACCOUNT_COLUMNS`].
 fn read_account(row: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
-    let unit: String = row.get("unit")?;
     Ok(Account {
-        seq: row.get("seq")?,
-        id: AccountId(from_blob(&row.get::<_, Vec<u8>>("id")?)),
-        kind: row.get("kind")?,
-        owner: row.get("owner")?,
-        unit: unit.parse().unwrap_or(Unit::Fen),
-        flags: row.get::<_, i64>("flags")? as u32,
-        debits_pending: row.get("debits_pending")?,
-        debits_posted: row.get("debits_posted")?,
-        credits_pending: row.get("credits_pending")?,
-        credits_posted: row.get("credits_posted")?,
-        created_at: row.get("created_at")?,
+        seq: row.get(0)?,
+        id: AccountId(id_at(row, 1)?),
+        kind: row.get(2)?,
+        owner: row.get(3)?,
+        unit: unit_at(row, 4)?,
+        flags: row.get::<_, i64>(5)? as u32,
+        debits_pending: row.get(6)?,
+        debits_posted: row.get(7)?,
+        credits_pending: row.get(8)?,
+        credits_posted: row.get(9)?,
+        created_at: row.get(10)?,
     })
 }
 
+/// A transfer row selected as [`TRANSFER_COLUMNS`].
 fn read_transfer(row: &rusqlite::Row<'_>) -> rusqlite::Result<Transfer> {
-    let pending: Option<Vec<u8>> = row.get("pending_id")?;
-    let kind_code: i64 = row.get("kind")?;
-    let timeout_s: i64 = row.get("timeout_s")?;
-    let kind = TransferKind::from_parts(kind_code, pending.map(|p| TransferId(from_blob(&p))), timeout_s)
-        .ok_or_else(|| rusqlite::Error::IntegralValueOutOfRange(5, kind_code))?;
-    let unit: String = row.get("unit")?;
+    let pending = match row.get_ref(6)? {
+        rusqlite::types::ValueRef::Null => None,
+        _ => Some(TransferId(id_at(row, 6)?)),
+    };
+    let kind_code: i64 = row.get(5)?;
+    let timeout_s: i64 = row.get(7)?;
+    let kind = TransferKind::from_parts(kind_code, pending, timeout_s)
+        .ok_or(rusqlite::Error::IntegralValueOutOfRange(5, kind_code))?;
     Ok(Transfer {
-        seq: row.get("seq")?,
-        id: TransferId(from_blob(&row.get::<_, Vec<u8>>("id")?)),
-        debit: AccountId(from_blob(&row.get::<_, Vec<u8>>("debit")?)),
-        credit: AccountId(from_blob(&row.get::<_, Vec<u8>>("credit")?)),
-        amount: row.get("amount")?,
+        seq: row.get(0)?,
+        id: TransferId(id_at(row, 1)?),
+        debit: AccountId(id_at(row, 2)?),
+        credit: AccountId(id_at(row, 3)?),
+        amount: row.get(4)?,
         kind,
-        linked: row.get::<_, i64>("linked")? != 0,
-        code: row.get::<_, i64>("code")? as u16,
-        memo: row.get("memo")?,
-        unit: unit.parse().unwrap_or(Unit::Fen),
-        at: row.get("at")?,
+        linked: row.get::<_, i64>(8)? != 0,
+        code: row.get::<_, i64>(9)? as u16,
+        memo: row.get(10)?,
+        unit: unit_at(row, 11)?,
+        at: row.get(12)?,
     })
 }
 
@@ -452,6 +490,9 @@ pub struct Ledger {
     conn: Connection,
     path: String,
     accounts: HashMap<AccountId, Account>,
+    /// Ids of refused requests (a superset: a refusal rolled back with its
+    /// batch may stay), so that the hot path looks refusals up only for them.
+    refused: HashSet<TransferId>,
     head: [u8; 32],
     /// The journal entry the caches reflect.
     journal_seq: i64,
@@ -479,7 +520,8 @@ impl Ledger {
         let mut ledger = Ledger {
             conn,
             path: path.display().to_string(),
-            accounts: HashMap::new(),
+            accounts: HashMap::default(),
+            refused: Default::default(),
             head: [0; 32],
             journal_seq: -1,
             next_account_seq: 1,
@@ -506,16 +548,22 @@ impl Ledger {
 
     /// Reloads the caches from the file.
     fn refresh(&mut self) -> Result<(), LedgerError> {
-        let mut accounts = HashMap::new();
+        let mut accounts = HashMap::default();
         {
-            let mut stmt = self.conn.prepare("SELECT * FROM accounts")?;
+            let mut stmt = self.conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts"))?;
             for account in stmt.query_map([], read_account)? {
                 let account = account?;
                 accounts.insert(account.id, account);
             }
         }
+        let refused = {
+            let mut stmt = self.conn.prepare("SELECT id FROM refusals")?;
+            let ids = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+            ids.map(|id| id.map(|id| TransferId(from_blob(&id)))).collect::<Result<_, _>>()?
+        };
         let (journal_seq, head) = Self::journal_head(&self.conn)?;
         self.accounts = accounts;
+        self.refused = refused;
         self.journal_seq = journal_seq;
         self.head = head;
         self.next_account_seq =
@@ -546,12 +594,17 @@ impl Ledger {
     }
 
     pub fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, LedgerError> {
-        Ok(self.conn.query_row("SELECT * FROM transfers WHERE id = ?1", [blob(id.0)], read_transfer).optional()?)
+        Ok(self
+            .conn
+            .query_row(&format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ?1"), [blob(id.0)], read_transfer)
+            .optional()?)
     }
 
     /// Transfers that debit or credit an account, oldest first (a scan).
     pub fn transfers_of(&self, account: AccountId) -> Result<Vec<Transfer>, LedgerError> {
-        let mut stmt = self.conn.prepare("SELECT * FROM transfers WHERE debit = ?1 OR credit = ?1 ORDER BY seq")?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE debit = ?1 OR credit = ?1 ORDER BY seq"
+        ))?;
         let rows = stmt.query_map([blob(account.0)], read_transfer)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -589,7 +642,9 @@ impl Ledger {
             changes_from,
             tx: &tx,
             base: &self.accounts,
-            overlay: HashMap::new(),
+            refused: &self.refused,
+            newly_refused: Vec::new(),
+            overlay: HashMap::default(),
             undo: Vec::new(),
             savepoints: 0,
             in_chain: false,
@@ -603,7 +658,7 @@ impl Ledger {
         };
         let value = f(&mut batch)?;
         let head = batch.finish(self.journal_seq + 1, &self.head)?;
-        let Batch { overlay, next_account_seq, next_transfer_seq, .. } = batch;
+        let Batch { overlay, next_account_seq, next_transfer_seq, newly_refused, .. } = batch;
         tx.commit()?;
         if let Some(head) = head {
             self.head = head;
@@ -613,6 +668,7 @@ impl Ledger {
         self.next_account_seq = next_account_seq;
         self.next_transfer_seq = next_transfer_seq;
         self.accounts.extend(overlay);
+        self.refused.extend(newly_refused);
         Ok(value)
     }
 
@@ -645,7 +701,7 @@ impl Ledger {
 /// first touched them, and the batch's counters.
 struct Undo {
     accounts: Vec<(AccountId, Option<Account>)>,
-    touched: std::collections::HashSet<AccountId>,
+    touched: HashSet<AccountId>,
     next_account_seq: i64,
     next_transfer_seq: i64,
     account_bytes: usize,
@@ -659,6 +715,8 @@ pub struct Batch<'a> {
     changes_from: i64,
     base: &'a HashMap<AccountId, Account>,
     overlay: HashMap<AccountId, Account>,
+    refused: &'a HashSet<TransferId>,
+    newly_refused: Vec<TransferId>,
     /// Open atomic blocks, innermost last.
     undo: Vec<Undo>,
     savepoints: u32,
@@ -940,6 +998,7 @@ impl Batch<'_> {
         self.tx
             .prepare_cached("INSERT OR IGNORE INTO refusals (id, digest, code, message) VALUES (?1, ?2, ?3, ?4)")?
             .execute(params![blob(t.id.0), request_digest(t), refusal.code(), refusal.to_string()])?;
+        self.newly_refused.push(t.id);
         Ok(())
     }
 
@@ -948,33 +1007,30 @@ impl Batch<'_> {
         if t.id.0 == 0 {
             return Ok(Err(Refusal::IdMustNotBeZero));
         }
-        let existing = self
-            .tx
-            .prepare_cached("SELECT * FROM transfers WHERE id = ?1")?
-            .query_row([blob(t.id.0)], read_transfer)
-            .optional()?;
-        if let Some(existing) = existing {
-            return Ok(if existing.matches(t) {
-                Ok(existing)
-            } else {
-                Err(Refusal::IdReusedWithDifferentContent(t.id.to_string()))
-            });
-        }
-        let refused: Option<(Vec<u8>, String, String)> = self
-            .tx
-            .prepare_cached("SELECT digest, code, message FROM refusals WHERE id = ?1")?
-            .query_row([blob(t.id.0)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        if let Some((digest, code, message)) = refused {
-            return Ok(Err(if digest == request_digest(t) {
-                Refusal::replayed(&code, message)
-            } else {
-                Refusal::IdReusedWithDifferentContent(t.id.to_string())
-            }));
+        // A request refused before answers its refusal again (looked up
+        // only for ids that may have been refused: the hot path reads nothing).
+        if self.refused.contains(&t.id) || self.newly_refused.contains(&t.id) {
+            let refused: Option<(Vec<u8>, String, String)> = self
+                .tx
+                .prepare_cached("SELECT digest, code, message FROM refusals WHERE id = ?1")?
+                .query_row([blob(t.id.0)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            if let Some((digest, code, message)) = refused {
+                return Ok(Err(if digest == request_digest(t) {
+                    Refusal::replayed(&code, message)
+                } else {
+                    Refusal::IdReusedWithDifferentContent(t.id.to_string())
+                }));
+            }
         }
         let transfer = match self.check(t)? {
             Ok(transfer) => transfer,
             Err(refusal) => {
+                // A repeat of an accepted transfer may fail the checks now
+                // (its money was moved): its first outcome stands.
+                if let Some(existing) = self.existing(t)? {
+                    return Ok(existing);
+                }
                 // Inside a chain, the chain records its members' outcomes
                 // once it has rolled back.
                 if !self.in_chain {
@@ -983,8 +1039,24 @@ impl Batch<'_> {
                 return Ok(Err(refusal));
             }
         };
-        self.record(&transfer)?;
+        // The insert finds a repeated id itself (the unique index), so a new
+        // transfer costs one index walk, not a lookup and then an insert.
+        if !self.record(&transfer)? {
+            return Ok(self.existing(t)?.expect("the insert met an existing transfer"));
+        }
         Ok(Ok(transfer))
+    }
+
+    /// The outcome of an earlier transfer with `t`'s id, if there is one:
+    /// itself when the request is the same, else a refusal.
+    fn existing(&self, t: &NewTransfer) -> Result<Option<Result<Transfer, Refusal>>, LedgerError> {
+        let existing = self
+            .tx
+            .prepare_cached(&format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ?1"))?
+            .query_row([blob(t.id.0)], read_transfer)
+            .optional()?;
+        Ok(existing
+            .map(|e| if e.matches(t) { Ok(e) } else { Err(Refusal::IdReusedWithDifferentContent(t.id.to_string())) }))
     }
 
     fn pending_record(&self, id: TransferId) -> Result<Option<PendingRecord>, LedgerError> {
@@ -1108,12 +1180,14 @@ impl Batch<'_> {
         Ok(Ok(resolved(t.debit, t.credit, t.amount, debit.unit.clone())))
     }
 
-    /// Stores a checked transfer and applies it.
-    fn record(&mut self, t: &Transfer) -> Result<(), LedgerError> {
-        self.tx
+    /// Stores a checked transfer and applies it; `false` (nothing done) if
+    /// a transfer with its id exists.
+    fn record(&mut self, t: &Transfer) -> Result<bool, LedgerError> {
+        let inserted = self
+            .tx
             .prepare_cached(
                 "INSERT INTO transfers (seq, id, debit, credit, amount, kind, pending_id, timeout_s, linked, code, memo, unit, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) ON CONFLICT (id) DO NOTHING",
             )?
             .execute(params![
                 t.seq,
@@ -1130,7 +1204,10 @@ impl Batch<'_> {
                 t.unit.to_string(),
                 t.at
             ])?;
-        let mut pending = HashMap::new();
+        if inserted == 0 {
+            return Ok(false);
+        }
+        let mut pending = HashMap::default();
         if let Some(p) = t.kind.pending_id()
             && let Some(record) = self.pending_record(p)?
         {
@@ -1160,7 +1237,7 @@ impl Batch<'_> {
         }
         self.next_transfer_seq += 1;
         encode_transfer(&mut self.transfer_bytes, t);
-        Ok(())
+        Ok(true)
     }
 
     /// Expires pending transfers whose timeout has passed.
@@ -1198,7 +1275,12 @@ impl Batch<'_> {
                 unit,
                 at: self.now,
             };
-            self.record(&t)?;
+            if !self.record(&t)? {
+                return Err(LedgerError::Corrupt {
+                    path: String::new(),
+                    problem: format!("pending transfer {id} is open, but its expiry is already recorded"),
+                });
+            }
         }
         Ok(due.len())
     }
@@ -1206,16 +1288,11 @@ impl Batch<'_> {
     /// Writes the touched accounts and the journal entry `seq`; returns the new head.
     fn finish(&mut self, seq: i64, prev: &[u8; 32]) -> Result<Option<[u8; 32]>, LedgerError> {
         let mut stmt = self.tx.prepare_cached(
-            "UPDATE accounts SET debits_pending = ?2, debits_posted = ?3, credits_pending = ?4, credits_posted = ?5 WHERE id = ?1",
+            "UPDATE accounts SET debits_pending = ?2, debits_posted = ?3, credits_pending = ?4, credits_posted = ?5 WHERE seq = ?1",
         )?;
+        // By row number, not by id: one B-tree walk per account, not two.
         for a in self.overlay.values() {
-            stmt.execute(params![
-                blob(a.id.0),
-                a.debits_pending,
-                a.debits_posted,
-                a.credits_pending,
-                a.credits_posted
-            ])?;
+            stmt.execute(params![a.seq, a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted])?;
         }
         let mut change_bytes = Vec::new();
         let mut changes_to = self.changes_from - 1;
@@ -1375,14 +1452,14 @@ fn verify_snapshot(
 ) -> Result<VerifyReport, LedgerError> {
     let corrupt = |problem: String| LedgerError::Corrupt { path: path.to_string(), problem };
     let stored: HashMap<AccountId, Account> = {
-        let mut stmt = conn.prepare("SELECT * FROM accounts ORDER BY seq")?;
+        let mut stmt = conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY seq"))?;
         let rows = stmt.query_map([], read_account)?;
         rows.map(|a| a.map(|a| (a.id, a))).collect::<Result<_, _>>()?
     };
-    let mut replayed: HashMap<AccountId, Account> = HashMap::new();
-    let mut pending: HashMap<TransferId, PendingRecord> = HashMap::new();
+    let mut replayed: HashMap<AccountId, Account> = HashMap::default();
+    let mut pending: HashMap<TransferId, PendingRecord> = HashMap::default();
     // Journaled tables as the row changes say they must be: table -> key -> row.
-    let mut tables: HashMap<String, std::collections::BTreeMap<String, String>> = HashMap::new();
+    let mut tables: HashMap<String, std::collections::BTreeMap<String, String>> = HashMap::default();
     let mut head = [0u8; 32];
     let mut entries = 0u64;
     let mut transfers = 0u64;
@@ -1406,8 +1483,10 @@ fn verify_snapshot(
         })?;
         rows.collect::<Result<_, _>>()?
     };
-    let mut account_stmt = conn.prepare("SELECT * FROM accounts WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq")?;
-    let mut transfer_stmt = conn.prepare("SELECT * FROM transfers WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq")?;
+    let mut account_stmt =
+        conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq"))?;
+    let mut transfer_stmt =
+        conn.prepare(&format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq"))?;
     let mut change_stmt =
         conn.prepare("SELECT seq, tbl, key, row FROM row_changes WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq")?;
     for (seq, entry) in journal {
@@ -1560,7 +1639,7 @@ fn verify_snapshot(
     verify_pending(conn, &pending).map_err(corrupt)?;
     verify_tables(conn, &tables).map_err(corrupt)?;
     // Sums over all accounts in i128: no total of i64 amounts can wrap.
-    let mut totals: HashMap<String, (i128, i128, i128, i128)> = HashMap::new();
+    let mut totals: HashMap<String, (i128, i128, i128, i128)> = HashMap::default();
     for a in replayed.values() {
         let t = totals.entry(a.unit.to_string()).or_default();
         t.0 += a.debits_posted as i128;
@@ -1685,7 +1764,7 @@ fn verify_tables(
             }
         }
         if seen != want.len() {
-            let stored: std::collections::HashSet<String> = {
+            let stored: HashSet<String> = {
                 let sql = format!("SELECT {} FROM \"{}\"", canonical("", &t.key), t.name);
                 let mut stmt = conn.prepare(&sql).map_err(|e| e.to_string())?;
                 stmt.query_map([], |r| r.get(0))
