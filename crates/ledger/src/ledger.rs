@@ -1147,6 +1147,14 @@ impl Batch<'_> {
         if debit.unit != credit.unit {
             return Ok(Err(Refusal::UnitsMustMatch { debit: debit.unit.to_string(), credit: credit.unit.to_string() }));
         }
+        // More than the account holds is the clearer answer, and the
+        // sums below cannot overflow an account bound by its credits.
+        if debit.has(flags::DEBITS_MUST_NOT_EXCEED_CREDITS) {
+            let available = debit.available();
+            if t.amount > available {
+                return Ok(Err(Refusal::InsufficientFunds { account: debit.id, available, amount: t.amount }));
+            }
+        }
         let pending = matches!(t.kind, TransferKind::Pending { .. });
         let overflows = if pending {
             debit.debits_pending.checked_add(t.amount).is_none()
@@ -1164,12 +1172,6 @@ impl Batch<'_> {
                     .is_none();
         if overflows || sums_overflow {
             return Ok(Err(Refusal::Overflow));
-        }
-        if debit.has(flags::DEBITS_MUST_NOT_EXCEED_CREDITS) {
-            let available = debit.available();
-            if t.amount > available {
-                return Ok(Err(Refusal::InsufficientFunds { account: debit.id, available, amount: t.amount }));
-            }
         }
         if credit.has(flags::CREDITS_MUST_NOT_EXCEED_DEBITS)
             && credit.credits_posted.saturating_add(credit.credits_pending).saturating_add(t.amount)
