@@ -114,14 +114,20 @@ pub enum LedgerCommand {
     Sweep,
     /// Accounts and their balances.
     Accounts,
-    /// A raw transfer between two accounts, by id (hex).
+    /// An operator's correction: a transfer between two accounts of
+    /// permitted kinds (bank, wallet, revenue, card sales), with a reason.
     Transfer {
+        /// Client-chosen transfer id (hex): repeating it is safe.
         #[arg(long)]
         id: String,
+        /// The account debited: by name (`bank`, `wallet:ORG`,
+        /// `revenue:PROVIDER`, `card-sales`) or by id (32 hex digits, as `accounts` prints).
         #[arg(long)]
         debit: String,
+        /// The account credited, named the same way.
         #[arg(long)]
         credit: String,
+        /// Fen.
         #[arg(long)]
         amount: i64,
         /// Why: kept in the journal with the transfer.
@@ -146,17 +152,21 @@ pub enum LedgerCommand {
     /// Replay the whole journal and check every balance and rule.
     Verify {
         /// The database to verify (default: --db).
-        db: Option<PathBuf>,
+        #[arg(value_name = "DB")]
+        file: Option<PathBuf>,
         /// A head kept from an earlier verify (`SEQ:HASH`, as it prints):
         /// the book must still contain exactly that entry.
         #[arg(long, value_name = "SEQ:HASH", conflicts_with = "anchor")]
         expect_head: Option<suanwang_ledger::Anchor>,
-        /// A signed checkpoint kept from `ledger checkpoint`: its signature
-        /// must verify and the book must still contain its head.
-        #[arg(long, value_name = "FILE")]
+        /// A signed checkpoint kept from `ledger checkpoint` or the server:
+        /// its signature must verify with --public-key and the book must
+        /// still contain its head.
+        #[arg(long, value_name = "FILE", requires = "public_key")]
         anchor: Option<PathBuf>,
-        /// The operator's public key (hex) the checkpoint must be signed with.
-        #[arg(long, requires = "anchor")]
+        /// The operator's public key (hex, as `ledger keygen` printed it)
+        /// the checkpoint must be signed with: a checkpoint anyone could
+        /// sign proves nothing.
+        #[arg(long, value_name = "HEX", requires = "anchor")]
         public_key: Option<String>,
     },
     /// Declare an organisation and a provider related parties (a subsidiary,
@@ -170,11 +180,13 @@ pub enum LedgerCommand {
     },
     /// Make an operator's signing key for checkpoints (secret in FILE, mode 0600; prints the public key).
     Keygen {
+        /// Where the secret key goes (a new file, never overwritten).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
     /// Verify the book and sign its head with the operator's key: a checkpoint for an auditor to keep.
     Checkpoint {
+        /// The operator's secret key (from `ledger keygen`).
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
         /// Write the checkpoint here (default: standard output).
@@ -194,6 +206,7 @@ pub enum ProgrammeAction {
         /// Client-chosen transfer id (hex): repeating it is safe.
         #[arg(long)]
         id: String,
+        /// Why (kept in the journal with the transfer).
         #[arg(long)]
         reason: String,
     },
@@ -202,8 +215,10 @@ pub enum ProgrammeAction {
     Defund {
         programme: String,
         amount_fen: i64,
+        /// Client-chosen transfer id (hex): repeating it is safe.
         #[arg(long)]
         id: String,
+        /// Why (kept in the journal with the transfer).
         #[arg(long)]
         reason: String,
     },
@@ -429,8 +444,8 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if let LedgerCommand::Verify { db, expect_head, anchor, public_key } = &args.command {
-        let path = db.clone().unwrap_or_else(|| args.db.clone());
+    if let LedgerCommand::Verify { file, expect_head, anchor, public_key } = &args.command {
+        let path = file.clone().unwrap_or_else(|| args.db.clone());
         let expected = match anchor {
             Some(file) => {
                 let text = std::fs::read_to_string(file).with_context(|| format!("--anchor {}", file.display()))?;
@@ -581,7 +596,16 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
         }
         LedgerCommand::Settle { job, accel_seconds, transfer_fen } => {
             let s = voucher::settle(l, now, &job, &Usage { accel_seconds, transfer_fen }).map_err(refused)?;
-            print(json, &s, || bill_text(&s.bill))
+            print(json, &s, || {
+                let mut out = bill_text(&s.bill);
+                if s.unbilled_fen > 0 {
+                    out.push_str(&format!(
+                        "note: [unbilled] {} fen of the usage beyond what was held is not billed (neither the voucher nor the organisation pays it)\n",
+                        s.unbilled_fen
+                    ));
+                }
+                out
+            })
         }
         LedgerCommand::Release { job } => {
             voucher::release(l, now, &job).map_err(refused)?;
@@ -634,7 +658,16 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
                 amount,
                 &reason,
             )
-            .map_err(refused)?;
+            .map_err(|e| match e {
+                // Say the name the operator typed, not its hash.
+                LedgerError::Refused(suanwang_ledger::Refusal::DebitAccountNotFound(_)) => {
+                    anyhow!("[debit_account_not_found] --debit: no account '{debit}' (see `ledger accounts`)")
+                }
+                LedgerError::Refused(suanwang_ledger::Refusal::CreditAccountNotFound(_)) => {
+                    anyhow!("[credit_account_not_found] --credit: no account '{credit}' (see `ledger accounts`)")
+                }
+                e => refused(e),
+            })?;
             print(json, &done, || format!("correction {} of {} {} done\n", done.id, done.amount, done.unit))
         }
         LedgerCommand::Statement { provider, from, to, format } => {
@@ -658,6 +691,7 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
                             r.voucher_fen.to_string(),
                             r.org_fen.to_string(),
                             r.transfer_fen.to_string(),
+                            r.unbilled_fen.to_string(),
                         ]
                     })
                     .collect();
@@ -673,6 +707,7 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
                         "voucher fen",
                         "org fen",
                         "transfer fen",
+                        "unbilled fen",
                     ],
                     &body,
                 )
@@ -686,21 +721,37 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
                     .map(|r| {
                         vec![
                             r.programme.clone(),
-                            r.budget_fen.to_string(),
+                            r.funded_fen.to_string(),
                             r.defunded_fen.to_string(),
+                            r.budget_fen.to_string(),
                             r.granted_fen.to_string(),
+                            r.returned_fen.to_string(),
                             r.spent_fen.to_string(),
                             r.held_fen.to_string(),
-                            r.returned_fen.to_string(),
-                            r.pool_fen.to_string(),
                             r.vouchers_fen.to_string(),
+                            r.pool_fen.to_string(),
                         ]
                     })
                     .collect();
-                table::render(
-                    &["programme", "budget", "defunded", "granted", "spent", "held", "returned", "pool", "in vouchers"],
+                let mut out = table::render(
+                    &[
+                        "programme",
+                        "funded",
+                        "defunded",
+                        "budget",
+                        "granted",
+                        "returned",
+                        "spent",
+                        "held",
+                        "in vouchers",
+                        "pool",
+                    ],
                     &body,
-                )
+                );
+                out.push_str(
+                    "fen; budget = funded - defunded; pool = budget - granted + returned; granted = spent + held + in vouchers + returned\n",
+                );
+                out
             })
         }
         LedgerCommand::Verify { .. } | LedgerCommand::Keygen { .. } | LedgerCommand::Checkpoint { .. } => {

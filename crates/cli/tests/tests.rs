@@ -334,6 +334,13 @@ fn ledger_voucher_flow_from_the_command_line() {
     };
     let o = anchored(&db, &kept, &public);
     assert!(o.status.success() && stdout(&o).contains("extends the expected head"), "{}", stderr(&o));
+    // A checkpoint anyone could have signed proves nothing: the key is required.
+    let o = suanwang(&["ledger", "verify", db.to_str().unwrap(), "--anchor", kept.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--public-key"), "{}", stderr(&o));
+    // The book named by --db, as on every command.
+    let o = suanwang(&["ledger", "verify", "--db", db.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
     // The book without its last commit (an older copy) does not reach the head.
     let o = anchored(&earlier, &kept, &public);
     assert_eq!(o.status.code(), Some(1));

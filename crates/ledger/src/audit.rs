@@ -123,17 +123,23 @@ pub fn statement_of(
     Ok(Statement { provider: provider.into(), from, to, lines, total })
 }
 
-/// Where a programme's money is.
+/// Where a programme's money is. Two identities hold, and are checked
+/// before a report is given: `pool = budget - granted + returned` (the
+/// pool's side) and `granted = spent + held + vouchers + returned` (the
+/// organisations' side), with `budget = funded - defunded`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProgrammeSpend {
     pub programme: String,
     pub issuer: String,
-    /// Funded less defunded: what the programme may grant in all.
-    pub budget_fen: i64,
+    /// Put in from the treasury, the creation budget included.
+    pub funded_fen: i64,
     /// Taken back to the treasury by `programme defund`.
     pub defunded_fen: i64,
-    /// Granted to organisations, net of expiry returns.
+    /// Funded less defunded: what the programme may grant in all.
+    pub budget_fen: i64,
+    /// Granted to organisations, in all.
     pub granted_fen: i64,
+    /// Returned to the pool from expired vouchers.
     pub returned_fen: i64,
     /// Subsidy paid for settled jobs.
     pub spent_fen: i64,
@@ -143,6 +149,7 @@ pub struct ProgrammeSpend {
     pub pool_fen: i64,
     /// Granted and not yet spent or held.
     pub vouchers_fen: i64,
+    /// Organisations with subsidy held or spent.
     pub organisations: i64,
 }
 
@@ -157,7 +164,7 @@ pub fn programme_spend(ledger: &Ledger) -> Result<Vec<ProgrammeSpend>, LedgerErr
         // programme, its totals tell all four without a scan.
         let (debited, credited) = ledger.account(pool).map_or((0, 0), |a| (a.debits_posted, a.credits_posted));
         let returned = credited.checked_sub(p.funded_fen).ok_or_else(overflow)?;
-        let granted = debited.checked_sub(p.defunded_fen).and_then(|g| g.checked_sub(returned)).ok_or_else(overflow)?;
+        let granted = debited.checked_sub(p.defunded_fen).ok_or_else(overflow)?;
         let (held, spent, organisations): (i64, i64, i64) = sql.query_row(
             "SELECT COALESCE(SUM(held_fen), 0), COALESCE(SUM(posted_fen), 0), COUNT(DISTINCT org) FROM org_year WHERE programme = ?1",
             [&p.spec.id],
@@ -169,11 +176,12 @@ pub fn programme_spend(ledger: &Ledger) -> Result<Vec<ProgrammeSpend>, LedgerErr
         {
             vouchers = vouchers.checked_add(a.available()).ok_or_else(overflow)?;
         }
-        out.push(ProgrammeSpend {
+        let row = ProgrammeSpend {
             programme: p.spec.id.clone(),
             issuer: p.spec.issuer.clone(),
-            budget_fen: p.budget_fen(),
+            funded_fen: p.funded_fen,
             defunded_fen: p.defunded_fen,
+            budget_fen: p.budget_fen(),
             granted_fen: granted,
             returned_fen: returned,
             spent_fen: spent,
@@ -181,7 +189,19 @@ pub fn programme_spend(ledger: &Ledger) -> Result<Vec<ProgrammeSpend>, LedgerErr
             pool_fen: ledger.account(pool).map_or(0, |a| a.available()),
             vouchers_fen: vouchers,
             organisations,
-        });
+        };
+        // A report that does not add up is a broken book, never printed as if it were right.
+        let wide = |v: i64| v as i128;
+        let pool_side = wide(row.budget_fen) - wide(row.granted_fen) + wide(row.returned_fen) == wide(row.pool_fen);
+        let org_side = wide(row.granted_fen)
+            == wide(row.spent_fen) + wide(row.held_fen) + wide(row.vouchers_fen) + wide(row.returned_fen);
+        if !pool_side || !org_side {
+            return Err(LedgerError::Corrupt {
+                path: ledger.path().to_string(),
+                problem: format!("the spend report of programme {} does not add up: {row:?}", row.programme),
+            });
+        }
+        out.push(row);
     }
     Ok(out)
 }

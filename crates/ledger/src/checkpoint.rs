@@ -124,20 +124,38 @@ pub fn file_name(seq: u64) -> String {
     format!("checkpoint-{seq:012}.json")
 }
 
-/// A periodic checkpoint: if the head moved past `last_seq`, verifies and
-/// signs it and writes it to `dir` (made if missing) as
-/// [`file_name`]`(seq)`, whole or not at all (written aside, synced, then
-/// renamed). Returns the checkpoint written, if any.
+/// What a periodic checkpoint did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Periodic {
+    /// A new head, signed and written to this file.
+    Written(Checkpoint, PathBuf),
+    /// The head `seq` was checkpointed already (this run or an earlier one):
+    /// nothing written, the file kept as it is.
+    Unchanged(u64),
+}
+
+/// A periodic checkpoint: verifies the book and, if its head moved past
+/// `last_seq` and has no checkpoint file yet, signs it and writes it to
+/// `dir` (made if missing) as [`file_name`]`(seq)`, whole or not at all
+/// (written aside, synced, then renamed; an existing file is never
+/// replaced, so a restart does not re-date a kept checkpoint).
 pub fn write_periodic(
     db: &Path,
     secret: &[u8; 32],
     dir: &Path,
     at: i64,
     last_seq: u64,
-) -> Result<Option<(Checkpoint, PathBuf)>, crate::LedgerError> {
+) -> Result<Periodic, crate::LedgerError> {
+    // The head's number is one cheap read: an unchanged book is not verified again.
+    let head: i64 = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|c| c.query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |r| r.get(0)))
+        .map_err(crate::LedgerError::from)?;
+    if head as u64 <= last_seq {
+        return Ok(Periodic::Unchanged(head as u64));
+    }
     let checkpoint = verify_and_sign(db, secret, at)?;
-    if checkpoint.seq <= last_seq {
-        return Ok(None);
+    if checkpoint.seq <= last_seq || dir.join(file_name(checkpoint.seq)).exists() {
+        return Ok(Periodic::Unchanged(checkpoint.seq));
     }
     let io = |e: std::io::Error| crate::LedgerError::Corrupt {
         path: dir.display().to_string(),
@@ -154,5 +172,5 @@ pub fn write_periodic(
         file.sync_all().map_err(io)?;
     }
     std::fs::rename(&aside, &path).map_err(io)?;
-    Ok(Some((checkpoint, path)))
+    Ok(Periodic::Written(checkpoint, path))
 }

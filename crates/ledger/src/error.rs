@@ -69,7 +69,7 @@ pub enum Refusal {
     #[error("job '{0}' is already settled")]
     AlreadySettled(String),
     #[error(
-        "a correction may not move money from a {debit} account to a {credit} account (permitted: {permitted}); voucher money moves only through grants, holds, settlements and expiry"
+        "a correction may not move money from a {debit} account to a {credit} account (permitted: {permitted}); the treasury, programme pools, vouchers and compute cards move only through their operations (programme fund and defund, grant, card, hold, settle, release, sweep)"
     )]
     FlowNotPermitted { debit: String, credit: String, permitted: String },
     #[error("job '{job}' is {state}, not held")]

@@ -485,6 +485,16 @@ fn open_connection(path: &Path) -> Result<Connection, LedgerError> {
     Ok(conn)
 }
 
+fn schema_problem(version: i64) -> String {
+    if version < SCHEMA_VERSION {
+        format!(
+            "schema version {version}, made by an older build; this build reads version {SCHEMA_VERSION} (whose journal also covers the voucher tables) and never rewrites an older book: keep the file for its audit with the older build and start a new one"
+        )
+    } else {
+        format!("schema version {version}, made by a newer build; this build reads version {SCHEMA_VERSION}")
+    }
+}
+
 /// The ledger: one database file, one writer.
 pub struct Ledger {
     conn: Connection,
@@ -507,10 +517,7 @@ impl Ledger {
         let conn = open_connection(path)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version != 0 && version != SCHEMA_VERSION {
-            return Err(LedgerError::Corrupt {
-                path: path.display().to_string(),
-                problem: format!("schema version {version}, this build reads {SCHEMA_VERSION}"),
-            });
+            return Err(LedgerError::Corrupt { path: path.display().to_string(), problem: schema_problem(version) });
         }
         conn.execute_batch(SCHEMA)?;
         for t in core_journaled() {
@@ -1424,10 +1431,7 @@ pub fn verify_with(
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version != SCHEMA_VERSION {
-        return Err(LedgerError::Corrupt {
-            path: path.display().to_string(),
-            problem: format!("schema version {version}, this build reads {SCHEMA_VERSION}"),
-        });
+        return Err(LedgerError::Corrupt { path: path.display().to_string(), problem: schema_problem(version) });
     }
     // Every read below sees one snapshot, however many writers commit
     // meanwhile (WAL): the read transaction pins it at its first read.

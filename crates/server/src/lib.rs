@@ -121,7 +121,7 @@ async fn checkpoint_loop(db: PathBuf, c: Checkpoints) {
         })
         .await;
         match done {
-            Ok(Ok(Some((checkpoint, path)))) => {
+            Ok(Ok(suanwang_ledger::checkpoint::Periodic::Written(checkpoint, path))) => {
                 last_seq = checkpoint.seq;
                 eprintln!(
                     "suanwang server: checkpoint of head {}:{} written to {}",
@@ -130,7 +130,7 @@ async fn checkpoint_loop(db: PathBuf, c: Checkpoints) {
                     path.display()
                 );
             }
-            Ok(Ok(None)) => {}
+            Ok(Ok(suanwang_ledger::checkpoint::Periodic::Unchanged(seq))) => last_seq = seq,
             // Loud, and no checkpoint: an auditor must never get a signed
             // head of a book that does not verify.
             Ok(Err(e)) => eprintln!("suanwang server: NO CHECKPOINT: the ledger does not verify: {e}"),
