@@ -339,30 +339,96 @@ fn canonical(prefix: &str, columns: &[String]) -> String {
     format!("json_array({})", cells.join(", "))
 }
 
-/// Creates (or re-creates) the triggers that record every change of `t`.
-fn create_triggers(conn: &Connection, t: &JournaledTable, replace: bool) -> Result<(), LedgerError> {
+/// The triggers that record every change of `t`: (name, statement). The
+/// statement is exactly the text SQLite keeps for it, so a stored trigger
+/// can be compared with what it must be.
+fn trigger_sql(t: &JournaledTable) -> Vec<(String, String)> {
     let n = &t.name;
     let (new_key, old_key, new_row) =
         (canonical("NEW", &t.key), canonical("OLD", &t.key), canonical("NEW", &t.columns));
-    let mut sql = String::new();
-    if replace {
-        for op in ["insert", "update", "delete"] {
-            sql.push_str(&format!("DROP TRIGGER IF EXISTS journal_{n}_{op};\n"));
+    vec![
+        (
+            format!("journal_{n}_insert"),
+            format!(
+                "CREATE TRIGGER journal_{n}_insert AFTER INSERT ON \"{n}\" BEGIN INSERT INTO row_changes (tbl, key, row) VALUES ('{n}', {new_key}, {new_row}); END"
+            ),
+        ),
+        (
+            format!("journal_{n}_update"),
+            format!(
+                "CREATE TRIGGER journal_{n}_update AFTER UPDATE ON \"{n}\" BEGIN INSERT INTO row_changes (tbl, key, row) SELECT '{n}', {old_key}, NULL WHERE {old_key} IS NOT {new_key}; INSERT INTO row_changes (tbl, key, row) VALUES ('{n}', {new_key}, {new_row}); END"
+            ),
+        ),
+        (
+            format!("journal_{n}_delete"),
+            format!(
+                "CREATE TRIGGER journal_{n}_delete AFTER DELETE ON \"{n}\" BEGIN INSERT INTO row_changes (tbl, key, row) VALUES ('{n}', {old_key}, NULL); END"
+            ),
+        ),
+    ]
+}
+
+/// Makes `t`'s triggers exactly what they must be: missing ones created,
+/// altered ones (another body under the ledger's name) replaced, right
+/// ones left alone (no schema change, so other writers need not re-check).
+fn create_triggers(conn: &Connection, t: &JournaledTable) -> Result<(), LedgerError> {
+    for (name, sql) in trigger_sql(t) {
+        let stored: Option<String> = conn
+            .query_row("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?1", [&name], |r| r.get(0))
+            .optional()?;
+        if stored.as_deref() == Some(sql.as_str()) {
+            continue;
+        }
+        conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {name}; {sql};"))?;
+    }
+    Ok(())
+}
+
+/// The names of the triggers the ledger makes for `tables`.
+fn trigger_names(tables: &[JournaledTable]) -> HashSet<String> {
+    tables.iter().flat_map(|t| ["insert", "update", "delete"].map(|op| format!("journal_{}_{op}", t.name))).collect()
+}
+
+/// The tables journaled now: the core ones and the registered ones.
+fn journaled_now(conn: &Connection) -> Result<Vec<JournaledTable>, LedgerError> {
+    let mut tables = core_journaled();
+    let mut stmt = conn.prepare("SELECT name, key_columns, columns FROM journaled_tables ORDER BY name")?;
+    let rows: Vec<(String, String, String)> =
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+    for (name, key, columns) in rows {
+        let list = |text: &str| serde_json::from_str::<Vec<String>>(text).ok().filter(|l| l.iter().all(|n| is_identifier(n)));
+        match (is_identifier(&name), list(&key), list(&columns)) {
+            (true, Some(key), Some(columns)) => tables.push(JournaledTable { name, key, columns }),
+            _ => {
+                return Err(LedgerError::Corrupt {
+                    path: String::new(),
+                    problem: format!("journaled_tables: unreadable entry for '{name}'"),
+                });
+            }
         }
     }
-    sql.push_str(&format!(
-        "CREATE TRIGGER IF NOT EXISTS journal_{n}_insert AFTER INSERT ON \"{n}\" BEGIN
-            INSERT INTO row_changes (tbl, key, row) VALUES ('{n}', {new_key}, {new_row});
-         END;
-         CREATE TRIGGER IF NOT EXISTS journal_{n}_update AFTER UPDATE ON \"{n}\" BEGIN
-            INSERT INTO row_changes (tbl, key, row) SELECT '{n}', {old_key}, NULL WHERE {old_key} IS NOT {new_key};
-            INSERT INTO row_changes (tbl, key, row) VALUES ('{n}', {new_key}, {new_row});
-         END;
-         CREATE TRIGGER IF NOT EXISTS journal_{n}_delete AFTER DELETE ON \"{n}\" BEGIN
-            INSERT INTO row_changes (tbl, key, row) VALUES ('{n}', {old_key}, NULL);
-         END;"
-    ));
-    conn.execute_batch(&sql)?;
+    Ok(tables)
+}
+
+/// Refuses a file with a trigger that is not the ledger's (it would act
+/// inside the ledger's commits), and re-makes the ledger's own, so that a
+/// trigger of the ledger's name with another body is replaced.
+fn guard_triggers(conn: &Connection, path: &str) -> Result<(), LedgerError> {
+    let tables = journaled_now(conn)?;
+    let ours = trigger_names(&tables);
+    let mut stmt = conn.prepare("SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' ORDER BY name")?;
+    let triggers: Vec<(String, String)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+    if let Some((name, table)) = triggers.iter().find(|(name, _)| !ours.contains(name)) {
+        return Err(LedgerError::Corrupt {
+            path: path.to_string(),
+            problem: format!(
+                "trigger {name} on table {table} is not the ledger's: it would act inside the ledger's commits, so nothing is written until it is removed (and the book verified)"
+            ),
+        });
+    }
+    for t in &tables {
+        create_triggers(conn, t)?;
+    }
     Ok(())
 }
 
@@ -495,6 +561,45 @@ fn schema_problem(version: i64) -> String {
     }
 }
 
+/// What a writer keeps in memory, read from one state of the file.
+struct Caches {
+    accounts: HashMap<AccountId, Account>,
+    refused: HashSet<TransferId>,
+    journal_seq: i64,
+    head: [u8; 32],
+    next_account_seq: i64,
+    next_transfer_seq: i64,
+    schema_version: i64,
+}
+
+impl Caches {
+    fn load(conn: &Connection) -> Result<Caches, LedgerError> {
+        let mut accounts = HashMap::default();
+        {
+            let mut stmt = conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts"))?;
+            for account in stmt.query_map([], read_account)? {
+                let account = account?;
+                accounts.insert(account.id, account);
+            }
+        }
+        let refused = {
+            let mut stmt = conn.prepare("SELECT id FROM refusals")?;
+            let ids = stmt.query_map([], |r| id_at(r, 0))?;
+            ids.map(|id| id.map(TransferId)).collect::<Result<_, _>>()?
+        };
+        let (journal_seq, head) = Ledger::journal_head(conn)?;
+        Ok(Caches {
+            accounts,
+            refused,
+            journal_seq,
+            head,
+            next_account_seq: conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM accounts", [], |r| r.get(0))?,
+            next_transfer_seq: conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM transfers", [], |r| r.get(0))?,
+            schema_version: conn.pragma_query_value(None, "schema_version", |r| r.get(0))?,
+        })
+    }
+}
+
 /// The ledger: one database file, one writer.
 pub struct Ledger {
     conn: Connection,
@@ -508,6 +613,8 @@ pub struct Ledger {
     journal_seq: i64,
     next_account_seq: i64,
     next_transfer_seq: i64,
+    /// SQLite's schema counter when the triggers were last checked.
+    schema_version: i64,
 }
 
 impl Ledger {
@@ -521,7 +628,7 @@ impl Ledger {
         }
         conn.execute_batch(SCHEMA)?;
         for t in core_journaled() {
-            create_triggers(&conn, &t, false)?;
+            create_triggers(&conn, &t)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let mut ledger = Ledger {
@@ -533,8 +640,10 @@ impl Ledger {
             journal_seq: -1,
             next_account_seq: 1,
             next_transfer_seq: 1,
+            schema_version: -1,
         };
         ledger.refresh()?;
+        ledger.schema_version = -1;
         Ok(ledger)
     }
 
@@ -545,39 +654,35 @@ impl Ledger {
             .optional()?;
         Ok(match head {
             Some((seq, h)) => {
+                // A hash of another length matches no head: the caches reload
+                // and verify names the broken entry.
                 let mut bytes = [0u8; 32];
-                bytes.copy_from_slice(&h[..32]);
+                let n = h.len().min(32);
+                bytes[..n].copy_from_slice(&h[..n]);
                 (seq, bytes)
             }
             None => (0, [0; 32]),
         })
     }
 
-    /// Reloads the caches from the file.
+    /// Reloads the caches from the file, all in one read transaction so
+    /// that they are of one state of it.
     fn refresh(&mut self) -> Result<(), LedgerError> {
-        let mut accounts = HashMap::default();
-        {
-            let mut stmt = self.conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts"))?;
-            for account in stmt.query_map([], read_account)? {
-                let account = account?;
-                accounts.insert(account.id, account);
-            }
-        }
-        let refused = {
-            let mut stmt = self.conn.prepare("SELECT id FROM refusals")?;
-            let ids = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
-            ids.map(|id| id.map(|id| TransferId(from_blob(&id)))).collect::<Result<_, _>>()?
-        };
-        let (journal_seq, head) = Self::journal_head(&self.conn)?;
-        self.accounts = accounts;
-        self.refused = refused;
-        self.journal_seq = journal_seq;
-        self.head = head;
-        self.next_account_seq =
-            self.conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM accounts", [], |r| r.get(0))?;
-        self.next_transfer_seq =
-            self.conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM transfers", [], |r| r.get(0))?;
+        let snapshot = self.conn.unchecked_transaction()?;
+        let caches = Caches::load(&snapshot)?;
+        drop(snapshot);
+        self.install(caches);
         Ok(())
+    }
+
+    fn install(&mut self, c: Caches) {
+        self.accounts = c.accounts;
+        self.refused = c.refused;
+        self.journal_seq = c.journal_seq;
+        self.head = c.head;
+        self.next_account_seq = c.next_account_seq;
+        self.next_transfer_seq = c.next_transfer_seq;
+        self.schema_version = c.schema_version;
     }
 
     pub fn path(&self) -> &str {
@@ -631,16 +736,27 @@ impl Ledger {
         f: impl FnOnce(&mut Batch<'_>) -> Result<T, LedgerError>,
     ) -> Result<T, LedgerError> {
         // Another process (an administration command) may have written since
-        // our last commit. Under the write lock, check the journal head; if
-        // it moved, reload the caches and take the lock again.
-        let tx = loop {
-            let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if Self::journal_head(&tx)?.0 == self.journal_seq {
-                break tx;
-            }
-            drop(tx);
-            self.refresh()?;
-        };
+        // our last commit. Under the write lock, check the journal head (its
+        // number and hash); if it moved, reload the caches, still under the
+        // lock, so that they are exactly the state this commit builds on.
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        if Self::journal_head(&tx)? != (self.journal_seq, self.head) {
+            let c = Caches::load(&tx)?;
+            self.accounts = c.accounts;
+            self.refused = c.refused;
+            self.journal_seq = c.journal_seq;
+            self.head = c.head;
+            self.next_account_seq = c.next_account_seq;
+            self.next_transfer_seq = c.next_transfer_seq;
+        }
+        // A trigger planted in the file would run inside this commit and
+        // have its edits journaled as ours: whenever the schema changed,
+        // the ledger's own triggers are re-made and any other refused.
+        let schema_version: i64 = tx.pragma_query_value(None, "schema_version", |r| r.get(0))?;
+        if schema_version != self.schema_version {
+            guard_triggers(&tx, &self.path)?;
+            self.schema_version = tx.pragma_query_value(None, "schema_version", |r| r.get(0))?;
+        }
         // Read under the write lock: a change recorded outside the journal
         // before this commit leaves a gap that verify reports, instead of
         // being swept into this entry.
@@ -796,9 +912,9 @@ impl Batch<'_> {
             })
             .optional()?;
         if registered.as_ref() == Some(&(key_text.clone(), columns_text.clone())) {
-            return create_triggers(self.tx, &t, false);
+            return create_triggers(self.tx, &t);
         }
-        create_triggers(self.tx, &t, registered.is_some())?;
+        create_triggers(self.tx, &t)?;
         self.tx.execute(
             "INSERT INTO journaled_tables (name, key_columns, columns) VALUES (?1, ?2, ?3)
              ON CONFLICT (name) DO UPDATE SET key_columns = excluded.key_columns, columns = excluded.columns",
@@ -1410,6 +1526,13 @@ pub trait Replay {
         Ok(())
     }
 
+    /// A change of a journaled table in the history: the row before (None:
+    /// inserted) and after (None: deleted), as canonical JSON arrays of
+    /// SQL literals.
+    fn row_change(&mut self, _table: &str, _before: Option<&str>, _after: Option<&str>) -> Result<(), String> {
+        Ok(())
+    }
+
     /// After the replay succeeded, on the snapshot it read.
     fn finish(&mut self, _snapshot: &Connection) -> Result<(), LedgerError> {
         Ok(())
@@ -1556,6 +1679,9 @@ fn verify_snapshot(
         for c in recorded {
             encode_change(&mut change_bytes, &c);
             let table = tables.entry(c.table.clone()).or_default();
+            replay
+                .row_change(&c.table, table.get(&c.key).map(String::as_str), c.row.as_deref())
+                .map_err(|problem| corrupt(format!("journal entry {n}, row change {}: {problem}", c.seq)))?;
             match c.row {
                 Some(row) => {
                     table.insert(c.key, row);
@@ -1740,6 +1866,19 @@ fn verify_tables(
     };
     // Other tables may share the file (the platform's jobs and attempts):
     // they are not the books, and nothing that decides money reads them.
+    // A trigger, though, acts inside the ledger's commits.
+    let ours = trigger_names(&journaled);
+    let mut stmt = conn
+        .prepare("SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' ORDER BY name")
+        .map_err(|e| e.to_string())?;
+    let triggers: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(|e| e.to_string())?
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    if let Some((name, table)) = triggers.iter().find(|(name, _)| !ours.contains(name)) {
+        return Err(format!("trigger {name} on table {table} is not the ledger's (planted in the file)"));
+    }
     for name in replayed.keys() {
         if !journaled.iter().any(|t| &t.name == name) {
             return Err(format!("row_changes: changes of {name}, which is not a journaled table"));

@@ -1376,8 +1376,8 @@ pub const PERMITTED_FLOWS: [(&str, &str, u16); 11] = [
 struct RuleCheck {
     /// Per programme pool: (funded, defunded) by FUND and DEFUND transfers.
     funding: std::collections::HashMap<AccountId, (i64, i64)>,
-    /// Jobs whose subsidy was posted, and how often.
-    subsidies: std::collections::HashMap<String, u32>,
+    /// Jobs whose subsidy was posted: how often, and how much in all.
+    subsidies: std::collections::HashMap<String, (u32, i64)>,
     problems: Vec<String>,
 }
 
@@ -1404,7 +1404,9 @@ impl crate::ledger::Replay for RuleCheck {
                 }
             }
             TransferKind::PostPending { .. } if t.code == codes::SUBSIDY => {
-                *self.subsidies.entry(t.memo.clone()).or_default() += 1;
+                let s = self.subsidies.entry(t.memo.clone()).or_default();
+                s.0 += 1;
+                s.1 = s.1.saturating_add(t.amount);
             }
             _ => {}
         }
@@ -1421,10 +1423,72 @@ impl crate::ledger::Replay for RuleCheck {
         Ok(())
     }
 
+    fn row_change(&mut self, table: &str, before: Option<&str>, after: Option<&str>) -> Result<(), String> {
+        history_rule(table, before, after)
+    }
+
     fn finish(&mut self, sql: &rusqlite::Connection) -> Result<(), LedgerError> {
         let problems = rule_problems(sql, self)?;
         self.problems.extend(problems);
         Ok(())
+    }
+}
+
+/// The cells of a journaled row (SQL literals: `'text'`, `12`, `NULL`).
+fn cells(row: &str) -> Result<Vec<String>, String> {
+    serde_json::from_str(row).map_err(|_| format!("unreadable row {row}"))
+}
+
+/// How each voucher table may change over its history, so that an edit
+/// journaled as if it were an operation (a trigger planted in the file
+/// acting inside a real commit) still breaks a rule: organisations,
+/// relations and refusals are only ever added; a programme's definition
+/// never changes, only its funding grows; a bill is added as held and ends
+/// once (settled, released or expired), its hold never rewritten; nothing
+/// is deleted.
+fn history_rule(table: &str, before: Option<&str>, after: Option<&str>) -> Result<(), String> {
+    let (Some(row), before) = (after, before) else {
+        return Err(format!("a {table} row was deleted: rows of the books are never deleted"));
+    };
+    let now = cells(row)?;
+    let was = before.map(cells).transpose()?;
+    let same = |was: &[String], columns: &[usize]| columns.iter().all(|&i| was.get(i) == now.get(i));
+    match (table, was) {
+        ("orgs" | "relations" | "refusals", Some(_)) => {
+            Err(format!("a {table} row was changed: {table} are only ever added ({row})"))
+        }
+        ("programmes", Some(was)) => {
+            let grows = |i: usize| {
+                let n = |c: &[String]| c.get(i).and_then(|v| v.parse::<i64>().ok());
+                matches!((n(&was), n(&now)), (Some(a), Some(b)) if b >= a)
+            };
+            if !same(&was, &[0, 1, 2]) {
+                return Err(format!("programme {} was redefined: its rates, caps and eligibility never change", now[0]));
+            }
+            if !grows(3) || !grows(4) {
+                return Err(format!("programme {}: its funding totals went down", now[0]));
+            }
+            Ok(())
+        }
+        ("billing", None) if now.get(7).map(String::as_str) != Some("'held'") => {
+            Err(format!("bill {} was added as {}, not held", now[0], now.get(7).cloned().unwrap_or_default()))
+        }
+        ("billing", Some(was)) => {
+            let ended = ["'settled'", "'released'", "'expired'"];
+            if was.get(7).map(String::as_str) != Some("'held'") || !ended.contains(&now.get(7).map_or("", String::as_str)) {
+                return Err(format!(
+                    "bill {} went from {} to {}: a bill ends once, from held",
+                    now[0],
+                    was.get(7).cloned().unwrap_or_default(),
+                    now.get(7).cloned().unwrap_or_default()
+                ));
+            }
+            if !same(&was, &[0, 1, 2, 3, 4, 5, 6, 8, 10]) {
+                return Err(format!("bill {}: its hold was rewritten", now[0]));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -1511,10 +1575,45 @@ fn rule_problems(sql: &rusqlite::Connection, check: &RuleCheck) -> Result<Vec<St
             ));
         }
     }
-    let mut twice: Vec<&String> = check.subsidies.iter().filter(|(_, n)| **n > 1).map(|(job, _)| job).collect();
+    let mut twice: Vec<&String> = check.subsidies.iter().filter(|(_, (n, _))| *n > 1).map(|(job, _)| job).collect();
     twice.sort();
     for job in twice {
         problems.push(format!("job {job}: subsidy posted more than once"));
+    }
+    // What each settled bill says the voucher paid is what the transfers paid.
+    let settled: Vec<(String, String)> = {
+        let mut stmt = sql.prepare("SELECT job, settlement FROM billing WHERE state = 'settled' ORDER BY job")?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, Option<String>>(1)?.unwrap_or_default())))?
+            .collect::<Result<_, _>>()?
+    };
+    let mut billed = std::collections::HashSet::new();
+    for (job, settlement) in &settled {
+        let s: Settlement = serde_json::from_str(settlement).map_err(corrupt)?;
+        let paid = check.subsidies.get(job).map_or(0, |(_, amount)| *amount);
+        if paid != s.bill.subsidy_fen {
+            problems.push(format!(
+                "job {job}: the bill says the voucher paid {} fen, the transfers {paid}",
+                s.bill.subsidy_fen
+            ));
+        }
+        billed.insert(job.as_str());
+    }
+    let mut unbilled: Vec<&String> = check.subsidies.keys().filter(|job| !billed.contains(job.as_str())).collect();
+    unbilled.sort();
+    for job in unbilled {
+        problems.push(format!("job {job}: subsidy was paid, but no settled bill says so"));
+    }
+    // An issuer's cap is one cap.
+    for p in specs.iter().filter(|p| p.cap_per == CapScope::Issuer) {
+        if let Some(q) = specs.iter().find(|q| {
+            q.issuer == p.issuer && q.cap_per == CapScope::Issuer && q.org_year_cap_fen != p.org_year_cap_fen
+        }) {
+            problems.push(format!(
+                "issuer {}: programmes {} and {} cap an organisation differently ({} and {} fen)",
+                p.issuer, p.id, q.id, p.org_year_cap_fen, q.org_year_cap_fen
+            ));
+            break;
+        }
     }
     let held: Vec<String> = {
         let mut stmt = sql.prepare("SELECT job FROM billing WHERE state = 'held' ORDER BY job")?;

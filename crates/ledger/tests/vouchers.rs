@@ -698,3 +698,67 @@ fn every_kind_of_edit_to_the_voucher_tables_is_caught_and_named() {
         assert!(err.contains(named), "{case}: the error does not name {named:?}: {err}");
     }
 }
+
+#[test]
+fn a_trigger_planted_in_the_file_stops_every_write() {
+    let (path, mut l, now) = books();
+    drop(l);
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE TRIGGER zz AFTER INSERT ON transfers BEGIN UPDATE orgs SET kind = 'university' WHERE id = 'acme'; END;")
+        .unwrap();
+    l = Ledger::open(&path).unwrap();
+    let err = voucher::deposit(&mut l, now, TransferId(95), "acme", 10).unwrap_err().to_string();
+    assert!(err.contains("trigger zz on table transfers is not the ledger's"), "{err}");
+    let err = verify(&path).unwrap_err().to_string();
+    assert!(err.contains("trigger zz on table transfers is not the ledger's"), "{err}");
+    // A trigger under the ledger's own name with another body is replaced
+    // before the commit it would act in.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "DROP TRIGGER zz; DROP TRIGGER journal_orgs_update;
+             CREATE TRIGGER journal_orgs_update AFTER UPDATE ON orgs BEGIN SELECT 1; END;",
+        )
+        .unwrap();
+    voucher::deposit(&mut l, now, TransferId(96), "acme", 10).unwrap();
+    let sql: String = l
+        .connection()
+        .query_row("SELECT sql FROM sqlite_master WHERE name = 'journal_orgs_update'", [], |r| r.get(0))
+        .unwrap();
+    assert!(sql.contains("INSERT INTO row_changes"), "{sql}");
+    assert!(voucher::verify(&l).unwrap().is_empty());
+}
+
+#[test]
+fn edits_journaled_as_if_they_were_operations_still_break_the_history_rules() {
+    // What a trigger acting inside a real commit would have written: each
+    // edit made in the writer's own transaction, so journaled and hashed.
+    let cases: [(&str, &str, &str); 6] = [
+        (
+            "redefine a programme",
+            "UPDATE programmes SET spec = replace(spec, '\"org_year_cap_fen\":300000', '\"org_year_cap_fen\":900000000')",
+            "programme 'sd-2026' was redefined",
+        ),
+        ("change an organisation's kind", "UPDATE orgs SET kind = 'university' WHERE id = 'acme'", "orgs row was changed"),
+        ("delete a relation", "DELETE FROM relations", "a relations row was deleted"),
+        ("delete a settled bill", "DELETE FROM billing WHERE job = 'done-job'", "a billing row was deleted"),
+        ("re-open a settled bill", "UPDATE billing SET state = 'held' WHERE job = 'done-job'", "a bill ends once, from held"),
+        ("lower the funding", "UPDATE programmes SET funded_fen = funded_fen - 1", "funding totals went down"),
+    ];
+    for (case, edit, named) in cases {
+        let path = voucher_tamper_book();
+        let mut l = Ledger::open(&path).unwrap();
+        l.write(day("2026-03-02"), |b| {
+            b.sql().execute_batch(edit)?;
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let err = match voucher::verify_file(&path, None) {
+            Ok((_, problems)) if !problems.is_empty() => problems.join("; "),
+            Ok(_) => panic!("{case}: not caught"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(named), "{case}: the error does not name {named:?}: {err}");
+    }
+}
