@@ -192,6 +192,10 @@ pub enum LedgerCommand {
         /// Write the checkpoint here (default: standard output).
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// The previous checkpoint of this book: the new one is signed only
+        /// if the book still extends it (nothing rewritten since).
+        #[arg(long, value_name = "FILE")]
+        after: Option<PathBuf>,
     },
 }
 
@@ -284,7 +288,7 @@ fn parse_time(text: &str) -> anyhow::Result<i64> {
     use suanwang_ledger::model::{EARLIEST_TIME, LATEST_TIME};
     let seconds = match text.trim().parse::<i64>() {
         Ok(seconds) => seconds,
-        Err(_) => voucher::date_to_unix(text).map_err(|e| anyhow!("{e}"))?,
+        Err(_) => voucher::date_to_unix(text).map_err(|e| anyhow!("[invalid_time] {e}"))?,
     };
     if !(EARLIEST_TIME..=LATEST_TIME).contains(&seconds) {
         bail!(
@@ -429,11 +433,24 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
         eprintln!("secret key in {} (keep it private); the public key above is for auditors", out.display());
         return Ok(());
     }
-    if let LedgerCommand::Checkpoint { key, out } = &args.command {
+    if let LedgerCommand::Checkpoint { key, out, after } = &args.command {
         let text = std::fs::read_to_string(key).with_context(|| format!("--key {}", key.display()))?;
         let secret = suanwang_ledger::checkpoint::parse_secret(&text).map_err(|e| anyhow!("--key: {e}"))?;
+        let after = match after {
+            None => None,
+            Some(file) => {
+                let text = std::fs::read_to_string(file).with_context(|| format!("--after {}", file.display()))?;
+                let previous: suanwang_ledger::checkpoint::Checkpoint = serde_json::from_str(&text)
+                    .map_err(|e| anyhow!("[bad_checkpoint] --after {}: not a checkpoint: {e}", file.display()))?;
+                let own = suanwang_ledger::checkpoint::public_key(&secret);
+                Some(
+                    suanwang_ledger::checkpoint::check(&previous, Some(&own))
+                        .map_err(|e| anyhow!("[bad_checkpoint] --after {}: {e}", file.display()))?,
+                )
+            }
+        };
         let checkpoint =
-            suanwang_ledger::checkpoint::verify_and_sign(&args.db, &secret, now(&args)?).map_err(refused)?;
+            suanwang_ledger::checkpoint::verify_and_sign(&args.db, &secret, now(&args)?, after).map_err(refused)?;
         let json_text = serde_json::to_string_pretty(&checkpoint)?;
         match out {
             Some(path) => {
@@ -671,9 +688,11 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
             print(json, &done, || format!("correction {} of {} {} done\n", done.id, done.amount, done.unit))
         }
         LedgerCommand::Statement { provider, from, to, format } => {
-            let st =
-                audit::statement(l, &provider, parse_time(&from).context("--from")?, parse_time(&to).context("--to")?)
-                    .map_err(refused)?;
+            let (from, to) = (parse_time(&from).context("--from")?, parse_time(&to).context("--to")?);
+            if from >= to {
+                bail!("[invalid_time] --from must be before --to (the statement covers [from, to))");
+            }
+            let st = audit::statement(l, &provider, from, to).map_err(refused)?;
             let mut rows = st.lines.clone();
             rows.push(st.total.clone());
             export(format, &rows, || {

@@ -649,7 +649,11 @@ fn ledger_refusals_name_their_code_and_change_nothing() {
     }
     let o = suanwang(&["ledger", "--db", db.to_str().unwrap(), "--now", "someday", "init"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("--now: invalid date: 'someday' is not a date (YYYY-MM-DD)"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--now: [invalid_time] invalid date: 'someday' is not a date (YYYY-MM-DD)"),
+        "{}",
+        stderr(&o)
+    );
     let o = suanwang(&["ledger", "verify", db.to_str().unwrap()]);
     assert!(o.status.success(), "refusals left the books intact: {}", stderr(&o));
     let o = suanwang(&["ledger", "verify", "/nonexistent/books.db"]);

@@ -43,7 +43,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex<const N: usize>(text: &str, what: &'static str) -> Result<[u8; N], CheckpointError> {
-    if text.len() != 2 * N {
+    // Byte slicing below needs ASCII: anything else is not hex anyway.
+    if text.len() != 2 * N || !text.is_ascii() {
         return Err(CheckpointError::Malformed(what));
     }
     let mut out = [0u8; N];
@@ -70,6 +71,11 @@ pub fn keygen() -> std::io::Result<([u8; 32], String)> {
 /// The secret key in a key file (64 hex digits).
 pub fn parse_secret(text: &str) -> Result<[u8; 32], CheckpointError> {
     unhex::<32>(text.trim(), "secret key")
+}
+
+/// The public key (hex) of a secret key.
+pub fn public_key(secret: &[u8; 32]) -> String {
+    hex(SigningKey::from_bytes(secret).verifying_key().as_bytes())
 }
 
 /// Signs the head a verify found.
@@ -105,11 +111,17 @@ pub fn check(checkpoint: &Checkpoint, expected_key: Option<&str>) -> Result<Anch
     Ok(Anchor { seq: checkpoint.seq, hash })
 }
 
-/// Verifies the book in `db` (the voucher rules included) and signs its
-/// head: refused if anything is wrong, so a checkpoint only ever vouches
-/// for a book that verified.
-pub fn verify_and_sign(db: &Path, secret: &[u8; 32], at: i64) -> Result<Checkpoint, crate::LedgerError> {
-    let (report, problems) = crate::voucher::verify_file(db, None)?;
+/// Verifies the book in `db` (the voucher rules included, and that it
+/// extends `after`, a head signed earlier) and signs its head: refused if
+/// anything is wrong, so a checkpoint only ever vouches for a book that
+/// verified and never for a history that contradicts an earlier one.
+pub fn verify_and_sign(
+    db: &Path,
+    secret: &[u8; 32],
+    at: i64,
+    after: Option<Anchor>,
+) -> Result<Checkpoint, crate::LedgerError> {
+    let (report, problems) = crate::voucher::verify_file(db, after)?;
     if !problems.is_empty() {
         return Err(crate::LedgerError::Corrupt {
             path: db.display().to_string(),
@@ -134,27 +146,46 @@ pub enum Periodic {
     Unchanged(u64),
 }
 
-/// A periodic checkpoint: verifies the book and, if its head moved past
-/// `last_seq` and has no checkpoint file yet, signs it and writes it to
-/// `dir` (made if missing) as [`file_name`]`(seq)`, whole or not at all
-/// (written aside, synced, then renamed; an existing file is never
-/// replaced, so a restart does not re-date a kept checkpoint).
-pub fn write_periodic(
-    db: &Path,
-    secret: &[u8; 32],
-    dir: &Path,
-    at: i64,
-    last_seq: u64,
-) -> Result<Periodic, crate::LedgerError> {
+/// The newest checkpoint in `dir`, checked to be signed with `secret`'s
+/// key: the head every later checkpoint must extend.
+pub fn newest(dir: &Path, secret: &[u8; 32]) -> Result<Option<(Checkpoint, Anchor)>, crate::LedgerError> {
+    let bad = |problem: String| crate::LedgerError::Corrupt { path: dir.display().to_string(), problem };
+    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
+            .filter(|n| n.starts_with("checkpoint-") && n.ends_with(".json"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(bad(format!("cannot read the checkpoints: {e}"))),
+    };
+    names.sort();
+    let Some(name) = names.pop() else { return Ok(None) };
+    let text = std::fs::read_to_string(dir.join(&name)).map_err(|e| bad(format!("{name}: {e}")))?;
+    let checkpoint: Checkpoint =
+        serde_json::from_str(&text).map_err(|e| bad(format!("{name}: not a checkpoint: {e}")))?;
+    let own = public_key(secret);
+    let anchor = check(&checkpoint, Some(&own)).map_err(|e| bad(format!("{name}: {e}")))?;
+    Ok(Some((checkpoint, anchor)))
+}
+
+/// A periodic checkpoint into `dir`: if the book's head moved past the
+/// newest checkpoint there, verifies that the book still extends that
+/// checkpoint, then signs the head and writes it as [`file_name`]`(seq)`,
+/// whole or not at all (written aside, synced, then renamed). An existing
+/// file is never replaced, so a restart does not re-date a kept checkpoint.
+pub fn write_periodic(db: &Path, secret: &[u8; 32], dir: &Path, at: i64) -> Result<Periodic, crate::LedgerError> {
+    let previous = newest(dir, secret)?;
     // The head's number is one cheap read: an unchanged book is not verified again.
     let head: i64 = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .and_then(|c| c.query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |r| r.get(0)))
         .map_err(crate::LedgerError::from)?;
-    if head as u64 <= last_seq {
+    if let Some((p, _)) = &previous
+        && head as u64 <= p.seq
+    {
         return Ok(Periodic::Unchanged(head as u64));
     }
-    let checkpoint = verify_and_sign(db, secret, at)?;
-    if checkpoint.seq <= last_seq || dir.join(file_name(checkpoint.seq)).exists() {
+    let checkpoint = verify_and_sign(db, secret, at, previous.map(|(_, anchor)| anchor))?;
+    if dir.join(file_name(checkpoint.seq)).exists() {
         return Ok(Periodic::Unchanged(checkpoint.seq));
     }
     let io = |e: std::io::Error| crate::LedgerError::Corrupt {

@@ -253,12 +253,17 @@ fn request_digest(t: &NewTransfer) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The canonical bytes of a journal entry's own fields, for the hash chain.
-fn encode_header(seq: i64, at: i64) -> [u8; 17] {
-    let mut out = [0u8; 17];
-    out[0] = b'H';
-    out[1..9].copy_from_slice(&seq.to_be_bytes());
-    out[9..].copy_from_slice(&at.to_be_bytes());
+/// The canonical bytes of a journal entry's own fields, for the hash
+/// chain: its number, time and the ranges of rows it covers.
+fn encode_header(seq: i64, at: i64, ranges: [(i64, i64); 3]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(65);
+    out.push(b'H');
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&at.to_be_bytes());
+    for (from, to) in ranges {
+        out.extend_from_slice(&from.to_be_bytes());
+        out.extend_from_slice(&to.to_be_bytes());
+    }
     out
 }
 
@@ -396,7 +401,8 @@ fn journaled_now(conn: &Connection) -> Result<Vec<JournaledTable>, LedgerError> 
     let rows: Vec<(String, String, String)> =
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
     for (name, key, columns) in rows {
-        let list = |text: &str| serde_json::from_str::<Vec<String>>(text).ok().filter(|l| l.iter().all(|n| is_identifier(n)));
+        let list =
+            |text: &str| serde_json::from_str::<Vec<String>>(text).ok().filter(|l| l.iter().all(|n| is_identifier(n)));
         match (is_identifier(&name), list(&key), list(&columns)) {
             (true, Some(key), Some(columns)) => tables.push(JournaledTable { name, key, columns }),
             _ => {
@@ -417,7 +423,8 @@ fn guard_triggers(conn: &Connection, path: &str) -> Result<(), LedgerError> {
     let tables = journaled_now(conn)?;
     let ours = trigger_names(&tables);
     let mut stmt = conn.prepare("SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' ORDER BY name")?;
-    let triggers: Vec<(String, String)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+    let triggers: Vec<(String, String)> =
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
     if let Some((name, table)) = triggers.iter().find(|(name, _)| !ours.contains(name)) {
         return Err(LedgerError::Corrupt {
             path: path.to_string(),
@@ -484,12 +491,35 @@ fn id_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<u128> {
     Ok(from_blob(bytes))
 }
 
+/// A value the ledger never writes: reading it is an error, not a guess.
+fn out_of_domain(i: usize, what: String) -> rusqlite::Error {
+    rusqlite::Error::InvalidColumnType(i, what, rusqlite::types::Type::Text)
+}
+
+/// A unit, exactly as the ledger writes it (so `FEN` is not `fen`).
 fn unit_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Unit> {
     let text = row
         .get_ref(i)?
         .as_str()
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e)))?;
-    Ok(if text == "fen" { Unit::Fen } else { text.parse().unwrap_or(Unit::Fen) })
+    if text == "fen" {
+        return Ok(Unit::Fen);
+    }
+    match text.parse::<Unit>() {
+        Ok(unit) if unit.to_string() == text => Ok(unit),
+        _ => Err(out_of_domain(i, format!("unit '{text}'"))),
+    }
+}
+
+/// An integer column within `range`.
+fn int_in(
+    row: &rusqlite::Row<'_>,
+    i: usize,
+    range: std::ops::RangeInclusive<i64>,
+    what: &str,
+) -> rusqlite::Result<i64> {
+    let v: i64 = row.get(i)?;
+    if range.contains(&v) { Ok(v) } else { Err(out_of_domain(i, format!("{what} {v}"))) }
 }
 
 /// An account row selected as [`ACCOUNT_COLUMNS`].
@@ -500,7 +530,7 @@ fn read_account(row: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
         kind: row.get(2)?,
         owner: row.get(3)?,
         unit: unit_at(row, 4)?,
-        flags: row.get::<_, i64>(5)? as u32,
+        flags: int_in(row, 5, 0..=flags::ALL as i64, "flags")? as u32,
         debits_pending: row.get(6)?,
         debits_posted: row.get(7)?,
         credits_pending: row.get(8)?,
@@ -517,8 +547,9 @@ fn read_transfer(row: &rusqlite::Row<'_>) -> rusqlite::Result<Transfer> {
     };
     let kind_code: i64 = row.get(5)?;
     let timeout_s: i64 = row.get(7)?;
-    let kind = TransferKind::from_parts(kind_code, pending, timeout_s)
-        .ok_or(rusqlite::Error::IntegralValueOutOfRange(5, kind_code))?;
+    let kind = TransferKind::from_parts(kind_code, pending, timeout_s).ok_or_else(|| {
+        out_of_domain(5, format!("kind {kind_code} with pending id {pending:?} and timeout {timeout_s}"))
+    })?;
     Ok(Transfer {
         seq: row.get(0)?,
         id: TransferId(id_at(row, 1)?),
@@ -526,8 +557,8 @@ fn read_transfer(row: &rusqlite::Row<'_>) -> rusqlite::Result<Transfer> {
         credit: AccountId(id_at(row, 3)?),
         amount: row.get(4)?,
         kind,
-        linked: row.get::<_, i64>(8)? != 0,
-        code: row.get::<_, i64>(9)? as u16,
+        linked: int_in(row, 8, 0..=1, "linked")? == 1,
+        code: int_in(row, 9, 0..=u16::MAX as i64, "code")? as u16,
         memo: row.get(10)?,
         unit: unit_at(row, 11)?,
         at: row.get(12)?,
@@ -1433,8 +1464,13 @@ impl Batch<'_> {
         if self.account_bytes.is_empty() && self.transfer_bytes.is_empty() && change_bytes.is_empty() {
             return Ok(None);
         }
-        let head =
-            chain(prev, &[&encode_header(seq, self.now), &self.account_bytes, &self.transfer_bytes, &change_bytes]);
+        let ranges = [
+            (self.accounts_from, self.next_account_seq - 1),
+            (self.transfers_from, self.next_transfer_seq - 1),
+            (self.changes_from, changes_to),
+        ];
+        let header = encode_header(seq, self.now, ranges);
+        let head = chain(prev, &[&header, &self.account_bytes, &self.transfer_bytes, &change_bytes]);
         self.tx
             .prepare_cached(
                 "INSERT INTO journal (seq, accounts_from, accounts_to, transfers_from, transfers_to, changes_from, changes_to, at, hash)
@@ -1487,7 +1523,11 @@ impl std::str::FromStr for Anchor {
     /// `SEQ:HASH`, as `verify` prints the head.
     fn from_str(text: &str) -> Result<Anchor, String> {
         let (seq, hash) = text.split_once(':').ok_or("expected SEQ:HASH, as verify prints the head")?;
-        let seq = seq.parse::<u64>().map_err(|_| format!("'{seq}' is not a journal sequence number"))?;
+        let seq = seq
+            .parse::<u64>()
+            .ok()
+            .filter(|&s| s >= 1)
+            .ok_or_else(|| format!("'{seq}' is not a journal sequence number (the first entry is 1)"))?;
         let bytes = (0..hash.len())
             .step_by(2)
             .map(|i| hash.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
@@ -1580,10 +1620,13 @@ fn verify_snapshot(
     replay: &mut dyn Replay,
 ) -> Result<VerifyReport, LedgerError> {
     let corrupt = |problem: String| LedgerError::Corrupt { path: path.to_string(), problem };
+    // A row that cannot be read as the ledger wrote it is named, not guessed.
+    let unreadable =
+        |table: &'static str| move |e: rusqlite::Error| corrupt(format!("{table}: a row the ledger never writes: {e}"));
     let stored: HashMap<AccountId, Account> = {
         let mut stmt = conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY seq"))?;
         let rows = stmt.query_map([], read_account)?;
-        rows.map(|a| a.map(|a| (a.id, a))).collect::<Result<_, _>>()?
+        rows.map(|a| a.map(|a| (a.id, a))).collect::<Result<_, _>>().map_err(unreadable("accounts"))?
     };
     let mut replayed: HashMap<AccountId, Account> = HashMap::default();
     let mut pending: HashMap<TransferId, PendingRecord> = HashMap::default();
@@ -1629,8 +1672,10 @@ fn verify_snapshot(
             return Err(corrupt(format!("journal entry {n} does not follow the previous one")));
         }
         let mut account_bytes = Vec::new();
-        let accounts: Vec<Account> =
-            account_stmt.query_map([entry.accounts.0, entry.accounts.1], read_account)?.collect::<Result<_, _>>()?;
+        let accounts: Vec<Account> = account_stmt
+            .query_map([entry.accounts.0, entry.accounts.1], read_account)?
+            .collect::<Result<_, _>>()
+            .map_err(unreadable("accounts"))?;
         if accounts.len() as i64 != entry.accounts.1 - entry.accounts.0 + 1 {
             return Err(corrupt(format!("journal entry {n}: account rows missing")));
         }
@@ -1643,7 +1688,8 @@ fn verify_snapshot(
         }
         let rows: Vec<Transfer> = transfer_stmt
             .query_map([entry.transfers.0, entry.transfers.1], read_transfer)?
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(unreadable("transfers"))?;
         if rows.len() as i64 != entry.transfers.1 - entry.transfers.0 + 1 {
             return Err(corrupt(format!("journal entry {n}: transfer rows missing")));
         }
@@ -1697,7 +1743,8 @@ fn verify_snapshot(
             }
             changes += 1;
         }
-        head = chain(&head, &[&encode_header(seq, entry.at), &account_bytes, &transfer_bytes, &change_bytes]);
+        let header = encode_header(seq, entry.at, [entry.accounts, entry.transfers, entry.changes]);
+        head = chain(&head, &[&header, &account_bytes, &transfer_bytes, &change_bytes]);
         if entry.hash.as_slice() != head {
             return Err(corrupt(format!("journal entry {n}: hash chain broken")));
         }
@@ -1807,20 +1854,20 @@ fn verify_pending(conn: &Connection, replayed: &HashMap<TransferId, PendingRecor
     let rows = stmt
         .query_map([], |r| {
             Ok((
-                TransferId(from_blob(&r.get::<_, Vec<u8>>(0)?)),
+                TransferId(id_at(r, 0)?),
                 PendingRecord {
-                    debit: AccountId(from_blob(&r.get::<_, Vec<u8>>(1)?)),
-                    credit: AccountId(from_blob(&r.get::<_, Vec<u8>>(2)?)),
+                    debit: AccountId(id_at(r, 1)?),
+                    credit: AccountId(id_at(r, 2)?),
                     amount: r.get(3)?,
                     expires_at: r.get(4)?,
-                    state: PendingState::from_code(r.get(5)?),
+                    state: PendingState::from_code(int_in(r, 5, 0..=3, "state")?),
                 },
             ))
         })
         .map_err(|e| e.to_string())?;
     let mut seen = 0usize;
     for row in rows {
-        let (id, stored) = row.map_err(|e| e.to_string())?;
+        let (id, stored) = row.map_err(|e| format!("pending: a row the ledger never writes: {e}"))?;
         match replayed.get(&id) {
             None => return Err(format!("pending: transfer {id} is held in the table but by no transfer")),
             Some(r) if *r != stored => {

@@ -26,9 +26,14 @@ macro_rules! id_type {
         impl FromStr for $name {
             type Err = String;
             fn from_str(s: &str) -> Result<Self, String> {
-                let s = s.trim().trim_start_matches("0x");
+                let s = s.trim();
+                let s = s.strip_prefix("0x").unwrap_or(s);
                 if s.is_empty() || s.len() > 32 {
                     return Err(format!(concat!($what, " id must be 1 to 32 hex digits, got '{}'"), s));
+                }
+                // Digits only: `from_str_radix` would take a leading `+`.
+                if !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(format!(concat!($what, " id must be hex digits, got '{}'"), s));
                 }
                 u128::from_str_radix(s, 16)
                     .map($name)
@@ -206,13 +211,16 @@ impl TransferKind {
         }
     }
 
+    /// Strict: a part that the kind does not have must be absent (no
+    /// pending id on a posted transfer, no timeout but on a pending one),
+    /// so that each stored row reads back one way only.
     pub fn from_parts(code: i64, pending: Option<TransferId>, timeout_s: i64) -> Option<TransferKind> {
-        Some(match code {
-            0 => TransferKind::Posted,
-            1 => TransferKind::Pending { timeout_s },
-            2 => TransferKind::PostPending { pending: pending? },
-            3 => TransferKind::VoidPending { pending: pending? },
-            4 => TransferKind::ExpirePending { pending: pending? },
+        Some(match (code, pending, timeout_s) {
+            (0, None, 0) => TransferKind::Posted,
+            (1, None, _) => TransferKind::Pending { timeout_s },
+            (2, Some(pending), 0) => TransferKind::PostPending { pending },
+            (3, Some(pending), 0) => TransferKind::VoidPending { pending },
+            (4, Some(pending), 0) => TransferKind::ExpirePending { pending },
             _ => return None,
         })
     }

@@ -1463,7 +1463,10 @@ fn history_rule(table: &str, before: Option<&str>, after: Option<&str>) -> Resul
                 matches!((n(&was), n(&now)), (Some(a), Some(b)) if b >= a)
             };
             if !same(&was, &[0, 1, 2]) {
-                return Err(format!("programme {} was redefined: its rates, caps and eligibility never change", now[0]));
+                return Err(format!(
+                    "programme {} was redefined: its rates, caps and eligibility never change",
+                    now[0]
+                ));
             }
             if !grows(3) || !grows(4) {
                 return Err(format!("programme {}: its funding totals went down", now[0]));
@@ -1475,7 +1478,9 @@ fn history_rule(table: &str, before: Option<&str>, after: Option<&str>) -> Resul
         }
         ("billing", Some(was)) => {
             let ended = ["'settled'", "'released'", "'expired'"];
-            if was.get(7).map(String::as_str) != Some("'held'") || !ended.contains(&now.get(7).map_or("", String::as_str)) {
+            if was.get(7).map(String::as_str) != Some("'held'")
+                || !ended.contains(&now.get(7).map_or("", String::as_str))
+            {
                 return Err(format!(
                     "bill {} went from {} to {}: a bill ends once, from held",
                     now[0],
@@ -1605,9 +1610,10 @@ fn rule_problems(sql: &rusqlite::Connection, check: &RuleCheck) -> Result<Vec<St
     }
     // An issuer's cap is one cap.
     for p in specs.iter().filter(|p| p.cap_per == CapScope::Issuer) {
-        if let Some(q) = specs.iter().find(|q| {
-            q.issuer == p.issuer && q.cap_per == CapScope::Issuer && q.org_year_cap_fen != p.org_year_cap_fen
-        }) {
+        if let Some(q) = specs
+            .iter()
+            .find(|q| q.issuer == p.issuer && q.cap_per == CapScope::Issuer && q.org_year_cap_fen != p.org_year_cap_fen)
+        {
             problems.push(format!(
                 "issuer {}: programmes {} and {} cap an organisation differently ({} and {} fen)",
                 p.issuer, p.id, q.id, p.org_year_cap_fen, q.org_year_cap_fen

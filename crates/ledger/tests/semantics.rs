@@ -349,6 +349,19 @@ fn every_kind_of_edit_to_the_core_tables_is_caught() {
         ("re-open a posted hold", "UPDATE pending SET state = 0 WHERE state = 1".into(), true),
         ("close an open hold", "UPDATE pending SET state = 2 WHERE state = 0".into(), true),
         ("change a journal hash", "UPDATE journal SET hash = randomblob(32) WHERE seq = 3".into(), true),
+        ("cut a journal hash short", "UPDATE journal SET hash = x'00' WHERE seq = 3".into(), true),
+        // Values the ledger never writes, which a lax reading would take for others.
+        ("flags past 32 bits", format!("UPDATE accounts SET flags = flags + 4294967296 WHERE id = x'{}'", hex(&wallet)), true),
+        ("a unit in capitals", "UPDATE accounts SET unit = 'FEN' WHERE seq = 1".into(), true),
+        ("a transfer's unit", "UPDATE transfers SET unit = 'zzz' WHERE seq = 2".into(), true),
+        ("a code past 16 bits", "UPDATE transfers SET code = code + 65536 WHERE seq = 2".into(), true),
+        ("linked other than 0 or 1", "UPDATE transfers SET linked = 9 WHERE seq = 2".into(), true),
+        ("a timeout on a posted transfer", "UPDATE transfers SET timeout_s = 60 WHERE seq = 2".into(), true),
+        ("a pending id on a posted transfer", "UPDATE transfers SET pending_id = id WHERE seq = 2".into(), true),
+        ("an id of 17 bytes", "UPDATE transfers SET id = id || x'00' WHERE seq = 2".into(), true),
+        ("a hold's state out of range", "UPDATE pending SET state = 9 WHERE state = 0".into(), true),
+        ("a pending account with a byte more", "UPDATE pending SET debit = debit || x'00' WHERE state = 1".into(), true),
+        ("a journal entry's range", "UPDATE journal SET accounts_to = accounts_to - 1, accounts_from = accounts_from - 1 WHERE seq = 1 AND accounts_to > accounts_from".into(), true),
         ("delete a journal entry in the middle", "DELETE FROM journal WHERE seq = 3".into(), true),
         // Cut the last commit, rows and totals alike: a shorter book that
         // is consistent in itself. Only the kept head catches it.
@@ -390,4 +403,44 @@ fn verify_sums_totals_beyond_what_one_account_holds_without_wrapping() {
     assert_eq!(fen.1, 2 * big as i128 + 1_000, "{report:?}");
     // A third one would overflow an account's own total: refused, never wrapped.
     assert_eq!(one(&mut l, 4, NewTransfer::posted(TransferId(202), SOURCE, SHOP, big, 0)), Err(Refusal::Overflow));
+}
+
+#[test]
+fn a_periodic_checkpoint_extends_the_last_one_or_is_refused() {
+    use suanwang_ledger::checkpoint::{self, Periodic};
+    use suanwang_ledger::voucher::{self, OrgKind};
+    let vouchers = |deposits: u128| {
+        let path = temp_db("checkpoints");
+        let mut l = voucher::open(&path, 1_772_294_400).unwrap();
+        voucher::add_org(&mut l, 1_772_294_400, "acme", OrgKind::Enterprise, "").unwrap();
+        for n in 0..deposits {
+            voucher::deposit(&mut l, 1_772_294_400, TransferId(1 + n), "acme", 10).unwrap();
+        }
+        (path, l)
+    };
+    let (path, mut l) = vouchers(1);
+    let dir = path.with_extension("checkpoints");
+    let secret = [7u8; 32];
+    let Periodic::Written(first, file) = checkpoint::write_periodic(&path, &secret, &dir, 100).unwrap() else {
+        panic!("no first checkpoint")
+    };
+    // Unchanged book: nothing written, the file kept as it was.
+    assert_eq!(checkpoint::write_periodic(&path, &secret, &dir, 200).unwrap(), Periodic::Unchanged(first.seq));
+    voucher::deposit(&mut l, 1_772_294_500, TransferId(300), "acme", 5).unwrap();
+    let Periodic::Written(second, _) = checkpoint::write_periodic(&path, &secret, &dir, 300).unwrap() else {
+        panic!("no second checkpoint")
+    };
+    assert_eq!(second.seq, first.seq + 1);
+    assert!(std::fs::read_to_string(&file).unwrap().contains("\"at\": 100"), "the first file was re-dated");
+    // Another history in the place of this book (rewritten and re-hashed,
+    // longer than the last checkpoint): never signed.
+    drop(l);
+    let (other, o) = vouchers(5);
+    drop(o);
+    std::fs::copy(&other, &path).unwrap();
+    let err = checkpoint::write_periodic(&path, &secret, &dir, 400).unwrap_err().to_string();
+    assert!(err.contains("history was rewritten"), "{err}");
+    // A checkpoint in the folder signed by another key is not taken as ours.
+    let err = checkpoint::write_periodic(&path, &[8u8; 32], &dir, 500).unwrap_err().to_string();
+    assert!(err.contains("not by the expected key"), "{err}");
 }

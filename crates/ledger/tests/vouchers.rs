@@ -740,10 +740,18 @@ fn edits_journaled_as_if_they_were_operations_still_break_the_history_rules() {
             "UPDATE programmes SET spec = replace(spec, '\"org_year_cap_fen\":300000', '\"org_year_cap_fen\":900000000')",
             "programme 'sd-2026' was redefined",
         ),
-        ("change an organisation's kind", "UPDATE orgs SET kind = 'university' WHERE id = 'acme'", "orgs row was changed"),
+        (
+            "change an organisation's kind",
+            "UPDATE orgs SET kind = 'university' WHERE id = 'acme'",
+            "orgs row was changed",
+        ),
         ("delete a relation", "DELETE FROM relations", "a relations row was deleted"),
         ("delete a settled bill", "DELETE FROM billing WHERE job = 'done-job'", "a billing row was deleted"),
-        ("re-open a settled bill", "UPDATE billing SET state = 'held' WHERE job = 'done-job'", "a bill ends once, from held"),
+        (
+            "re-open a settled bill",
+            "UPDATE billing SET state = 'held' WHERE job = 'done-job'",
+            "a bill ends once, from held",
+        ),
         ("lower the funding", "UPDATE programmes SET funded_fen = funded_fen - 1", "funding totals went down"),
     ];
     for (case, edit, named) in cases {

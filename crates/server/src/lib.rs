@@ -111,18 +111,16 @@ pub fn open(config: &ServerConfig) -> Result<http::AppState, ServeError> {
 async fn checkpoint_loop(db: PathBuf, c: Checkpoints) {
     let mut interval = tokio::time::interval(Duration::from_secs(c.every_s.max(1)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_seq = 0u64;
     loop {
         interval.tick().await;
         let (db, c2) = (db.clone(), c.clone());
         let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let done = tokio::task::spawn_blocking(move || {
-            suanwang_ledger::checkpoint::write_periodic(&db, &c2.secret, &c2.dir, at, last_seq)
+            suanwang_ledger::checkpoint::write_periodic(&db, &c2.secret, &c2.dir, at)
         })
         .await;
         match done {
             Ok(Ok(suanwang_ledger::checkpoint::Periodic::Written(checkpoint, path))) => {
-                last_seq = checkpoint.seq;
                 eprintln!(
                     "suanwang server: checkpoint of head {}:{} written to {}",
                     checkpoint.seq,
@@ -130,9 +128,10 @@ async fn checkpoint_loop(db: PathBuf, c: Checkpoints) {
                     path.display()
                 );
             }
-            Ok(Ok(suanwang_ledger::checkpoint::Periodic::Unchanged(seq))) => last_seq = seq,
+            Ok(Ok(suanwang_ledger::checkpoint::Periodic::Unchanged(_))) => {}
             // Loud, and no checkpoint: an auditor must never get a signed
-            // head of a book that does not verify.
+            // head of a book that does not verify, or that rewrote a head
+            // it signed before.
             Ok(Err(e)) => eprintln!("suanwang server: NO CHECKPOINT: the ledger does not verify: {e}"),
             Err(e) => eprintln!("suanwang server: the checkpoint task failed: {e}"),
         }
