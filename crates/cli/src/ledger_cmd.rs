@@ -110,6 +110,14 @@ pub enum LedgerCommand {
     },
     /// Release a held job's bill (cancel, provider fault).
     Release { job: String },
+    /// Refund a settled job: each part of its bill back where it came from
+    /// (subsidy to the voucher, the organisation's share and fee to its wallet, card seconds to its card).
+    Refund {
+        job: String,
+        /// Why (kept in the journal with the transfers).
+        #[arg(long)]
+        reason: String,
+    },
     /// Expire stale holds and return expired vouchers to their programmes.
     Sweep,
     /// Accounts and their balances.
@@ -627,6 +635,15 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
         LedgerCommand::Release { job } => {
             voucher::release(l, now, &job).map_err(refused)?;
             ok(format!("job {job} released"))
+        }
+        LedgerCommand::Refund { job, reason } => {
+            let s = voucher::refund(l, now, &job, &reason).map_err(refused)?;
+            print(json, &s, || {
+                format!(
+                    "job {job} refunded: {} fen to the voucher, {} fen to {}'s wallet, {} card seconds back\n",
+                    s.bill.subsidy_fen, s.bill.org_total_fen, s.bill.org, s.bill.card_seconds
+                )
+            })
         }
         LedgerCommand::Relate { org, provider, why } => {
             voucher::relate(l, now, &org, &provider, &why).map_err(refused)?;

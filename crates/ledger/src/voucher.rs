@@ -48,6 +48,11 @@ pub mod codes {
     pub const CARD_REDEEM: u16 = 9;
     pub const EXPIRY_RETURN: u16 = 10;
     pub const DEFUND: u16 = 11;
+    /// A settled job refunded: each part back where it came from.
+    pub const REFUND_SUBSIDY: u16 = 12;
+    pub const REFUND_ORG_SHARE: u16 = 13;
+    pub const REFUND_TRANSFER_FEE: u16 = 14;
+    pub const REFUND_CARD: u16 = 15;
 }
 
 const SCHEMA: &str = "
@@ -338,20 +343,18 @@ pub fn date_to_unix(date: &str) -> Result<i64, Refusal> {
 }
 
 /// The corrections an operator may make by hand, as (debit kind, credit
-/// kind): money between the outside world, organisations' wallets and
-/// providers' revenue, and a card sale refunded. Nothing that touches the
+/// kind): money between the outside world and organisations' wallets, a
+/// wallet paying a provider, a provider paid out, a card sale refunded.
+/// Never a provider's revenue into a wallet: revenue holds what vouchers
+/// paid, and a wallet can be paid out, so that would turn vouchers into
+/// cash; a job's bill is given back only by [`refund`], each part to where
+/// it came from. Nothing that touches the
 /// treasury, a programme's pool, a voucher or compute-card units: those move
 /// only through their operations (fund, grant, hold, settle, release,
 /// expiry), so no correction can turn vouchers into cash or grant beyond a
 /// budget.
-pub const PERMITTED_CORRECTIONS: [(&str, &str); 6] = [
-    ("bank", "wallet"),
-    ("wallet", "bank"),
-    ("revenue", "wallet"),
-    ("wallet", "revenue"),
-    ("revenue", "bank"),
-    ("card_sales", "wallet"),
-];
+pub const PERMITTED_CORRECTIONS: [(&str, &str); 5] =
+    [("bank", "wallet"), ("wallet", "bank"), ("wallet", "revenue"), ("revenue", "bank"), ("card_sales", "wallet")];
 
 /// An operator's correction: a posted transfer between two accounts of
 /// kinds in [`PERMITTED_CORRECTIONS`], with its reason kept in the journal
@@ -1211,7 +1214,21 @@ pub fn settle_in(b: &mut Batch<'_>, job: &str, actual: &Usage) -> Result<Settlem
         let price = hold.placement.price_fen_per_hour;
         let card_seconds = actual.accel_seconds.min(h.card_seconds);
         let payable = compute_fen(actual.accel_seconds - card_seconds, price);
-        let subsidy = ((payable as i128 * h.rate_bp as i128 / 10_000) as i64).min(h.subsidy_fen);
+        // Nothing from an expired voucher: a hold kept open past the
+        // programme's end (a long timeout) cannot carry its subsidy, or its
+        // year's cap, into a later one.
+        let mut notes = Vec::new();
+        let expired = match &h.programme {
+            Some(p) => now >= programme(b.sql(), p)?.valid_until,
+            None => false,
+        };
+        let subsidy = if expired {
+            let r = Refusal::VoucherExpired(h.programme.clone().unwrap_or_default());
+            notes.push(format!("[{}] {r}: settled after the programme ended, no subsidy", r.code()));
+            0
+        } else {
+            ((payable as i128 * h.rate_bp as i128 / 10_000) as i64).min(h.subsidy_fen)
+        };
         let org_compute = (payable - subsidy).min(h.org_compute_fen);
         let transfer_fen = actual.transfer_fen.min(h.transfer_fen);
         let unbilled = (payable - subsidy - org_compute) + (actual.transfer_fen - transfer_fen);
@@ -1225,8 +1242,8 @@ pub fn settle_in(b: &mut Batch<'_>, job: &str, actual: &Usage) -> Result<Settlem
             org_compute_fen: org_compute,
             transfer_fen,
             org_total_fen: org_compute + transfer_fen,
-            notes: Vec::new(),
-            codes: Vec::new(),
+            codes: if expired { vec!["voucher_expired".into()] } else { Vec::new() },
+            notes,
         };
         let posted = |part: &str| match part {
             "card" => card_seconds,
@@ -1271,6 +1288,64 @@ pub fn release_in(b: &mut Batch<'_>, job: &str) -> Result<(), LedgerError> {
         }
         b.sql().execute("UPDATE billing SET state = 'released', settled_at = ?2 WHERE job = ?1", params![job, now])?;
         Ok(())
+    })
+}
+
+/// Refunds a settled job (the provider failed it after all, or a dispute
+/// was decided for the organisation): each part of its bill goes back to
+/// where it came from, the subsidy to the voucher, the organisation's share
+/// and the transfer fee to its wallet, card seconds to its card, and the
+/// subsidy no longer counts against the yearly cap. The reason is kept in
+/// the journal. Refunding a refunded job again is accepted.
+pub fn refund(ledger: &mut Ledger, now: i64, job: &str, reason: &str) -> Result<Settlement, LedgerError> {
+    check_reason("reason", reason)?;
+    ledger.write(now, |b| {
+        b.atomic(|b| {
+            let Some((state, hold, settled)) = load_hold(b.sql(), job)? else {
+                return refused(Refusal::NotFound { what: "job", id: job.into() });
+            };
+            let settlement = match (state.as_str(), settled) {
+                ("settled" | "refunded", Some(s)) => s,
+                (other, _) => {
+                    return refused(Refusal::NotHeld { job: job.into(), state: format!("{other}, not settled") });
+                }
+            };
+            if state == "refunded" {
+                return Ok(settlement);
+            }
+            let s = &settlement.bill;
+            let org = &s.org;
+            let provider = &hold.placement.provider;
+            let memo = format!("{job}: {reason}");
+            let mut parts = vec![(
+                "card",
+                card_redeemed(&hold.placement.accel),
+                card(org, &hold.placement.accel),
+                s.card_seconds,
+                codes::REFUND_CARD,
+            )];
+            if let Some(p) = &s.programme {
+                parts.push(("subsidy", revenue(provider), voucher(p, org), s.subsidy_fen, codes::REFUND_SUBSIDY));
+            }
+            parts.push(("org", revenue(provider), wallet(org), s.org_compute_fen, codes::REFUND_ORG_SHARE));
+            parts.push(("transfer", network_revenue(), wallet(org), s.transfer_fen, codes::REFUND_TRANSFER_FEE));
+            let transfers = parts
+                .into_iter()
+                .filter(|p| p.3 > 0)
+                .map(|(part, debit, credit, amount, code)| {
+                    let mut t = NewTransfer::posted(part_id(job, "refund", part), debit, credit, amount, code);
+                    t.memo = if code == codes::REFUND_SUBSIDY { job.to_string() } else { memo.clone() };
+                    t
+                })
+                .collect();
+            transfer_all(b, transfers)?;
+            if let Some(p) = &s.programme {
+                bump_org_year(b.sql(), p, org, hold.year, 0, -s.subsidy_fen)?;
+            }
+            b.sql()
+                .execute("UPDATE billing SET state = 'refunded', settled_at = ?2 WHERE job = ?1", params![job, now])?;
+            Ok(settlement)
+        })
     })
 }
 
@@ -1357,7 +1432,7 @@ pub fn open(path: impl AsRef<std::path::Path>, now: i64) -> Result<Ledger, Ledge
 /// The flows money may take, as (debit kind, credit kind, business code):
 /// every operation's transfers, and the operator's corrections (code 0).
 /// A pending transfer's resolution (post, void, expiry) follows its hold.
-pub const PERMITTED_FLOWS: [(&str, &str, u16); 11] = [
+pub const PERMITTED_FLOWS: [(&str, &str, u16); 15] = [
     ("treasury", "programme", codes::FUND),
     ("programme", "treasury", codes::DEFUND),
     ("programme", "voucher", codes::GRANT),
@@ -1369,6 +1444,10 @@ pub const PERMITTED_FLOWS: [(&str, &str, u16); 11] = [
     ("card_mint", "card", codes::CARD_ISSUE),
     ("card", "card_redeemed", codes::CARD_REDEEM),
     ("voucher", "programme", codes::EXPIRY_RETURN),
+    ("revenue", "voucher", codes::REFUND_SUBSIDY),
+    ("revenue", "wallet", codes::REFUND_ORG_SHARE),
+    ("revenue", "wallet", codes::REFUND_TRANSFER_FEE),
+    ("card_redeemed", "card", codes::REFUND_CARD),
 ];
 
 /// What the replay of the transfers tells the voucher checks.
@@ -1378,6 +1457,8 @@ struct RuleCheck {
     funding: std::collections::HashMap<AccountId, (i64, i64)>,
     /// Jobs whose subsidy was posted: how often, and how much in all.
     subsidies: std::collections::HashMap<String, (u32, i64)>,
+    /// Jobs whose subsidy was refunded, and how much.
+    refunds: std::collections::HashMap<String, i64>,
     problems: Vec<String>,
 }
 
@@ -1408,7 +1489,12 @@ impl crate::ledger::Replay for RuleCheck {
                 s.0 += 1;
                 s.1 = s.1.saturating_add(t.amount);
             }
+
             _ => {}
+        }
+        if t.kind == TransferKind::Posted && t.code == codes::REFUND_SUBSIDY {
+            let r = self.refunds.entry(t.memo.clone()).or_default();
+            *r = r.saturating_add(t.amount);
         }
         if t.kind == TransferKind::Posted {
             let overflow = || format!("transfer {}: the programme's funding total overflows", t.id);
@@ -1478,11 +1564,11 @@ fn history_rule(table: &str, before: Option<&str>, after: Option<&str>) -> Resul
         }
         ("billing", Some(was)) => {
             let ended = ["'settled'", "'released'", "'expired'"];
-            if was.get(7).map(String::as_str) != Some("'held'")
-                || !ended.contains(&now.get(7).map_or("", String::as_str))
-            {
+            let (from, to) = (was.get(7).map_or("", String::as_str), now.get(7).map_or("", String::as_str));
+            let step = (from == "'held'" && ended.contains(&to)) || (from == "'settled'" && to == "'refunded'");
+            if !step {
                 return Err(format!(
-                    "bill {} went from {} to {}: a bill ends once, from held",
+                    "bill {} went from {} to {}: a bill ends once, from held (and a settled one may be refunded)",
                     now[0],
                     was.get(7).cloned().unwrap_or_default(),
                     now.get(7).cloned().unwrap_or_default()
@@ -1585,23 +1671,34 @@ fn rule_problems(sql: &rusqlite::Connection, check: &RuleCheck) -> Result<Vec<St
     for job in twice {
         problems.push(format!("job {job}: subsidy posted more than once"));
     }
-    // What each settled bill says the voucher paid is what the transfers paid.
-    let settled: Vec<(String, String)> = {
-        let mut stmt = sql.prepare("SELECT job, settlement FROM billing WHERE state = 'settled' ORDER BY job")?;
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, Option<String>>(1)?.unwrap_or_default())))?
+    // What each settled bill says the voucher paid is what the transfers
+    // paid; a refunded one, all of it given back.
+    let settled: Vec<(String, String, String)> = {
+        let mut stmt = sql.prepare(
+            "SELECT job, state, settlement FROM billing WHERE state IN ('settled', 'refunded') ORDER BY job",
+        )?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<String>>(2)?.unwrap_or_default())))?
             .collect::<Result<_, _>>()?
     };
     let mut billed = std::collections::HashSet::new();
-    for (job, settlement) in &settled {
+    for (job, state, settlement) in &settled {
         let s: Settlement = serde_json::from_str(settlement).map_err(corrupt)?;
         let paid = check.subsidies.get(job).map_or(0, |(_, amount)| *amount);
-        if paid != s.bill.subsidy_fen {
+        let back = check.refunds.get(job).copied().unwrap_or(0);
+        let want_back = if state == "refunded" { s.bill.subsidy_fen } else { 0 };
+        if paid != s.bill.subsidy_fen || back != want_back {
             problems.push(format!(
-                "job {job}: the bill says the voucher paid {} fen, the transfers {paid}",
+                "job {job} ({state}): the bill says the voucher paid {} fen and got {want_back} back, the transfers {paid} and {back}",
                 s.bill.subsidy_fen
             ));
         }
         billed.insert(job.as_str());
+    }
+    let mut refunded_unbilled: Vec<&String> =
+        check.refunds.keys().filter(|job| !billed.contains(job.as_str())).collect();
+    refunded_unbilled.sort();
+    for job in refunded_unbilled {
+        problems.push(format!("job {job}: subsidy was refunded, but no bill says so"));
     }
     let mut unbilled: Vec<&String> = check.subsidies.keys().filter(|job| !billed.contains(job.as_str())).collect();
     unbilled.sort();

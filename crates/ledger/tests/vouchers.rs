@@ -770,3 +770,52 @@ fn edits_journaled_as_if_they_were_operations_still_break_the_history_rules() {
         assert!(err.contains(named), "{case}: the error does not name {named:?}: {err}");
     }
 }
+
+#[test]
+fn a_refund_gives_every_part_back_where_it_came_from() {
+    let (_, mut l, now) = books();
+    voucher::buy_card(&mut l, now, TransferId(97), "acme", "Ascend910B", 1800, 100).unwrap();
+    let usage = Usage { accel_seconds: 4 * 3600, transfer_fen: 50 };
+    let wallet = |l: &Ledger| l.account(voucher::wallet("acme")).unwrap().available();
+    let voucher_left = |l: &Ledger| l.account(voucher::voucher("sd-2026", "acme")).unwrap().available();
+    let card_left = |l: &Ledger| l.account(voucher::card("acme", "Ascend910B")).unwrap().available();
+    let before = (wallet(&l), voucher_left(&l), card_left(&l));
+    let spend_before = audit::programme_spend(&l).unwrap()[0].clone();
+    voucher::hold(&mut l, now, "r1", "acme", &site("Ascend910B", true), &usage, 3600).unwrap();
+    // Settled: the voucher, the wallet and the card paid.
+    let s = voucher::settle(&mut l, now + 60, "r1", &usage).unwrap();
+    assert!(s.bill.subsidy_fen > 0 && s.bill.org_total_fen > 0 && s.bill.card_seconds > 0, "{s:?}");
+    assert_eq!(code(voucher::refund(&mut l, now, "r1", "").unwrap_err()), "invalid_argument");
+    voucher::refund(&mut l, now + 120, "r1", "the provider's nodes failed the job's results").unwrap();
+    // Everything back where it came from, the cap freed.
+    assert_eq!((wallet(&l), voucher_left(&l), card_left(&l)), before);
+    let spend = &audit::programme_spend(&l).unwrap()[0];
+    assert_eq!((spend.spent_fen, spend.held_fen, spend.vouchers_fen), (0, 0, spend_before.vouchers_fen));
+    // Once: again is the same refund; a held or unknown job is no refund.
+    voucher::refund(&mut l, now + 130, "r1", "again").unwrap();
+    assert_eq!((wallet(&l), voucher_left(&l)), (before.0, before.1));
+    voucher::hold(&mut l, now, "r2", "acme", &site("Ascend910B", true), &hours(1), 3600).unwrap();
+    assert_eq!(code(voucher::refund(&mut l, now, "r2", "x").unwrap_err()), "not_held");
+    assert_eq!(code(voucher::refund(&mut l, now, "ghost", "x").unwrap_err()), "not_found");
+    // Off the provider's statement.
+    let st = audit::statement(&l, "jinan-icc-co", now, now + 1000).unwrap();
+    assert!(st.lines.iter().all(|line| line.job != "r1"), "{st:?}");
+    let problems = voucher::verify(&l).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+#[test]
+fn a_hold_kept_past_the_programme_s_end_settles_without_subsidy() {
+    let (_, mut l, now) = books();
+    // Held a day before the programme ends, with a timeout of a year.
+    let late = day("2026-12-31");
+    let h = voucher::hold(&mut l, late, "late", "acme", &site("Ascend910B", true), &hours(10), 365 * 86_400).unwrap();
+    assert!(h.bill.subsidy_fen > 0);
+    let _ = now;
+    let s = voucher::settle(&mut l, day("2027-06-01"), "late", &hours(10)).unwrap();
+    assert_eq!(s.bill.subsidy_fen, 0, "{s:?}");
+    assert_eq!(s.bill.codes, vec!["voucher_expired".to_string()]);
+    assert!(s.unbilled_fen > 0, "the voucher's share is not moved onto the organisation: {s:?}");
+    let problems = voucher::verify(&l).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+}
