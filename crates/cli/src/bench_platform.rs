@@ -39,13 +39,7 @@ pub fn bench_org(db: &Path) -> anyhow::Result<String> {
         .map_err(|e| anyhow!("{e}"))?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
     let mut ledger = suanwang_ledger::voucher::open(db, now)?;
-    suanwang_ledger::voucher::deposit(
-        &mut ledger,
-        now,
-        suanwang_ledger::TransferId::derive("bench"),
-        "bench",
-        1 << 40,
-    )?;
+    suanwang_ledger::voucher::deposit(&mut ledger, now, suanwang_ledger::TransferId(0xbe7c_0001), "bench", 1 << 40)?;
     let (token, _) = suanwang_server::admin::create_token(db, &Role::Consumer { org: "bench".into() }, "bench", None)
         .map_err(|e| anyhow!("{e}"))?;
     Ok(token)

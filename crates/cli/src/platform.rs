@@ -940,7 +940,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         suanwang_ledger::voucher::deposit(
             &mut ledger,
             now,
-            suanwang_ledger::TransferId::derive("up:demo-deposit"),
+            suanwang_ledger::TransferId(0x5550_0001),
             "demo",
             1_000_000,
         )?;
@@ -965,7 +965,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         suanwang_ledger::voucher::grant(
             &mut ledger,
             now,
-            suanwang_ledger::TransferId::derive("up:demo-grant"),
+            suanwang_ledger::TransferId(0x5550_0002),
             "demo-vouchers",
             "demo",
             200_000,

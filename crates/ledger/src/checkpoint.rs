@@ -146,11 +146,12 @@ pub enum Periodic {
     Unchanged(u64),
 }
 
-/// The newest checkpoint in `dir`, checked to be signed with `secret`'s
-/// key: the head every later checkpoint must extend.
+/// The newest checkpoint in `dir`: of all the checkpoint files there, each
+/// checked to be signed with `secret`'s key and named after the head it
+/// holds, the one of the highest head. Every later checkpoint must extend it.
 pub fn newest(dir: &Path, secret: &[u8; 32]) -> Result<Option<(Checkpoint, Anchor)>, crate::LedgerError> {
     let bad = |problem: String| crate::LedgerError::Corrupt { path: dir.display().to_string(), problem };
-    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+    let names: Vec<String> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
             .filter(|n| n.starts_with("checkpoint-") && n.ends_with(".json"))
@@ -158,33 +159,54 @@ pub fn newest(dir: &Path, secret: &[u8; 32]) -> Result<Option<(Checkpoint, Ancho
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(bad(format!("cannot read the checkpoints: {e}"))),
     };
-    names.sort();
-    let Some(name) = names.pop() else { return Ok(None) };
-    let text = std::fs::read_to_string(dir.join(&name)).map_err(|e| bad(format!("{name}: {e}")))?;
-    let checkpoint: Checkpoint =
-        serde_json::from_str(&text).map_err(|e| bad(format!("{name}: not a checkpoint: {e}")))?;
     let own = public_key(secret);
-    let anchor = check(&checkpoint, Some(&own)).map_err(|e| bad(format!("{name}: {e}")))?;
-    Ok(Some((checkpoint, anchor)))
+    let mut newest: Option<(Checkpoint, Anchor)> = None;
+    for name in names {
+        let text = std::fs::read_to_string(dir.join(&name)).map_err(|e| bad(format!("{name}: {e}")))?;
+        let checkpoint: Checkpoint =
+            serde_json::from_str(&text).map_err(|e| bad(format!("{name}: not a checkpoint: {e}")))?;
+        let anchor = check(&checkpoint, Some(&own)).map_err(|e| bad(format!("{name}: {e}")))?;
+        if name != file_name(checkpoint.seq) {
+            return Err(bad(format!(
+                "{name} holds the head of entry {}: a checkpoint file was renamed",
+                checkpoint.seq
+            )));
+        }
+        if newest.as_ref().is_none_or(|(n, _)| checkpoint.seq > n.seq) {
+            newest = Some((checkpoint, anchor));
+        }
+    }
+    Ok(newest)
 }
 
 /// A periodic checkpoint into `dir`: if the book's head moved past the
-/// newest checkpoint there, verifies that the book still extends that
-/// checkpoint, then signs the head and writes it as [`file_name`]`(seq)`,
-/// whole or not at all (written aside, synced, then renamed). An existing
-/// file is never replaced, so a restart does not re-date a kept checkpoint.
-pub fn write_periodic(db: &Path, secret: &[u8; 32], dir: &Path, at: i64) -> Result<Periodic, crate::LedgerError> {
-    let previous = newest(dir, secret)?;
+/// newest checkpoint there (or `last`, the newest this process signed, if
+/// files were removed), verifies that the book still extends it, then signs
+/// the head and writes it as [`file_name`]`(seq)`, whole or not at all
+/// (written aside, synced, then renamed), and remembers it in `last`. An
+/// existing file is never replaced, so a restart does not re-date a kept
+/// checkpoint.
+pub fn write_periodic(
+    db: &Path,
+    secret: &[u8; 32],
+    dir: &Path,
+    at: i64,
+    last: &mut Option<Anchor>,
+) -> Result<Periodic, crate::LedgerError> {
+    let previous = match (newest(dir, secret)?.map(|(_, a)| a), *last) {
+        (Some(a), Some(b)) => Some(if a.seq >= b.seq { a } else { b }),
+        (a, b) => a.or(b),
+    };
     // The head's number is one cheap read: an unchanged book is not verified again.
     let head: i64 = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .and_then(|c| c.query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |r| r.get(0)))
         .map_err(crate::LedgerError::from)?;
-    if let Some((p, _)) = &previous
+    if let Some(p) = &previous
         && head as u64 <= p.seq
     {
         return Ok(Periodic::Unchanged(head as u64));
     }
-    let checkpoint = verify_and_sign(db, secret, at, previous.map(|(_, anchor)| anchor))?;
+    let checkpoint = verify_and_sign(db, secret, at, previous)?;
     if dir.join(file_name(checkpoint.seq)).exists() {
         return Ok(Periodic::Unchanged(checkpoint.seq));
     }
@@ -203,5 +225,6 @@ pub fn write_periodic(db: &Path, secret: &[u8; 32], dir: &Path, at: i64) -> Resu
         file.sync_all().map_err(io)?;
     }
     std::fs::rename(&aside, &path).map_err(io)?;
+    *last = Some(check(&checkpoint, None).expect("a checkpoint just signed checks"));
     Ok(Periodic::Written(checkpoint, path))
 }

@@ -1526,9 +1526,9 @@ impl std::str::FromStr for Anchor {
     /// `SEQ:HASH`, as `verify` prints the head.
     fn from_str(text: &str) -> Result<Anchor, String> {
         let (seq, hash) = text.split_once(':').ok_or("expected SEQ:HASH, as verify prints the head")?;
-        let seq = seq
-            .parse::<u64>()
-            .ok()
+        let seq = Some(seq)
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
             .filter(|&s| s >= 1)
             .ok_or_else(|| format!("'{seq}' is not a journal sequence number (the first entry is 1)"))?;
         let bytes = (0..hash.len())
@@ -1674,20 +1674,15 @@ fn verify_snapshot(
         {
             return Err(corrupt(format!("journal entry {n} does not follow the previous one")));
         }
-        let mut account_bytes = Vec::new();
+        // Read and hash the entry first: its rows are judged (and shown to
+        // the voucher rules) only once the chain says they are the ones
+        // that were written.
         let accounts: Vec<Account> = account_stmt
             .query_map([entry.accounts.0, entry.accounts.1], read_account)?
             .collect::<Result<_, _>>()
             .map_err(unreadable("accounts"))?;
         if accounts.len() as i64 != entry.accounts.1 - entry.accounts.0 + 1 {
             return Err(corrupt(format!("journal entry {n}: account rows missing")));
-        }
-        for a in accounts {
-            encode_account(&mut account_bytes, &a);
-            replayed.insert(
-                a.id,
-                Account { debits_pending: 0, debits_posted: 0, credits_pending: 0, credits_posted: 0, ..a },
-            );
         }
         let rows: Vec<Transfer> = transfer_stmt
             .query_map([entry.transfers.0, entry.transfers.1], read_transfer)?
@@ -1696,9 +1691,37 @@ fn verify_snapshot(
         if rows.len() as i64 != entry.transfers.1 - entry.transfers.0 + 1 {
             return Err(corrupt(format!("journal entry {n}: transfer rows missing")));
         }
-        let mut transfer_bytes = Vec::new();
+        let recorded: Vec<RowChange> =
+            change_stmt.query_map([entry.changes.0, entry.changes.1], read_change)?.collect::<Result<_, _>>()?;
+        if recorded.len() as i64 != entry.changes.1 - entry.changes.0 + 1 {
+            return Err(corrupt(format!("journal entry {n}: row changes missing")));
+        }
+        let (mut account_bytes, mut transfer_bytes, mut change_bytes) = (Vec::new(), Vec::new(), Vec::new());
+        accounts.iter().for_each(|a| encode_account(&mut account_bytes, a));
+        rows.iter().for_each(|t| encode_transfer(&mut transfer_bytes, t));
+        recorded.iter().for_each(|c| encode_change(&mut change_bytes, c));
+        let header = encode_header(seq, entry.at, [entry.accounts, entry.transfers, entry.changes]);
+        head = chain(&head, &[&header, &account_bytes, &transfer_bytes, &change_bytes]);
+        if entry.hash.as_slice() != head {
+            return Err(corrupt(format!("journal entry {n}: hash chain broken")));
+        }
+        if let Some(a) = anchor
+            && a.seq == n
+            && a.hash != head
+        {
+            return Err(corrupt(format!(
+                "journal entry {n} is not the anchored one: its hash is {}, the anchor says {} (history was rewritten)",
+                hex(&head),
+                hex(&a.hash)
+            )));
+        }
+        for a in accounts {
+            replayed.insert(
+                a.id,
+                Account { debits_pending: 0, debits_posted: 0, credits_pending: 0, credits_posted: 0, ..a },
+            );
+        }
         for t in &rows {
-            encode_transfer(&mut transfer_bytes, t);
             apply_recorded(&mut replayed, &mut pending, t).map_err(corrupt)?;
             for id in [t.debit, t.credit] {
                 let a = &replayed[&id];
@@ -1719,14 +1742,7 @@ fn verify_snapshot(
             replay.transfer(t, &replayed[&t.debit], &replayed[&t.credit]).map_err(corrupt)?;
             transfers += 1;
         }
-        let recorded: Vec<RowChange> =
-            change_stmt.query_map([entry.changes.0, entry.changes.1], read_change)?.collect::<Result<_, _>>()?;
-        if recorded.len() as i64 != entry.changes.1 - entry.changes.0 + 1 {
-            return Err(corrupt(format!("journal entry {n}: row changes missing")));
-        }
-        let mut change_bytes = Vec::new();
         for c in recorded {
-            encode_change(&mut change_bytes, &c);
             let table = tables.entry(c.table.clone()).or_default();
             replay
                 .row_change(&c.table, table.get(&c.key).map(String::as_str), c.row.as_deref())
@@ -1745,21 +1761,6 @@ fn verify_snapshot(
                 }
             }
             changes += 1;
-        }
-        let header = encode_header(seq, entry.at, [entry.accounts, entry.transfers, entry.changes]);
-        head = chain(&head, &[&header, &account_bytes, &transfer_bytes, &change_bytes]);
-        if entry.hash.as_slice() != head {
-            return Err(corrupt(format!("journal entry {n}: hash chain broken")));
-        }
-        if let Some(a) = anchor
-            && a.seq == n
-            && a.hash != head
-        {
-            return Err(corrupt(format!(
-                "journal entry {n} is not the anchored one: its hash is {}, the anchor says {} (history was rewritten)",
-                hex(&head),
-                hex(&a.hash)
-            )));
         }
         expected_account = entry.accounts.1 + 1;
         expected_transfer = entry.transfers.1 + 1;
@@ -1928,6 +1929,17 @@ fn verify_tables(
         .map_err(|e| e.to_string())?;
     if let Some((name, table)) = triggers.iter().find(|(name, _)| !ours.contains(name)) {
         return Err(format!("trigger {name} on table {table} is not the ledger's (planted in the file)"));
+    }
+    let expected: HashMap<String, String> = journaled.iter().flat_map(trigger_sql).collect();
+    for (name, table) in &triggers {
+        let sql: Option<String> = conn
+            .query_row("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?1", [name], |r| r.get(0))
+            .map_err(|e| e.to_string())?;
+        if sql.as_ref() != expected.get(name) {
+            return Err(format!(
+                "trigger {name} on table {table} is not the one the ledger makes (its body was altered)"
+            ));
+        }
     }
     for name in replayed.keys() {
         if !journaled.iter().any(|t| &t.name == name) {

@@ -11,6 +11,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// The top bit of a 128-bit id: set on ids the ledger derives from names.
+pub const DERIVED: u128 = 1 << 127;
+
 macro_rules! id_type {
     ($name:ident, $what:literal) => {
         #[doc = concat!("A 128-bit ", $what, " id, written as 32 hex digits.")]
@@ -56,12 +59,21 @@ macro_rules! id_type {
 
         impl $name {
             /// A stable id derived from a name (the first 128 bits of its SHA-256).
+            /// An id derived from a name (a job's part, a programme's
+            /// funding): the top bit is set, and ids chosen by clients
+            /// have it clear, so a client can never take an id the
+            /// ledger will need.
             pub fn derive(name: &str) -> $name {
                 use sha2::{Digest, Sha256};
                 let digest = Sha256::digest(name.as_bytes());
                 let mut bytes = [0u8; 16];
                 bytes.copy_from_slice(&digest[..16]);
-                $name(u128::from_be_bytes(bytes).max(1))
+                $name(u128::from_be_bytes(bytes) | DERIVED)
+            }
+
+            /// Was this id derived from a name ([`Self::derive`])?
+            pub fn is_derived(self) -> bool {
+                self.0 & DERIVED != 0
             }
         }
     };

@@ -319,6 +319,19 @@ fn check_placement(p: &Placement) -> Result<(), LedgerError> {
     check_accel("accel", &p.accel)
 }
 
+/// A transfer id chosen by a client: never one of the ids the ledger
+/// derives for itself (a job's hold parts, a programme's funding, an
+/// expiry), which a client could otherwise take first and so block.
+pub fn check_client_id(id: TransferId) -> Result<(), LedgerError> {
+    if id.is_derived() {
+        return refused(invalid(
+            "id",
+            format!("{id} is in the ledger's own range (from 8000...0 up, derived from names); choose an id below it"),
+        ));
+    }
+    Ok(())
+}
+
 fn refused<T>(r: Refusal) -> Result<T, LedgerError> {
     Err(LedgerError::Refused(r))
 }
@@ -368,6 +381,7 @@ pub fn correction(
     amount_fen: i64,
     reason: &str,
 ) -> Result<crate::model::Transfer, LedgerError> {
+    check_client_id(id)?;
     if reason.trim().is_empty() || reason.len() > 1024 || reason.chars().any(|c| c.is_control()) {
         return refused(invalid(
             "reason",
@@ -692,6 +706,7 @@ pub fn fund_programme(
     amount_fen: i64,
     reason: &str,
 ) -> Result<Programme, LedgerError> {
+    check_client_id(id)?;
     positive("amount", amount_fen)?;
     check_reason("reason", reason)?;
     ledger.write(now, |b| {
@@ -732,6 +747,7 @@ pub fn defund_programme(
     amount_fen: i64,
     reason: &str,
 ) -> Result<Programme, LedgerError> {
+    check_client_id(id)?;
     positive("amount", amount_fen)?;
     check_reason("reason", reason)?;
     ledger.write(now, |b| {
@@ -758,6 +774,7 @@ pub fn defund_programme(
 
 /// Puts an organisation's own money in its wallet.
 pub fn deposit(ledger: &mut Ledger, now: i64, id: TransferId, org: &str, amount_fen: i64) -> Result<(), LedgerError> {
+    check_client_id(id)?;
     positive("amount", amount_fen)?;
     ledger.write(now, |b| {
         org_kind(b, org)?;
@@ -774,6 +791,7 @@ pub fn grant(
     org: &str,
     amount_fen: i64,
 ) -> Result<(), LedgerError> {
+    check_client_id(id)?;
     positive("amount", amount_fen)?;
     ledger.write(now, |b| {
         let p = programme(b.sql(), programme_id)?;
@@ -813,6 +831,7 @@ pub fn buy_card(
     seconds: i64,
     price_fen: i64,
 ) -> Result<(), LedgerError> {
+    check_client_id(id)?;
     positive("seconds", seconds)?;
     positive("price_fen", price_fen)?;
     check_accel("accel", accel)?;
@@ -1459,6 +1478,11 @@ struct RuleCheck {
     subsidies: std::collections::HashMap<String, (u32, i64)>,
     /// Jobs whose subsidy was refunded, and how much.
     refunds: std::collections::HashMap<String, i64>,
+    /// The voucher tables as the journal says they were at each step, for
+    /// judging each bill by the rules that held when it was made.
+    orgs: std::collections::HashMap<String, OrgKind>,
+    relations: std::collections::HashSet<(String, String)>,
+    specs: std::collections::HashMap<String, ProgrammeSpec>,
     problems: Vec<String>,
 }
 
@@ -1492,6 +1516,21 @@ impl crate::ledger::Replay for RuleCheck {
 
             _ => {}
         }
+        // A grant, by the rules of its moment: an eligible organisation, a
+        // programme still running.
+        if t.kind == TransferKind::Posted && t.code == codes::GRANT {
+            let (programme, org) = (&debit.owner, &credit.owner);
+            let spec = self.specs.get(programme).ok_or_else(|| format!("grant {}: no programme {programme}", t.id))?;
+            match self.orgs.get(org) {
+                Some(kind) if spec.kinds.contains(kind) && t.at < spec.valid_until => {}
+                kind => {
+                    return Err(format!(
+                        "grant {} of programme {programme} to {org} ({kind:?}) at {}: not eligible then",
+                        t.id, t.at
+                    ));
+                }
+            }
+        }
         if t.kind == TransferKind::Posted && t.code == codes::REFUND_SUBSIDY {
             let r = self.refunds.entry(t.memo.clone()).or_default();
             *r = r.saturating_add(t.amount);
@@ -1510,7 +1549,28 @@ impl crate::ledger::Replay for RuleCheck {
     }
 
     fn row_change(&mut self, table: &str, before: Option<&str>, after: Option<&str>) -> Result<(), String> {
-        history_rule(table, before, after)
+        history_rule(table, before, after)?;
+        let Some(row) = after else { return Ok(()) };
+        let now = cells(row)?;
+        let text =
+            |i: usize| now.get(i).and_then(|c| unquote(c)).ok_or_else(|| format!("unreadable {table} row {row}"));
+        match table {
+            "orgs" => {
+                let kind: OrgKind = text(1)?.parse().map_err(|e: Refusal| e.to_string())?;
+                self.orgs.insert(text(0)?, kind);
+            }
+            "relations" => {
+                self.relations.insert((text(0)?, text(1)?));
+            }
+            "programmes" => {
+                let spec: ProgrammeSpec = serde_json::from_str(&text(1)?)
+                    .map_err(|e| format!("programme {}: {e}", text(0).unwrap_or_default()))?;
+                self.specs.insert(spec.id.clone(), spec);
+            }
+            "billing" => self.judge_bill(before, &now, row)?,
+            _ => {}
+        }
+        Ok(())
     }
 
     fn finish(&mut self, sql: &rusqlite::Connection) -> Result<(), LedgerError> {
@@ -1538,6 +1598,10 @@ fn history_rule(table: &str, before: Option<&str>, after: Option<&str>) -> Resul
     };
     let now = cells(row)?;
     let was = before.map(cells).transpose()?;
+    // Every journaled row has its key first: a row without one is no row of the books.
+    if now.is_empty() || was.as_ref().is_some_and(|w| w.is_empty()) {
+        return Err(format!("an empty {table} row: {row}"));
+    }
     let same = |was: &[String], columns: &[usize]| columns.iter().all(|&i| was.get(i) == now.get(i));
     match (table, was) {
         ("orgs" | "relations" | "refusals", Some(_)) => {
@@ -1580,6 +1644,88 @@ fn history_rule(table: &str, before: Option<&str>, after: Option<&str>) -> Resul
             Ok(())
         }
         _ => Ok(()),
+    }
+}
+
+/// The value of an SQL text literal as `quote()` writes it: `'it''s'` is `it's`.
+fn unquote(literal: &str) -> Option<String> {
+    literal.strip_prefix('\'')?.strip_suffix('\'').map(|inner| inner.replace("''", "'"))
+}
+
+impl RuleCheck {
+    /// A bill as it was held or settled, against the rules of that moment
+    /// (as the journal says they were, not as the tables stand): a bill
+    /// made while the tables were edited around the ledger and put back
+    /// afterwards still breaks them.
+    fn judge_bill(&self, before: Option<&str>, now: &[String], row: &str) -> Result<(), String> {
+        let text = |cells: &[String], i: usize| {
+            cells.get(i).and_then(|c| unquote(c)).ok_or_else(|| format!("unreadable bill {row}"))
+        };
+        let number = |cells: &[String], i: usize| {
+            cells.get(i).and_then(|c| c.parse::<i64>().ok()).ok_or_else(|| format!("unreadable bill {row}"))
+        };
+        let hold: HoldRecord = serde_json::from_str(&text(now, 8)?).map_err(|e| format!("bill {row}: {e}"))?;
+        let job = &hold.job;
+        let Some(programme) = &hold.bill.programme else { return Ok(()) };
+        let spec = self
+            .specs
+            .get(programme)
+            .ok_or_else(|| format!("bill of job {job}: programme {programme} does not exist"))?;
+        match before {
+            None => {
+                let b = &hold.bill;
+                if b.subsidy_fen == 0 {
+                    return Ok(());
+                }
+                let held_at = number(now, 10)?;
+                let (org, provider) = (&b.org, &hold.placement.provider);
+                let kind = self
+                    .orgs
+                    .get(org)
+                    .ok_or_else(|| format!("bill of job {job}: organisation {org} does not exist"))?;
+                let rate = if hold.placement.domestic { spec.rate_bp } else { spec.foreign_rate_bp };
+                let payable =
+                    compute_fen(hold.estimated.accel_seconds - b.card_seconds, hold.placement.price_fen_per_hour);
+                let broken = if org == provider || self.relations.contains(&(org.clone(), provider.clone())) {
+                    Some(format!("{org} and {provider} were related parties"))
+                } else if !spec.kinds.contains(kind) {
+                    Some(format!("programme {programme} did not admit {kind:?} organisations"))
+                } else if !spec.sites.is_empty() && !spec.sites.contains(&hold.placement.site) {
+                    Some(format!("programme {programme} did not cover site {}", hold.placement.site))
+                } else if !spec.accels.is_empty() && !spec.accels.contains(&hold.placement.accel) {
+                    Some(format!("programme {programme} did not cover {}", hold.placement.accel))
+                } else if held_at < spec.valid_from || held_at >= spec.valid_until {
+                    Some(format!("programme {programme} was not valid at {held_at}"))
+                } else if b.rate_bp != rate {
+                    Some(format!("the rate was {rate} bp, the bill says {}", b.rate_bp))
+                } else if b.subsidy_fen > spec.job_cap_fen {
+                    Some(format!("the per-job cap was {} fen", spec.job_cap_fen))
+                } else if b.subsidy_fen as i128 > payable as i128 * rate as i128 / 10_000 {
+                    Some(format!("{rate} bp of {payable} fen is less than the subsidy"))
+                } else {
+                    None
+                };
+                match broken {
+                    Some(why) => Err(format!("bill of job {job} holds {} fen of subsidy, but {why}", b.subsidy_fen)),
+                    None => Ok(()),
+                }
+            }
+            Some(_) if text(now, 7)? == "settled" => {
+                let s: Settlement = serde_json::from_str(&text(now, 9)?).map_err(|e| format!("bill {row}: {e}"))?;
+                let settled_at = number(now, 11)?;
+                if s.bill.subsidy_fen > hold.bill.subsidy_fen {
+                    return Err(format!("job {job} settled with more subsidy than it held"));
+                }
+                if s.bill.subsidy_fen > 0 && settled_at >= spec.valid_until {
+                    return Err(format!(
+                        "job {job} was paid {} fen of subsidy after programme {programme} ended",
+                        s.bill.subsidy_fen
+                    ));
+                }
+                Ok(())
+            }
+            Some(_) => Ok(()),
+        }
     }
 }
 

@@ -421,13 +421,18 @@ fn a_periodic_checkpoint_extends_the_last_one_or_is_refused() {
     let (path, mut l) = vouchers(1);
     let dir = path.with_extension("checkpoints");
     let secret = [7u8; 32];
-    let Periodic::Written(first, file) = checkpoint::write_periodic(&path, &secret, &dir, 100).unwrap() else {
+    let mut last = None;
+    let Periodic::Written(first, file) = checkpoint::write_periodic(&path, &secret, &dir, 100, &mut last).unwrap()
+    else {
         panic!("no first checkpoint")
     };
     // Unchanged book: nothing written, the file kept as it was.
-    assert_eq!(checkpoint::write_periodic(&path, &secret, &dir, 200).unwrap(), Periodic::Unchanged(first.seq));
+    assert_eq!(
+        checkpoint::write_periodic(&path, &secret, &dir, 200, &mut last).unwrap(),
+        Periodic::Unchanged(first.seq)
+    );
     voucher::deposit(&mut l, 1_772_294_500, TransferId(300), "acme", 5).unwrap();
-    let Periodic::Written(second, _) = checkpoint::write_periodic(&path, &secret, &dir, 300).unwrap() else {
+    let Periodic::Written(second, _) = checkpoint::write_periodic(&path, &secret, &dir, 300, &mut last).unwrap() else {
         panic!("no second checkpoint")
     };
     assert_eq!(second.seq, first.seq + 1);
@@ -438,9 +443,19 @@ fn a_periodic_checkpoint_extends_the_last_one_or_is_refused() {
     let (other, o) = vouchers(5);
     drop(o);
     std::fs::copy(&other, &path).unwrap();
-    let err = checkpoint::write_periodic(&path, &secret, &dir, 400).unwrap_err().to_string();
+    let err = checkpoint::write_periodic(&path, &secret, &dir, 400, &mut None).unwrap_err().to_string();
+    assert!(err.contains("history was rewritten"), "{err}");
+    // Neither a copy of an old checkpoint under a newer name, nor the
+    // newest file removed (the server remembers what it signed) lets it
+    // sign the other history.
+    std::fs::copy(&file, dir.join(checkpoint::file_name(999_999))).unwrap();
+    let err = checkpoint::write_periodic(&path, &secret, &dir, 410, &mut None).unwrap_err().to_string();
+    assert!(err.contains("a checkpoint file was renamed"), "{err}");
+    std::fs::remove_file(dir.join(checkpoint::file_name(999_999))).unwrap();
+    std::fs::remove_file(dir.join(checkpoint::file_name(second.seq))).unwrap();
+    let err = checkpoint::write_periodic(&path, &secret, &dir, 420, &mut last).unwrap_err().to_string();
     assert!(err.contains("history was rewritten"), "{err}");
     // A checkpoint in the folder signed by another key is not taken as ours.
-    let err = checkpoint::write_periodic(&path, &[8u8; 32], &dir, 500).unwrap_err().to_string();
+    let err = checkpoint::write_periodic(&path, &[8u8; 32], &dir, 500, &mut None).unwrap_err().to_string();
     assert!(err.contains("not by the expected key"), "{err}");
 }

@@ -547,13 +547,16 @@ fn the_yearly_cap_counts_across_the_issuer_s_programmes() {
     voucher::deposit(&mut l, now, TransferId(90), "acme", 100_000_000).unwrap();
     // Two more programmes of the same issuer (sd-bureau, cap 300,000),
     // one of another issuer, one of the same issuer capped on its own.
-    for p in [
+    for (n, p) in [
         issuer_programme("sd-ai", "sd-bureau", 300_000, CapScope::Issuer),
         issuer_programme("jn-city", "jn-bureau", 300_000, CapScope::Issuer),
         issuer_programme("sd-own", "sd-bureau", 50_000, CapScope::Programme),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         voucher::create_programme(&mut l, now, &p).unwrap();
-        voucher::grant(&mut l, now, TransferId::derive(&p.id), &p.id, "acme", 1_000_000).unwrap();
+        voucher::grant(&mut l, now, TransferId(0x700 + n as u128), &p.id, "acme", 1_000_000).unwrap();
     }
     // An issuer's cap is one cap: a programme of it with another cap is refused.
     let err = voucher::create_programme(&mut l, now, &issuer_programme("sd-x", "sd-bureau", 1, CapScope::Issuer));
@@ -818,4 +821,80 @@ fn a_hold_kept_past_the_programme_s_end_settles_without_subsidy() {
     assert!(s.unbilled_fen > 0, "the voucher's share is not moved onto the organisation: {s:?}");
     let problems = voucher::verify(&l).unwrap();
     assert!(problems.is_empty(), "{problems:?}");
+}
+
+#[test]
+fn a_client_cannot_take_an_id_the_ledger_derives_for_itself() {
+    let (_, mut l, now) = books();
+    // The id the sweep will use to return acme's expired vouchers, and a
+    // job's settlement part: both derived, both refused as client ids.
+    for taken in [TransferId::derive("expiry:sd-2026:acme:0"), TransferId::derive("job:j8:settle:org")] {
+        let err = voucher::deposit(&mut l, now, taken, "acme", 1).unwrap_err();
+        assert_eq!(code(err), "invalid_argument");
+        assert_eq!(code(voucher::grant(&mut l, now, taken, "sd-2026", "acme", 1).unwrap_err()), "invalid_argument");
+    }
+    let report = voucher::sweep(&mut l, day("2027-01-02")).unwrap();
+    assert_eq!(report.returned, vec![("sd-2026".to_string(), "acme".to_string(), 500_000)]);
+}
+
+#[test]
+fn a_bill_made_while_the_rules_were_edited_away_breaks_them_in_verify() {
+    // The tables edited between two commits, the traces of the edit
+    // removed, a hold made under the edited rules, then everything put
+    // back: the tables match the journal again, but the bill was judged
+    // by rules the journal never had.
+    let around = |path: &std::path::Path, sql: &str| {
+        let raw = rusqlite::Connection::open(path).unwrap();
+        let before: i64 = raw.query_row("SELECT COALESCE(MAX(seq), 0) FROM row_changes", [], |r| r.get(0)).unwrap();
+        raw.execute_batch(&format!("BEGIN IMMEDIATE; {sql}; DELETE FROM row_changes WHERE seq > {before}; COMMIT;"))
+            .unwrap();
+    };
+    let cases: [(&str, &str, &str, &str); 3] = [
+        (
+            "a related party",
+            "DELETE FROM relations WHERE org = 'acme'",
+            "INSERT INTO relations VALUES ('acme', 'jinan-icc-co', 'acme owns 51%', 1772294400)",
+            "were related parties",
+        ),
+        (
+            "a rate raised",
+            "UPDATE programmes SET spec = replace(spec, '\"rate_bp\":3000', '\"rate_bp\":10000')",
+            "UPDATE programmes SET spec = replace(spec, '\"rate_bp\":10000', '\"rate_bp\":3000')",
+            "the rate was 3000 bp",
+        ),
+        (
+            "an organisation made eligible",
+            "UPDATE orgs SET kind = 'university' WHERE id = 'cas'",
+            "UPDATE orgs SET kind = 'institute' WHERE id = 'cas'",
+            "not eligible then",
+        ),
+    ];
+    for (case, edit, restore, named) in cases {
+        let (path, mut l, now) = books();
+        voucher::relate(&mut l, now, "acme", "jinan-icc-co", "acme owns 51%").unwrap();
+        voucher::grant(&mut l, now, TransferId(98), "sd-2026", "sdu", 100_000).unwrap();
+        if case == "an organisation made eligible" {
+            // cas (an institute) gets vouchers only while it passes for a
+            // university: the grant itself breaks the rules of its moment.
+            around(&path, "UPDATE orgs SET kind = 'university' WHERE id = 'cas'");
+            voucher::grant(&mut l, now, TransferId(99), "sd-2026", "cas", 100_000).unwrap();
+            around(&path, "UPDATE orgs SET kind = 'institute' WHERE id = 'cas'");
+        }
+        let job_org = match case {
+            "a related party" => "acme",
+            "a rate raised" => "sdu",
+            _ => "cas",
+        };
+        voucher::deposit(&mut l, now, TransferId(100), job_org, 1_000_000).unwrap();
+        around(&path, edit);
+        let h = voucher::hold(&mut l, now, "j", job_org, &site("Ascend910B", true), &hours(10), 3600).unwrap();
+        assert!(h.bill.subsidy_fen > 0, "{case}: the edit did not take: {h:?}");
+        around(&path, restore);
+        let err = match voucher::verify_file(&path, None) {
+            Ok((_, problems)) if !problems.is_empty() => problems.join("; "),
+            Ok(_) => panic!("{case}: not caught"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(named), "{case}: the error does not name {named:?}: {err}");
+    }
 }

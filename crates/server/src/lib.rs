@@ -111,12 +111,16 @@ pub fn open(config: &ServerConfig) -> Result<http::AppState, ServeError> {
 async fn checkpoint_loop(db: PathBuf, c: Checkpoints) {
     let mut interval = tokio::time::interval(Duration::from_secs(c.every_s.max(1)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The newest head this server signed: it must be extended even if its
+    // file is removed or a copy of an older one is put in its place.
+    let last = std::sync::Arc::new(std::sync::Mutex::new(None));
     loop {
         interval.tick().await;
-        let (db, c2) = (db.clone(), c.clone());
+        let (db, c2, last) = (db.clone(), c.clone(), last.clone());
         let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let done = tokio::task::spawn_blocking(move || {
-            suanwang_ledger::checkpoint::write_periodic(&db, &c2.secret, &c2.dir, at)
+            let mut last = last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            suanwang_ledger::checkpoint::write_periodic(&db, &c2.secret, &c2.dir, at, &mut last)
         })
         .await;
         match done {
