@@ -231,7 +231,7 @@ fn encode_transfer(out: &mut Vec<u8>, t: &Transfer) {
     out.extend_from_slice(&t.kind.timeout_s().to_be_bytes());
     out.push(t.linked as u8);
     out.extend_from_slice(&t.code.to_be_bytes());
-    for text in [&t.memo, &t.unit.to_string()] {
+    for text in [t.memo.as_str(), &t.unit.text()] {
         out.extend_from_slice(&(text.len() as u32).to_be_bytes());
         out.extend_from_slice(text.as_bytes());
     }
@@ -1357,7 +1357,7 @@ impl Batch<'_> {
                 t.linked as i64,
                 t.code as i64,
                 t.memo,
-                t.unit.to_string(),
+                t.unit.text(),
                 t.at
             ])?;
         if inserted == 0 {

@@ -89,6 +89,16 @@ pub enum Unit {
     AccelSeconds(String),
 }
 
+impl Unit {
+    /// The unit as stored, without an allocation for fen (every transfer writes it).
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Unit::Fen => std::borrow::Cow::Borrowed("fen"),
+            other => std::borrow::Cow::Owned(other.to_string()),
+        }
+    }
+}
+
 impl fmt::Display for Unit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
