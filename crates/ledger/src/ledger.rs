@@ -24,8 +24,9 @@ use crate::error::{LedgerError, Refusal};
 use crate::model::{Account, AccountId, NewAccount, NewTransfer, Transfer, TransferId, TransferKind, Unit, flags};
 
 /// 2: the journal also covers row changes of the journaled tables, and
-/// each entry's hash covers its sequence number and time.
-const SCHEMA_VERSION: i64 = 2;
+/// each entry's hash covers its sequence number, time and row ranges.
+/// 3: account totals in their own narrow table.
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
@@ -35,11 +36,17 @@ CREATE TABLE IF NOT EXISTS accounts (
     owner TEXT NOT NULL,
     unit TEXT NOT NULL,
     flags INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+-- An account's totals, by its row number: the only rows a commit rewrites,
+-- kept narrow so that a commit touching thousands of accounts writes as
+-- few pages as it can.
+CREATE TABLE IF NOT EXISTS balances (
+    seq INTEGER PRIMARY KEY,
     debits_pending INTEGER NOT NULL,
     debits_posted INTEGER NOT NULL,
     credits_pending INTEGER NOT NULL,
-    credits_posted INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
+    credits_posted INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS transfers (
     seq INTEGER PRIMARY KEY,
@@ -324,7 +331,7 @@ const CORE_JOURNALED: [(&str, &[&str], &[&str]); 2] = [
 ];
 
 /// Tables whose content the replay of accounts and transfers checks.
-const CORE_REPLAYED: [&str; 4] = ["accounts", "transfers", "pending", "journal"];
+const CORE_REPLAYED: [&str; 5] = ["accounts", "balances", "transfers", "pending", "journal"];
 
 fn is_identifier(name: &str) -> bool {
     !name.is_empty()
@@ -468,8 +475,10 @@ fn registered_table(row: &str) -> Option<JournaledTable> {
 }
 
 /// The columns [`read_account`] reads, in its order.
-const ACCOUNT_COLUMNS: &str =
-    "seq, id, kind, owner, unit, flags, debits_pending, debits_posted, credits_pending, credits_posted, created_at";
+const ACCOUNT_COLUMNS: &str = "a.seq, a.id, a.kind, a.owner, a.unit, a.flags, b.debits_pending, b.debits_posted, b.credits_pending, b.credits_posted, a.created_at";
+
+/// Accounts with their totals, for [`ACCOUNT_COLUMNS`].
+const ACCOUNTS_JOINED: &str = "accounts a JOIN balances b ON b.seq = a.seq";
 
 /// The columns [`read_transfer`] reads, in its order.
 const TRANSFER_COLUMNS: &str =
@@ -607,7 +616,7 @@ impl Caches {
     fn load(conn: &Connection) -> Result<Caches, LedgerError> {
         let mut accounts = HashMap::default();
         {
-            let mut stmt = conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts"))?;
+            let mut stmt = conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM {ACCOUNTS_JOINED}"))?;
             for account in stmt.query_map([], read_account)? {
                 let account = account?;
                 accounts.insert(account.id, account);
@@ -1073,10 +1082,12 @@ impl Batch<'_> {
             created_at: self.now,
         };
         self.tx.prepare_cached(
-            "INSERT INTO accounts (seq, id, kind, owner, unit, flags, debits_pending, debits_posted, credits_pending, credits_posted, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, 0, 0, 0, ?7)",
+            "INSERT INTO accounts (seq, id, kind, owner, unit, flags, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?
         .execute(params![account.seq, blob(a.id.0), a.kind, a.owner, a.unit.to_string(), a.flags, self.now])?;
+        self.tx
+            .prepare_cached("INSERT INTO balances (seq, debits_pending, debits_posted, credits_pending, credits_posted) VALUES (?1, 0, 0, 0, 0)")?
+            .execute([account.seq])?;
         self.next_account_seq += 1;
         encode_account(&mut self.account_bytes, &account);
         self.overlay.insert(a.id, account.clone());
@@ -1444,7 +1455,7 @@ impl Batch<'_> {
     /// Writes the touched accounts and the journal entry `seq`; returns the new head.
     fn finish(&mut self, seq: i64, prev: &[u8; 32]) -> Result<Option<[u8; 32]>, LedgerError> {
         let mut stmt = self.tx.prepare_cached(
-            "UPDATE accounts SET debits_pending = ?2, debits_posted = ?3, credits_pending = ?4, credits_posted = ?5 WHERE seq = ?1",
+            "UPDATE balances SET debits_pending = ?2, debits_posted = ?3, credits_pending = ?4, credits_posted = ?5 WHERE seq = ?1",
         )?;
         // By row number, not by id: one B-tree walk per account, not two;
         // in row order, so that walks share the pages they pass.
@@ -1627,7 +1638,7 @@ fn verify_snapshot(
     let unreadable =
         |table: &'static str| move |e: rusqlite::Error| corrupt(format!("{table}: a row the ledger never writes: {e}"));
     let stored: HashMap<AccountId, Account> = {
-        let mut stmt = conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY seq"))?;
+        let mut stmt = conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM {ACCOUNTS_JOINED} ORDER BY a.seq"))?;
         let rows = stmt.query_map([], read_account)?;
         rows.map(|a| a.map(|a| (a.id, a))).collect::<Result<_, _>>().map_err(unreadable("accounts"))?
     };
@@ -1658,8 +1669,9 @@ fn verify_snapshot(
         })?;
         rows.collect::<Result<_, _>>()?
     };
-    let mut account_stmt =
-        conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq"))?;
+    let mut account_stmt = conn.prepare(&format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM {ACCOUNTS_JOINED} WHERE a.seq BETWEEN ?1 AND ?2 ORDER BY a.seq"
+    ))?;
     let mut transfer_stmt =
         conn.prepare(&format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq"))?;
     let mut change_stmt =
@@ -1780,8 +1792,11 @@ fn verify_snapshot(
     if count("transfers")? as u64 != transfers {
         return Err(corrupt("transfers: rows exist outside the journal".into()));
     }
-    if stored.len() != replayed.len() {
-        return Err(corrupt("accounts: rows exist outside the journal".into()));
+    if stored.len() != replayed.len() || count("accounts")? as usize != replayed.len() {
+        return Err(corrupt("accounts: rows exist outside the journal, or without their balances".into()));
+    }
+    if count("balances")? as usize != replayed.len() {
+        return Err(corrupt("balances: rows of no account".into()));
     }
     if count("row_changes")? as u64 != changes {
         let stray: Option<RowChange> = conn

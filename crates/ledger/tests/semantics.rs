@@ -195,9 +195,9 @@ fn verify_catches_tampering_and_a_broken_chain() {
     assert!(err.contains("differ from the replay") || err.contains("hash chain broken"), "{err}");
     raw.execute("UPDATE transfers SET amount = 10 WHERE seq = 2", []).unwrap();
     verify(&path).unwrap();
-    raw.execute("UPDATE accounts SET credits_posted = credits_posted + 1 WHERE seq = 3", []).unwrap();
+    raw.execute("UPDATE balances SET credits_posted = credits_posted + 1 WHERE seq = 3", []).unwrap();
     assert!(verify(&path).unwrap_err().to_string().contains("stored totals"));
-    raw.execute("UPDATE accounts SET credits_posted = credits_posted - 1 WHERE seq = 3", []).unwrap();
+    raw.execute("UPDATE balances SET credits_posted = credits_posted - 1 WHERE seq = 3", []).unwrap();
     raw.execute("UPDATE transfers SET memo = 'forged' WHERE seq = 1", []).unwrap();
     assert!(verify(&path).unwrap_err().to_string().contains("hash chain broken"));
     assert!(verify(temp_db("missing")).unwrap_err().to_string().contains("no such file"));
@@ -249,12 +249,12 @@ fn an_anchor_catches_truncation_and_rewritten_history() {
     raw.execute("DELETE FROM transfers WHERE seq >= ?1", [last_two]).unwrap();
     raw.execute("DELETE FROM journal WHERE seq > (SELECT MAX(seq) - 2 FROM journal)", []).unwrap();
     raw.execute(
-        "UPDATE accounts SET debits_posted = debits_posted - 11 WHERE id = ?1",
+        "UPDATE balances SET debits_posted = debits_posted - 11 WHERE seq = (SELECT seq FROM accounts WHERE id = ?1)",
         [WALLET.0.to_be_bytes().to_vec()],
     )
     .unwrap();
     raw.execute(
-        "UPDATE accounts SET credits_posted = credits_posted - 11 WHERE id = ?1",
+        "UPDATE balances SET credits_posted = credits_posted - 11 WHERE seq = (SELECT seq FROM accounts WHERE id = ?1)",
         [SHOP.0.to_be_bytes().to_vec()],
     )
     .unwrap();
@@ -343,7 +343,9 @@ fn every_kind_of_edit_to_the_core_tables_is_caught() {
             "UPDATE transfers SET seq = CASE seq WHEN 2 THEN -6 WHEN 6 THEN 2 END WHERE seq IN (2, 6); UPDATE transfers SET seq = 6 WHERE seq = -6".into(),
             true,
         ),
-        ("change an account's totals", format!("UPDATE accounts SET credits_posted = credits_posted + 5 WHERE id = x'{}'", hex(&wallet)), true),
+        ("change an account's totals", format!("UPDATE balances SET credits_posted = credits_posted + 5 WHERE seq = (SELECT seq FROM accounts WHERE id = x'{}')", hex(&wallet)), true),
+        ("delete an account's balances", "DELETE FROM balances WHERE seq = 4".into(), true),
+        ("balances of no account", "INSERT INTO balances VALUES (99, 0, 0, 0, 0)".into(), true),
         ("change an account's flags", format!("UPDATE accounts SET flags = 0 WHERE id = x'{}'", hex(&wallet)), true),
         ("delete an account", "DELETE FROM accounts WHERE seq = 4".into(), true),
         ("re-open a posted hold", "UPDATE pending SET state = 0 WHERE state = 1".into(), true),
@@ -369,7 +371,7 @@ fn every_kind_of_edit_to_the_core_tables_is_caught() {
             "truncate the last commit",
             format!(
                 "DELETE FROM transfers WHERE seq = (SELECT MAX(seq) FROM transfers); DELETE FROM journal WHERE seq = (SELECT MAX(seq) FROM journal); \
-                 UPDATE accounts SET debits_posted = debits_posted - 5 WHERE id = x'{}'; UPDATE accounts SET credits_posted = credits_posted - 5 WHERE id = x'{}'",
+                 UPDATE balances SET debits_posted = debits_posted - 5 WHERE seq = (SELECT seq FROM accounts WHERE id = x'{}'); UPDATE balances SET credits_posted = credits_posted - 5 WHERE seq = (SELECT seq FROM accounts WHERE id = x'{}')",
                 hex(&wallet),
                 hex(&SHOP.0.to_be_bytes())
             ),
