@@ -525,3 +525,4 @@ pub struct BillLine {
 
 #[cfg(feature = "client")]
 pub mod client;
+pub mod sbatch;

@@ -330,9 +330,11 @@ fn jobs_table(jobs: &[Job]) -> String {
 
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
-    /// Submit a job described in a TOML file.
+    /// Submit a job described in a TOML file, or a Slurm batch script (its
+    /// `#SBATCH` directives become the request, the script the command).
     Submit { file: PathBuf },
-    /// Where and for how much a job would run: ranked sites, explanation, voucher share.
+    /// Where and for how much a job would run: ranked sites, explanation,
+    /// voucher share (a TOML job file or a Slurm batch script).
     Quote { file: PathBuf },
     /// List jobs, newest first.
     Jobs {
@@ -374,8 +376,21 @@ pub enum ClientCommand {
     },
 }
 
-fn read_job_file(path: &Path) -> anyhow::Result<JobRequest> {
+/// A job file (TOML), or a Slurm batch script whose `#SBATCH` directives
+/// become the request (the network's accelerator types asked of the server).
+fn read_job_file(c: &Client, path: &Path) -> anyhow::Result<JobRequest> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    if suanwang_api::sbatch::is_batch_script(&text) {
+        let sites: Vec<Site> = c.get("/v1/sites")?;
+        let mut types: Vec<String> = sites.iter().flat_map(|s| s.pools.iter().map(|p| p.accelerator.clone())).collect();
+        types.sort();
+        types.dedup();
+        let parsed = suanwang_api::sbatch::parse(&text, &types).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        for note in &parsed.notes {
+            eprintln!("{}: note: {note}", path.display());
+        }
+        return Ok(parsed.request);
+    }
     toml::from_str(&text).map_err(|e| anyhow!("{}", job_file_error(path, &text, &e)))
 }
 
@@ -451,7 +466,7 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
     let json = connection.json;
     match command {
         ClientCommand::Submit { file } => {
-            let job: Job = c.post("/v1/jobs", &read_job_file(&file)?)?;
+            let job: Job = c.post("/v1/jobs", &read_job_file(&c, &file)?)?;
             print(json, &job, || format!("submitted job {} ({})\n", job.id, job.state.as_str()))?;
             if job.state == JobState::Rejected {
                 bail!("job {} was rejected: {}", job.id, job.reason.unwrap_or_default());
@@ -459,7 +474,7 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
             Ok(())
         }
         ClientCommand::Quote { file } => {
-            let q: Quote = c.post("/v1/quote", &read_job_file(&file)?)?;
+            let q: Quote = c.post("/v1/quote", &read_job_file(&c, &file)?)?;
             let balances: Option<Balances> = c.get("/v1/vouchers").ok();
             print(json, &q, || {
                 let mut out = explanation_table(&q.explanation);

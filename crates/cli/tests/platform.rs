@@ -740,3 +740,35 @@ fn the_server_writes_signed_checkpoints_that_an_auditor_verifies() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--checkpoint-key"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn a_users_slurm_script_runs_as_a_job_and_a_multi_node_one_is_refused_by_its_line() {
+    let mut p = Platform::new("sbatch");
+    p.start_agent("a");
+    let acme = p.org("acme", "a");
+    let token = p.consumer_token("acme");
+    let client = |args: &[&str]| {
+        Command::new(exe()).args(args).env("SUANWANG_SERVER", &p.url).env("SUANWANG_TOKEN", &token).output().unwrap()
+    };
+    let script = p.dir.join("train.sbatch");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n#SBATCH --job-name=train\n#SBATCH --gres=gpu:a100:1\n#SBATCH --time=00:02:00\n#SBATCH --output=train-%j.out\n\necho \"step 1 of $SUANWANG_JOB\"\nexit 3\n",
+    )
+    .unwrap();
+    let o = client(&["--json", "submit", script.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("line 5: --output: ignored"), "{o:?}");
+    let job: Job = serde_json::from_slice(&o.stdout).unwrap();
+    let done = p.wait(&acme, job.id, "failed", |j| j.state.is_terminal());
+    assert_eq!((done.state, done.exit_code, done.name.as_str()), (JobState::Failed, Some(3), "train"), "{done:?}");
+    assert!(logs(&acme, job.id).contains(&format!("step 1 of {}", job.id)));
+    std::fs::write(&script, "#!/bin/bash\n#SBATCH --gres=gpu:a100:1\n#SBATCH --nodes=2\nsrun hostname\n").unwrap();
+    let o = client(&["submit", script.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("train.sbatch: line 3: --nodes: 2 nodes cannot be honoured"),
+        "{o:?}"
+    );
+    p.verify();
+}
