@@ -9,6 +9,7 @@ mod conformance;
 mod containers;
 mod hostile;
 mod platform;
+mod slurm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
