@@ -8,7 +8,9 @@
 //!   cgroup) and how its whole process tree is killed;
 //! - [`cgroup`]: the v1 control groups that hold limits and processes;
 //! - [`container`]: jobs given as images, under podman with runc;
-//! - [`logs`]: output spooled to disk and shipped in bounded chunks.
+//! - [`logs`]: output spooled to disk and shipped in bounded chunks;
+//! - [`slurm`]: a Slurm cluster through its tools (submit, read, cancel,
+//!   capacity), the ground of a `slurm` backend still to come.
 //!
 //! Safety rules the agent keeps:
 //!
@@ -28,6 +30,7 @@ pub mod cgroup;
 pub mod container;
 pub mod logs;
 pub mod sandbox;
+pub mod slurm;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
