@@ -76,6 +76,7 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MinJobAge=600
+MaxJobCount=100000
 KillWait=2
 InactiveLimit=0
 SlurmctldTimeout=10

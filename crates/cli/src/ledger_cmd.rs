@@ -212,28 +212,23 @@ pub enum ProgrammeAction {
     /// Create a voucher programme and fund it with its budget from the treasury.
     Create(ProgrammeArgs),
     /// Add to a programme's budget from the treasury (journaled with its reason).
-    Fund {
-        programme: String,
-        amount_fen: i64,
-        /// Client-chosen transfer id (hex): repeating it is safe.
-        #[arg(long)]
-        id: String,
-        /// Why (kept in the journal with the transfer).
-        #[arg(long)]
-        reason: String,
-    },
+    Fund(BudgetChange),
     /// Take part of a programme's budget back to the treasury: at most what
     /// is neither granted nor held (journaled with its reason).
-    Defund {
-        programme: String,
-        amount_fen: i64,
-        /// Client-chosen transfer id (hex): repeating it is safe.
-        #[arg(long)]
-        id: String,
-        /// Why (kept in the journal with the transfer).
-        #[arg(long)]
-        reason: String,
-    },
+    Defund(BudgetChange),
+}
+
+/// A change of a programme's budget.
+#[derive(Debug, Args)]
+pub struct BudgetChange {
+    pub programme: String,
+    pub amount_fen: i64,
+    /// Client-chosen transfer id (hex): repeating it is safe.
+    #[arg(long)]
+    pub id: String,
+    /// Why (kept in the journal with the transfer).
+    #[arg(long)]
+    pub reason: String,
 }
 
 #[derive(Debug, Args)]
@@ -523,12 +518,13 @@ pub fn run(args: LedgerArgs, json: bool) -> anyhow::Result<()> {
             voucher::add_org(l, now, &id, kind, &name).map_err(refused)?;
             ok(format!("organisation {id} registered"))
         }
-        LedgerCommand::Programme(ProgrammeAction::Fund { programme, amount_fen, id, reason }) => {
-            let programme = voucher::fund_programme(l, now, transfer_id(&id)?, &programme, amount_fen, &reason);
+        LedgerCommand::Programme(ProgrammeAction::Fund(c)) => {
+            let programme = voucher::fund_programme(l, now, transfer_id(&c.id)?, &c.programme, c.amount_fen, &c.reason);
             budget_changed(json, programme.map_err(refused)?, "funded")
         }
-        LedgerCommand::Programme(ProgrammeAction::Defund { programme, amount_fen, id, reason }) => {
-            let programme = voucher::defund_programme(l, now, transfer_id(&id)?, &programme, amount_fen, &reason);
+        LedgerCommand::Programme(ProgrammeAction::Defund(c)) => {
+            let programme =
+                voucher::defund_programme(l, now, transfer_id(&c.id)?, &c.programme, c.amount_fen, &c.reason);
             budget_changed(json, programme.map_err(refused)?, "defunded")
         }
         LedgerCommand::Programme(ProgrammeAction::Create(p)) => {

@@ -193,14 +193,20 @@ pub fn write_periodic(
     at: i64,
     last: &mut Option<Anchor>,
 ) -> Result<Periodic, crate::LedgerError> {
+    // The head's number is one cheap read: an unchanged book is neither
+    // verified nor are the checkpoints read again.
+    let head: i64 = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|c| c.query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |r| r.get(0)))
+        .map_err(crate::LedgerError::from)?;
+    if let Some(l) = *last
+        && head as u64 <= l.seq
+    {
+        return Ok(Periodic::Unchanged(head as u64));
+    }
     let previous = match (newest(dir, secret)?.map(|(_, a)| a), *last) {
         (Some(a), Some(b)) => Some(if a.seq >= b.seq { a } else { b }),
         (a, b) => a.or(b),
     };
-    // The head's number is one cheap read: an unchanged book is not verified again.
-    let head: i64 = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .and_then(|c| c.query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |r| r.get(0)))
-        .map_err(crate::LedgerError::from)?;
     if let Some(p) = &previous
         && head as u64 <= p.seq
     {

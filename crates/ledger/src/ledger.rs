@@ -458,7 +458,7 @@ fn core_journaled() -> Vec<JournaledTable> {
 }
 
 /// The value of an SQL literal as `quote()` writes text: `'it''s'` is `it's`.
-fn unquote(literal: &str) -> Option<String> {
+pub(crate) fn unquote(literal: &str) -> Option<String> {
     literal.strip_prefix('\'')?.strip_suffix('\'').map(|inner| inner.replace("''", "'"))
 }
 
@@ -604,12 +604,14 @@ fn schema_problem(version: i64) -> String {
 /// What a writer keeps in memory, read from one state of the file.
 struct Caches {
     accounts: HashMap<AccountId, Account>,
+    /// Ids of refused requests (a superset: a refusal rolled back with its
+    /// batch may stay), so that the hot path looks refusals up only for them.
     refused: HashSet<TransferId>,
+    /// The journal entry the caches reflect, and its hash.
     journal_seq: i64,
     head: [u8; 32],
     next_account_seq: i64,
     next_transfer_seq: i64,
-    schema_version: i64,
 }
 
 impl Caches {
@@ -635,7 +637,6 @@ impl Caches {
             head,
             next_account_seq: conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM accounts", [], |r| r.get(0))?,
             next_transfer_seq: conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM transfers", [], |r| r.get(0))?,
-            schema_version: conn.pragma_query_value(None, "schema_version", |r| r.get(0))?,
         })
     }
 }
@@ -644,16 +645,8 @@ impl Caches {
 pub struct Ledger {
     conn: Connection,
     path: String,
-    accounts: HashMap<AccountId, Account>,
-    /// Ids of refused requests (a superset: a refusal rolled back with its
-    /// batch may stay), so that the hot path looks refusals up only for them.
-    refused: HashSet<TransferId>,
-    head: [u8; 32],
-    /// The journal entry the caches reflect.
-    journal_seq: i64,
-    next_account_seq: i64,
-    next_transfer_seq: i64,
-    /// SQLite's schema counter when the triggers were last checked.
+    caches: Caches,
+    /// SQLite's schema counter when the triggers were last checked (-1: not yet).
     schema_version: i64,
 }
 
@@ -671,20 +664,12 @@ impl Ledger {
             create_triggers(&conn, &t)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        let mut ledger = Ledger {
-            conn,
-            path: path.display().to_string(),
-            accounts: HashMap::default(),
-            refused: Default::default(),
-            head: [0; 32],
-            journal_seq: -1,
-            next_account_seq: 1,
-            next_transfer_seq: 1,
-            schema_version: -1,
+        // One read transaction, so that the caches are of one state of the file.
+        let caches = {
+            let snapshot = conn.unchecked_transaction()?;
+            Caches::load(&snapshot)?
         };
-        ledger.refresh()?;
-        ledger.schema_version = -1;
-        Ok(ledger)
+        Ok(Ledger { conn, path: path.display().to_string(), caches, schema_version: -1 })
     }
 
     /// The last journal entry in the file: (seq, hash).
@@ -705,37 +690,17 @@ impl Ledger {
         })
     }
 
-    /// Reloads the caches from the file, all in one read transaction so
-    /// that they are of one state of it.
-    fn refresh(&mut self) -> Result<(), LedgerError> {
-        let snapshot = self.conn.unchecked_transaction()?;
-        let caches = Caches::load(&snapshot)?;
-        drop(snapshot);
-        self.install(caches);
-        Ok(())
-    }
-
-    fn install(&mut self, c: Caches) {
-        self.accounts = c.accounts;
-        self.refused = c.refused;
-        self.journal_seq = c.journal_seq;
-        self.head = c.head;
-        self.next_account_seq = c.next_account_seq;
-        self.next_transfer_seq = c.next_transfer_seq;
-        self.schema_version = c.schema_version;
-    }
-
     pub fn path(&self) -> &str {
         &self.path
     }
 
     pub fn account(&self, id: AccountId) -> Option<&Account> {
-        self.accounts.get(&id)
+        self.caches.accounts.get(&id)
     }
 
     /// All accounts, in creation order.
     pub fn accounts(&self) -> Vec<Account> {
-        let mut all: Vec<Account> = self.accounts.values().cloned().collect();
+        let mut all: Vec<Account> = self.caches.accounts.values().cloned().collect();
         all.sort_by_key(|a| a.seq);
         all
     }
@@ -780,14 +745,8 @@ impl Ledger {
         // number and hash); if it moved, reload the caches, still under the
         // lock, so that they are exactly the state this commit builds on.
         let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
-        if Self::journal_head(&tx)? != (self.journal_seq, self.head) {
-            let c = Caches::load(&tx)?;
-            self.accounts = c.accounts;
-            self.refused = c.refused;
-            self.journal_seq = c.journal_seq;
-            self.head = c.head;
-            self.next_account_seq = c.next_account_seq;
-            self.next_transfer_seq = c.next_transfer_seq;
+        if Self::journal_head(&tx)? != (self.caches.journal_seq, self.caches.head) {
+            self.caches = Caches::load(&tx)?;
         }
         // A trigger planted in the file would run inside this commit and
         // have its edits journaled as ours: whenever the schema changed,
@@ -804,34 +763,34 @@ impl Ledger {
         let mut batch = Batch {
             changes_from,
             tx: &tx,
-            base: &self.accounts,
-            refused: &self.refused,
+            base: &self.caches.accounts,
+            refused: &self.caches.refused,
             newly_refused: Vec::new(),
             overlay: HashMap::default(),
             undo: Vec::new(),
             savepoints: 0,
             in_chain: false,
             now,
-            accounts_from: self.next_account_seq,
-            next_account_seq: self.next_account_seq,
-            transfers_from: self.next_transfer_seq,
-            next_transfer_seq: self.next_transfer_seq,
+            accounts_from: self.caches.next_account_seq,
+            next_account_seq: self.caches.next_account_seq,
+            transfers_from: self.caches.next_transfer_seq,
+            next_transfer_seq: self.caches.next_transfer_seq,
             account_bytes: Vec::new(),
             transfer_bytes: Vec::new(),
         };
         let value = f(&mut batch)?;
-        let head = batch.finish(self.journal_seq + 1, &self.head)?;
+        let head = batch.finish(self.caches.journal_seq + 1, &self.caches.head)?;
         let Batch { overlay, next_account_seq, next_transfer_seq, newly_refused, .. } = batch;
         tx.commit()?;
         if let Some(head) = head {
-            self.head = head;
-            self.journal_seq += 1;
-            debug_assert_eq!(Self::journal_head(&self.conn).map(|(s, _)| s).unwrap_or(-1), self.journal_seq);
+            self.caches.head = head;
+            self.caches.journal_seq += 1;
+            debug_assert_eq!(Self::journal_head(&self.conn).map(|(s, _)| s).unwrap_or(-1), self.caches.journal_seq);
         }
-        self.next_account_seq = next_account_seq;
-        self.next_transfer_seq = next_transfer_seq;
-        self.accounts.extend(overlay);
-        self.refused.extend(newly_refused);
+        self.caches.next_account_seq = next_account_seq;
+        self.caches.next_transfer_seq = next_transfer_seq;
+        self.caches.accounts.extend(overlay);
+        self.caches.refused.extend(newly_refused);
         Ok(value)
     }
 
@@ -1618,6 +1577,26 @@ pub fn verify_with(
     Ok(report)
 }
 
+/// The rows of journal entry `n`'s range `(from, to)` of one table, every
+/// one of them as the ledger wrote it, or what is wrong: (table, what its
+/// rows are called).
+fn entry_rows<T>(
+    stmt: &mut rusqlite::Statement<'_>,
+    (from, to): (i64, i64),
+    read: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    (table, rows_are): (&str, &str),
+    n: u64,
+) -> Result<Vec<T>, String> {
+    let rows: Vec<T> = stmt
+        .query_map([from, to], read)
+        .and_then(|rows| rows.collect())
+        .map_err(|e| format!("{table}: a row the ledger never writes: {e}"))?;
+    if rows.len() as i64 != to - from + 1 {
+        return Err(format!("journal entry {n}: {rows_are} missing"));
+    }
+    Ok(rows)
+}
+
 /// Journal entry columns, as verify reads them.
 struct EntryRow {
     accounts: (i64, i64),
@@ -1689,25 +1668,12 @@ fn verify_snapshot(
         // Read and hash the entry first: its rows are judged (and shown to
         // the voucher rules) only once the chain says they are the ones
         // that were written.
-        let accounts: Vec<Account> = account_stmt
-            .query_map([entry.accounts.0, entry.accounts.1], read_account)?
-            .collect::<Result<_, _>>()
-            .map_err(unreadable("accounts"))?;
-        if accounts.len() as i64 != entry.accounts.1 - entry.accounts.0 + 1 {
-            return Err(corrupt(format!("journal entry {n}: account rows missing")));
-        }
-        let rows: Vec<Transfer> = transfer_stmt
-            .query_map([entry.transfers.0, entry.transfers.1], read_transfer)?
-            .collect::<Result<_, _>>()
-            .map_err(unreadable("transfers"))?;
-        if rows.len() as i64 != entry.transfers.1 - entry.transfers.0 + 1 {
-            return Err(corrupt(format!("journal entry {n}: transfer rows missing")));
-        }
-        let recorded: Vec<RowChange> =
-            change_stmt.query_map([entry.changes.0, entry.changes.1], read_change)?.collect::<Result<_, _>>()?;
-        if recorded.len() as i64 != entry.changes.1 - entry.changes.0 + 1 {
-            return Err(corrupt(format!("journal entry {n}: row changes missing")));
-        }
+        let accounts = entry_rows(&mut account_stmt, entry.accounts, read_account, ("accounts", "account rows"), n)
+            .map_err(corrupt)?;
+        let rows = entry_rows(&mut transfer_stmt, entry.transfers, read_transfer, ("transfers", "transfer rows"), n)
+            .map_err(corrupt)?;
+        let recorded = entry_rows(&mut change_stmt, entry.changes, read_change, ("row_changes", "row changes"), n)
+            .map_err(corrupt)?;
         let (mut account_bytes, mut transfer_bytes, mut change_bytes) = (Vec::new(), Vec::new(), Vec::new());
         accounts.iter().for_each(|a| encode_account(&mut account_bytes, a));
         rows.iter().for_each(|t| encode_transfer(&mut transfer_bytes, t));
@@ -1935,21 +1901,18 @@ fn verify_tables(
     // A trigger, though, acts inside the ledger's commits.
     let ours = trigger_names(&journaled);
     let mut stmt = conn
-        .prepare("SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' ORDER BY name")
+        .prepare("SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name")
         .map_err(|e| e.to_string())?;
-    let triggers: Vec<(String, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+    let triggers: Vec<(String, String, Option<String>)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .map_err(|e| e.to_string())?
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
-    if let Some((name, table)) = triggers.iter().find(|(name, _)| !ours.contains(name)) {
+    if let Some((name, table, _)) = triggers.iter().find(|(name, ..)| !ours.contains(name)) {
         return Err(format!("trigger {name} on table {table} is not the ledger's (planted in the file)"));
     }
     let expected: HashMap<String, String> = journaled.iter().flat_map(trigger_sql).collect();
-    for (name, table) in &triggers {
-        let sql: Option<String> = conn
-            .query_row("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?1", [name], |r| r.get(0))
-            .map_err(|e| e.to_string())?;
+    for (name, table, sql) in &triggers {
         if sql.as_ref() != expected.get(name) {
             return Err(format!(
                 "trigger {name} on table {table} is not the one the ledger makes (its body was altered)"

@@ -32,7 +32,7 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LedgerError, Refusal};
-use crate::ledger::{Batch, Ledger, PendingState};
+use crate::ledger::{Batch, Ledger, PendingState, unquote};
 use crate::model::{AccountId, NewAccount, NewTransfer, TransferId, TransferKind, Unit, flags};
 
 /// Business codes of voucher transfers.
@@ -1645,11 +1645,6 @@ fn history_rule(table: &str, before: Option<&str>, after: Option<&str>) -> Resul
         }
         _ => Ok(()),
     }
-}
-
-/// The value of an SQL text literal as `quote()` writes it: `'it''s'` is `it's`.
-fn unquote(literal: &str) -> Option<String> {
-    literal.strip_prefix('\'')?.strip_suffix('\'').map(|inner| inner.replace("''", "'"))
 }
 
 impl RuleCheck {
