@@ -58,6 +58,21 @@ pub enum Event {
         site: SiteId,
         features: Vec<Feature>,
     },
+    /// How many of a pool's accelerators its site can use now (nodes
+    /// drained, down or reserved excluded), capped at the registered count.
+    /// Attempts already running on a pool that shrank carry on; nothing is
+    /// free there until enough of them end.
+    PoolCapacity {
+        pool: PoolId,
+        usable: u32,
+    },
+    /// An attempt its site never began (assigned, not yet taken by the
+    /// agent, or refused by the site before it ran) goes back to the queue
+    /// without counting as a loss.
+    Withdraw {
+        job: JobId,
+        attempt: u32,
+    },
     /// Time passes; due timers fire.
     Tick,
 }
@@ -92,6 +107,8 @@ pub enum RequeueReason {
     Failed,
     /// The attempt was lost to an infrastructure fault.
     Lost,
+    /// Its site withdrew it before it began.
+    Withdrawn,
 }
 
 impl RequeueReason {
@@ -101,6 +118,7 @@ impl RequeueReason {
             RequeueReason::SiteDown => "its site went down",
             RequeueReason::Failed => "it failed and has retries left",
             RequeueReason::Lost => "it was lost to an infrastructure fault",
+            RequeueReason::Withdrawn => "its site could not begin it",
         }
     }
 }
@@ -168,6 +186,8 @@ pub enum CoreError {
     InvalidJob(#[from] InvalidJob),
     #[error("unknown site id {0}")]
     UnknownSite(u32),
+    #[error("unknown pool id {0}")]
+    UnknownPool(u32),
 }
 
 /// A broken internal invariant: always a bug in the core.
@@ -346,6 +366,35 @@ impl Scheduler {
                     self.forget(job);
                 }
             }
+            Event::Withdraw { job, attempt } => {
+                if self.is_current_attempt(job, attempt) {
+                    // Never began: no work done, no loss counted, and the
+                    // attempt number stays used (reports of it are stale).
+                    self.release(job);
+                    self.requeue(job);
+                    out.push(Decision::Requeue { job, attempt, reason: RequeueReason::Withdrawn });
+                } else {
+                    self.counters.stale_reports += 1;
+                }
+            }
+            Event::PoolCapacity { pool, usable } => {
+                let spec = self.topology.pools.get(pool.0 as usize).ok_or(CoreError::UnknownPool(pool.0))?;
+                let usable = usable.min(spec.count);
+                let (site, accel) = (spec.site, spec.accel);
+                let state = &mut self.state.pools[pool.0 as usize];
+                if state.usable != usable {
+                    let grew = usable > state.usable;
+                    state.usable = usable;
+                    if self.state.site_up[site.0 as usize] {
+                        state.set_capacity(usable);
+                        self.state.refresh_max_free(&self.topology, accel);
+                        if grew {
+                            // Room appeared: the policy looks at the site again.
+                            self.policy.site_up(site);
+                        }
+                    }
+                }
+            }
             Event::SiteDown(site) => self.site_down(site, &mut out)?,
             Event::SiteUp(site) => self.site_up_event(site)?,
             Event::SiteFeatures { site, mut features } => {
@@ -459,7 +508,7 @@ impl Scheduler {
         live.key = self.policy.key_for(&live, now_s);
         self.state.jobs.insert(id, live);
         let state = &mut self.state.pools[pool.0 as usize];
-        state.free -= gpus;
+        state.hold(gpus);
         state.running.insert((run.est_end_s, id));
         *self.state.org_running_gpus.entry(org).or_insert(0) += gpus as u64;
         self.state.refresh_max_free(&self.topology, pool_spec.accel);
@@ -564,9 +613,7 @@ impl Scheduler {
                 self.requeue(job);
                 out.push(Decision::Requeue { job, attempt: run.attempt, reason: RequeueReason::SiteDown });
             }
-            let state = &mut self.state.pools[pool.0 as usize];
-            state.capacity = 0;
-            state.free = 0;
+            self.state.pools[pool.0 as usize].set_capacity(0);
             self.state.refresh_max_free(&topology, topology.pool(pool).accel);
         }
         self.state.site_up[index] = false;
@@ -585,10 +632,9 @@ impl Scheduler {
         self.policy.site_up(site);
         let topology = self.topology.clone();
         for &pool in &topology.site(site).pools {
-            let count = topology.pool(pool).count;
             let state = &mut self.state.pools[pool.0 as usize];
-            state.capacity = count;
-            state.free = count;
+            let usable = state.usable;
+            state.set_capacity(usable);
             self.state.refresh_max_free(&topology, topology.pool(pool).accel);
         }
         Ok(())
@@ -662,13 +708,20 @@ impl Scheduler {
         for (i, pool) in self.state.pools.iter().enumerate() {
             let spec = &topology.pools[i];
             let up = self.state.site_up[spec.site.0 as usize];
-            let expected_capacity = if up { spec.count } else { 0 };
+            if pool.usable > spec.count {
+                return fail(format!("pool {i} usable {} over its registered {}", pool.usable, spec.count));
+            }
+            let expected_capacity = if up { pool.usable } else { 0 };
             if pool.capacity != expected_capacity {
                 return fail(format!("pool {i} capacity {} expected {expected_capacity}", pool.capacity));
             }
-            // No accelerator allocated twice and no pool over capacity.
-            if pool.free as u64 + held[i] != pool.capacity as u64 {
-                return fail(format!("pool {i}: {} free + {} held != capacity {}", pool.free, held[i], pool.capacity));
+            // No accelerator allocated twice; nothing free beyond capacity
+            // (held may exceed a capacity that shrank under running work).
+            if pool.held as u64 != held[i] {
+                return fail(format!("pool {i}: {} held recorded, {} held by running jobs", pool.held, held[i]));
+            }
+            if pool.free as u64 != (pool.capacity as u64).saturating_sub(held[i]) {
+                return fail(format!("pool {i}: {} free with {} held of capacity {}", pool.free, held[i], pool.capacity));
             }
             if running_per_pool[i] != pool.running.len() {
                 return fail(format!(
@@ -753,6 +806,14 @@ impl<'a> Pass<'a> {
         self.state.pools[pool.0 as usize].capacity
     }
 
+    /// What would be free on `pool` once running attempts holding
+    /// `released` accelerators end (less than `free + released` when the
+    /// pool shrank under its running work).
+    pub fn free_after_releasing(&self, pool: PoolId, released: u32) -> u32 {
+        let state = &self.state.pools[pool.0 as usize];
+        state.capacity.saturating_sub(state.held.saturating_sub(released))
+    }
+
     pub fn site_up(&self, site: SiteId) -> bool {
         self.state.site_up[site.0 as usize]
     }
@@ -834,7 +895,7 @@ impl<'a> Pass<'a> {
         assert!(removed, "started job {job:?} was not pending");
         let state = &mut self.state.pools[pool.0 as usize];
         assert!(state.free >= gpus, "pool {pool:?} over-allocated by {job:?}");
-        state.free -= gpus;
+        state.hold(gpus);
         state.running.insert((run.est_end_s, job));
         *self.state.org_running_gpus.entry(org).or_insert(0) += gpus as u64;
         self.state.refresh_max_free(topology, pool_spec.accel);

@@ -75,8 +75,16 @@ impl LiveJob {
 /// One pool's allocation state.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PoolState {
-    /// Accelerators usable now (0 while the site is down).
+    /// Accelerators the site says it can use now (drained or down nodes
+    /// excluded), at most the registered count; kept while the site is down.
+    pub usable: u32,
+    /// Accelerators usable now: `usable`, or 0 while the site is down.
     pub capacity: u32,
+    /// Accelerators held by running attempts. May exceed `capacity` after
+    /// the pool shrank under them: they carry on, and nothing is free
+    /// until enough of them end.
+    pub held: u32,
+    /// `capacity - held`, never below zero.
     pub free: u32,
     /// Running attempts on this pool by estimated end.
     pub running: BTreeSet<(u64, JobId)>,
@@ -100,12 +108,26 @@ pub(crate) struct State {
     pub fired: Vec<JobId>,
 }
 
+impl PoolState {
+    /// Sets what the pool can use now and recomputes what is free.
+    pub fn set_capacity(&mut self, capacity: u32) {
+        self.capacity = capacity;
+        self.free = capacity.saturating_sub(self.held);
+    }
+
+    /// Holds `gpus` for a starting attempt (the caller checked they are free).
+    pub fn hold(&mut self, gpus: u32) {
+        self.held += gpus;
+        self.free = self.capacity.saturating_sub(self.held);
+    }
+}
+
 impl State {
     pub fn new(topology: &Topology) -> State {
         let pools = topology
             .pools
             .iter()
-            .map(|p| PoolState { capacity: p.count, free: p.count, running: BTreeSet::new() })
+            .map(|p| PoolState { usable: p.count, capacity: p.count, held: 0, free: p.count, running: BTreeSet::new() })
             .collect();
         let mut state = State {
             jobs: BTreeMap::new(),
@@ -150,12 +172,13 @@ impl State {
         if state.capacity < gpus {
             return None;
         }
-        let mut free = state.free;
-        if free >= gpus {
-            return Some((now_s, free));
+        if state.free >= gpus {
+            return Some((now_s, state.free));
         }
+        let mut held = state.held;
         for &(end, id) in &state.running {
-            free += self.jobs[&id].spec.gpus;
+            held -= self.jobs[&id].spec.gpus;
+            let free = state.capacity.saturating_sub(held);
             if free >= gpus {
                 return Some((end.max(now_s), free));
             }
@@ -180,7 +203,8 @@ impl State {
         let pool = &mut self.pools[run.pool.0 as usize];
         let removed = pool.running.remove(&(run.est_end_s, id));
         assert!(removed, "running job {id:?} missing from its pool");
-        pool.free += gpus;
+        pool.held -= gpus;
+        pool.free = pool.capacity.saturating_sub(pool.held);
         let held = self.org_running_gpus.get_mut(&org).expect("org without running gpus");
         *held -= gpus as u64;
         if *held == 0 {

@@ -17,7 +17,7 @@ use suanwang_core::job::{Feature, JobId, JobSpec, OrgId, OrgKind, Weights};
 use suanwang_core::policy;
 use suanwang_core::scheduler::{CoreError, Decision, Event, Scheduler};
 use suanwang_core::topology::{
-    AcceleratorSpec, LinkSpec, PoolSpec, SiteId, SiteLevel, SiteSpec, Topology, TopologySpec,
+    AcceleratorSpec, LinkSpec, PoolId, PoolSpec, SiteId, SiteLevel, SiteSpec, Topology, TopologySpec,
 };
 
 const TYPES: [&str; 3] = ["A100", "H100", "Ascend910B"];
@@ -79,6 +79,10 @@ enum Op {
     Cancel(usize),
     SiteDown(usize),
     SiteUp(usize),
+    /// A pool's site reports this many of its accelerators usable.
+    Capacity(usize, u32),
+    /// The site withdraws a running attempt it never began.
+    Withdraw(usize),
     Advance(u64),
     Tick,
 }
@@ -93,6 +97,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => (0..64usize).prop_map(Op::Cancel),
         1 => (0..6usize).prop_map(Op::SiteDown),
         1 => (0..6usize).prop_map(Op::SiteUp),
+        2 => (0..12usize, 0..20u32).prop_map(|(pool, usable)| Op::Capacity(pool, usable)),
+        1 => (0..64usize).prop_map(Op::Withdraw),
         3 => (1..3000u64).prop_map(Op::Advance),
         1 => Just(Op::Tick),
     ]
@@ -104,6 +110,7 @@ type Model = BTreeMap<JobId, (u32, u32, u32)>;
 fn check_decisions(
     t: &Topology,
     s: &Scheduler,
+    usable: &[u32],
     model: &mut Model,
     specs: &BTreeMap<JobId, JobSpec>,
     decisions: &[Decision],
@@ -118,6 +125,14 @@ fn check_decisions(
                 assert!(s.serves(st.estimate.site, spec), "started on a site lacking what the job requires");
                 assert_eq!(st.estimate.gpus, spec.gpus);
                 model.insert(st.job, (st.attempt, st.estimate.pool.0, spec.gpus));
+                // Every start fits in what the site last said it can use now.
+                let pool = st.estimate.pool.0;
+                let held: u32 = model.values().filter(|&&(_, p, _)| p == pool).map(|&(_, _, g)| g).sum();
+                assert!(
+                    held <= usable[pool as usize],
+                    "start on pool {pool} holds {held} of the {} its site reported usable",
+                    usable[pool as usize]
+                );
             }
             Decision::Stop { job, attempt, .. } | Decision::Requeue { job, attempt, .. } => {
                 let (running, _, _) = model.remove(job).expect("stop or requeue of a job not running");
@@ -146,6 +161,7 @@ fn run(t: &Arc<Topology>, policy_name: &str, ops: &[Op]) -> Vec<Decision> {
     let mut now = 0u64;
     let mut next_id = 0u64;
     let sites = t.sites.len();
+    let mut usable: Vec<u32> = t.pools.iter().map(|p| p.count).collect();
     for op in ops {
         let result = match op.clone() {
             Op::Submit { gpus, types, estimate_s, origin, budget, needs } => {
@@ -190,6 +206,26 @@ fn run(t: &Arc<Topology>, policy_name: &str, ops: &[Op]) -> Vec<Decision> {
             }
             Op::SiteDown(k) => s.handle(now, Event::SiteDown(SiteId((k % sites) as u32))),
             Op::SiteUp(k) => s.handle(now, Event::SiteUp(SiteId((k % sites) as u32))),
+            Op::Capacity(k, n) => {
+                let pool = k % t.pools.len();
+                usable[pool] = n.min(t.pools[pool].count);
+                s.handle(now, Event::PoolCapacity { pool: PoolId(pool as u32), usable: n })
+            }
+            Op::Withdraw(k) => match model.keys().nth(k % model.len().max(1)).copied() {
+                Some(job) => {
+                    let attempt = model[&job].0;
+                    let decisions = s.handle(now, Event::Withdraw { job, attempt });
+                    // Withdrawn: queued again, never given up (no loss counted).
+                    if let Ok(d) = &decisions {
+                        assert!(
+                            d.iter().any(|d| matches!(d, Decision::Requeue { job: j, .. } if *j == job)),
+                            "a withdrawn attempt's job is queued again: {d:?}"
+                        );
+                    }
+                    decisions
+                }
+                None => continue,
+            },
             Op::SiteFeatures(k, mask) => s.handle(
                 now,
                 Event::SiteFeatures {
@@ -214,7 +250,7 @@ fn run(t: &Arc<Topology>, policy_name: &str, ops: &[Op]) -> Vec<Decision> {
             Err(CoreError::InvalidJob(_)) => Vec::new(),
             Err(e) => panic!("unexpected error {e}"),
         };
-        check_decisions(t, &s, &mut model, &specs, &decisions);
+        check_decisions(t, &s, &usable, &mut model, &specs, &decisions);
         log.extend(decisions);
         // A finish reported twice is stale and ignored.
         if let Op::Finish(_) = op

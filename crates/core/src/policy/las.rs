@@ -106,7 +106,7 @@ impl Las {
         let best_pool = candidates
             .iter()
             .copied()
-            .filter(|&pool| pass.free(pool) + self.preemptible(pool, job_level) >= gpus)
+            .filter(|&pool| pass.free_after_releasing(pool, self.preemptible(pool, job_level)) >= gpus)
             // Fewest accelerators to take; the nearest pool among equals.
             .min_by_key(|&pool| gpus.saturating_sub(pass.free(pool)))?;
         let mut victims: Vec<(usize, u64, JobId, u32)> = pass
@@ -118,15 +118,16 @@ impl Las {
             .collect();
         // Lowest priority first: highest queue, then most attained.
         victims.sort_by_key(|&(level, attained, job, _)| std::cmp::Reverse((level, attained, job)));
-        let mut free = pass.free(best_pool);
+        let mut released = 0;
         let mut chosen = Vec::new();
         for (_, _, victim, g) in victims {
-            if free >= gpus {
+            if pass.free_after_releasing(best_pool, released) >= gpus {
                 break;
             }
-            free += g;
+            released += g;
             chosen.push(victim);
         }
+        let free = pass.free_after_releasing(best_pool, released);
         debug_assert!(free >= gpus, "preemptible count out of step with running jobs");
         Some((best_pool, chosen))
     }

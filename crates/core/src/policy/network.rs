@@ -127,12 +127,12 @@ impl Network {
             return None;
         }
         if !self.curve_valid[i] {
-            let mut free = pass.free(pool);
+            let mut released = 0;
             let curve = &mut self.curves[i];
             curve.clear();
             curve.extend(pass.running_on(pool).map(|(end, _, g)| {
-                free += g;
-                (end, free)
+                released += g;
+                (end, pass.free_after_releasing(pool, released))
             }));
             self.curve_valid[i] = true;
         }
