@@ -227,7 +227,7 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
             capabilities = capabilities_of(&shared.isolation);
         }
         let running: Vec<AttemptRef> = shared.running.lock().expect("running lock").keys().copied().collect();
-        let request = LeaseRequest { wait_s: config.poll_wait_s, running, capabilities: capabilities.clone() };
+        let request = LeaseRequest { wait_s: config.poll_wait_s, running, capabilities: capabilities.clone(), max: 1 };
         match client.post::<_, LeaseResponse>("/v1/agent/lease", &request) {
             Ok(response) => {
                 backoff = Duration::from_millis(200);
@@ -309,6 +309,7 @@ fn report_leftovers(shared: &Shared) {
                         end: AttemptEnd::Infrastructure,
                         exit_code: 137,
                         wall_s: 1,
+                        gpus: None,
                         message: Some("the agent restarted and killed what was left of it".into()),
                     };
                     let answer = retry(Duration::from_secs(10), || {
@@ -405,7 +406,7 @@ fn run_attempt(shared: &Shared, lease: &Lease, control: &Control) -> Result<(), 
     let name = format!("job-{}-{}", lease.job, lease.attempt);
     let dir = shared.jobs_dir.join(&name);
     let finish = |end: AttemptEnd, exit_code: i32, wall_s: u64, message: Option<String>| -> Result<(), AgentError> {
-        let report = FinishRequest { end, exit_code, wall_s, message };
+        let report = FinishRequest { end, exit_code, wall_s, gpus: None, message };
         let send = || {
             retry(Duration::from_secs(600), || {
                 client.post_with::<_, serde::de::IgnoredAny>(&format!("{base}/finish"), &secret, &report)
@@ -575,7 +576,7 @@ fn run_prepared(
         let _ = client.post_with::<_, serde::de::IgnoredAny>(
             &format!("{base}/finish"),
             &secret,
-            &FinishRequest { end: AttemptEnd::Infrastructure, exit_code, wall_s, message: None },
+            &FinishRequest { end: AttemptEnd::Infrastructure, exit_code, wall_s, gpus: None, message: None },
         );
         return Ok(());
     }

@@ -292,12 +292,29 @@ pub struct LeaseRequest {
     pub running: Vec<AttemptRef>,
     #[serde(default)]
     pub capabilities: Capabilities,
+    /// Most attempts to take in this answer (default 1): a site whose
+    /// backend queues work itself (Slurm) takes many at once.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[schema(minimum = 1, maximum = 64)]
+    pub max: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct LeaseResponse {
+    /// The attempt taken, when `max` was 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<Lease>,
+    /// The attempts taken, when `max` was more than 1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<Lease>,
     /// Attempts among `running` that must be killed now (cancelled,
     /// preempted, or no longer current).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -335,6 +352,10 @@ pub enum AttemptEnd {
     /// The site could not run it (sandbox set-up failed, agent shutting
     /// down, provider-side kill): not the job's fault, never billed.
     Infrastructure,
+    /// The site's cluster manager refused the request as more than its
+    /// nodes can ever give (memory, CPUs): the job's own request, so it
+    /// fails, but nothing ran, so nothing is billed.
+    Unfit,
 }
 
 impl AttemptEnd {
@@ -354,6 +375,10 @@ pub struct FinishRequest {
     pub exit_code: i32,
     /// Seconds the attempt ran.
     pub wall_s: u64,
+    /// Accelerators the site's cluster manager allocated (billed, never
+    /// more than the job asked for); the job's count when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
     /// Details for the job's events (at most 1,000 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -371,15 +396,71 @@ pub struct Site {
     /// When its agent was last heard from (unix seconds), if ever since the server started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<i64>,
+    /// The backend its agent runs jobs on (`local`, `slurm`), once it reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// Why its agent says it cannot take work now (e.g. its cluster's
+    /// controller does not answer); none while healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    /// When its agent last reported the site's capacity (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_at: Option<i64>,
     pub pools: Vec<SitePool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SitePool {
     pub accelerator: String,
+    /// Registered accelerators.
     pub count: u32,
+    /// Usable now, as the agent last reported (the registered count until it reports).
+    pub usable: u32,
     pub free: u32,
     pub price_fen_per_hour: i64,
+    /// Of the registered count, as last reported: on drained, down or reserved nodes.
+    #[serde(default)]
+    pub drained: u32,
+    #[serde(default)]
+    pub down: u32,
+    #[serde(default)]
+    pub reserved: u32,
+}
+
+/// What a site's agent reports of its site, periodically and whenever it changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SiteReport {
+    /// The backend it runs jobs on (`local`, `slurm`).
+    #[schema(max_length = 32)]
+    pub backend: String,
+    /// Why the site cannot take work now (its cluster's controller does
+    /// not answer, ...): queued work moves elsewhere. None while healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 1000)]
+    pub problem: Option<String>,
+    /// Capacity by accelerator type, as the cluster reports it.
+    #[serde(default)]
+    #[schema(max_items = 64)]
+    pub pools: Vec<PoolReport>,
+}
+
+/// One accelerator type of a site, as its cluster reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolReport {
+    /// The network's name of the type (`A100`, `Ascend910B`).
+    pub accelerator: String,
+    /// On every node the cluster has.
+    pub total: u32,
+    /// On nodes that can take work now.
+    pub usable: u32,
+    #[serde(default)]
+    pub drained: u32,
+    #[serde(default)]
+    pub down: u32,
+    #[serde(default)]
+    pub reserved: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

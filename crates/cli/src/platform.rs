@@ -360,7 +360,7 @@ pub enum ClientCommand {
     Cancel { id: u64 },
     /// Why a job is waiting: every site, filtered with a reason or scored.
     Why { id: u64 },
-    /// Sites: level, agent, backend capabilities, free and total accelerators.
+    /// Sites: level, agent state, backend, capabilities, capacity reported and when, free and usable accelerators.
     Sites,
     /// Wallet and voucher balances.
     Vouchers {
@@ -615,7 +615,20 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
                         let pools = s
                             .pools
                             .iter()
-                            .map(|p| format!("{}/{} {}", p.free, p.count, p.accelerator))
+                            .map(|p| {
+                                // free/usable TYPE, and what of the registered count is out.
+                                let mut out = Vec::new();
+                                if p.usable != p.count {
+                                    out.push(format!("of {}", p.count));
+                                }
+                                for (n, what) in [(p.drained, "drained"), (p.down, "down"), (p.reserved, "reserved")] {
+                                    if n > 0 {
+                                        out.push(format!("{n} {what}"));
+                                    }
+                                }
+                                let out = if out.is_empty() { String::new() } else { format!(" ({})", out.join("; ")) };
+                                format!("{}/{} {}{out}", p.free, p.usable, p.accelerator)
+                            })
                             .collect::<Vec<_>>()
                             .join(", ");
                         let mut caps = Vec::new();
@@ -641,14 +654,23 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
                             s.id.clone(),
                             s.level.clone(),
                             s.city.clone(),
-                            if s.up { "up".into() } else { "down".into() },
+                            match (s.up, &s.problem) {
+                                (false, _) => "down".into(),
+                                (true, None) => "up".into(),
+                                (true, Some(problem)) => format!("unhealthy: {problem}"),
+                            },
                             s.last_seen.map_or("-".into(), when),
+                            s.backend.clone().unwrap_or_else(|| "-".into()),
                             if caps.is_empty() { "-".into() } else { caps.join(",") },
+                            s.reported_at.map_or("-".into(), when),
                             pools,
                         ]
                     })
                     .collect();
-                table::render(&["site", "level", "city", "agent", "last heard", "runs", "free/total"], &rows)
+                table::render(
+                    &["site", "level", "city", "agent", "last heard", "backend", "runs", "capacity reported", "free/usable"],
+                    &rows,
+                )
             })
         }
         ClientCommand::Vouchers { org } => {

@@ -138,6 +138,7 @@ impl<S: Send + Sync> FromRequestParts<S> for AttemptSecret {
         list_tokens,
         revoke_token,
         lease,
+        site_report,
         attempt_start,
         attempt_heartbeat,
         attempt_logs,
@@ -162,6 +163,8 @@ impl<S: Send + Sync> FromRequestParts<S> for AttemptSecret {
         api::LogAck,
         api::AttemptEnd,
         api::FinishRequest,
+        api::SiteReport,
+        api::PoolReport,
         api::TokenInfo,
         api::OrgKind,
         api::Role,
@@ -259,6 +262,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vouchers", get(vouchers))
         .route("/v1/bill", get(bill))
         .route("/v1/agent/lease", post(lease))
+        .route("/v1/agent/report", post(site_report))
         .route("/v1/agent/attempts/{job}/{attempt}/start", post(attempt_start))
         .route("/v1/agent/attempts/{job}/{attempt}/heartbeat", post(attempt_heartbeat))
         .route("/v1/agent/attempts/{job}/{attempt}/logs", post(attempt_logs))
@@ -640,16 +644,27 @@ async fn sites(State(state): State<AppState>, Auth(_who): Auth) -> Result<Json<V
                 up: status.up[i],
                 capabilities: status.caps[i].clone(),
                 last_seen: status.seen[i],
+                backend: status.reports[i].as_ref().map(|r| r.backend.clone()),
+                problem: status.reports[i].as_ref().and_then(|r| r.problem.clone()),
+                reported_at: status.reports[i].as_ref().map(|r| r.at),
                 pools: site
                     .pools
                     .iter()
                     .map(|&p| {
                         let pool = t.pool(p);
+                        let reported = status.reports[i].as_ref().map(|r| r.pools.get(&p));
                         api::SitePool {
                             accelerator: t.accelerator(pool.accel).name.clone(),
                             count: pool.count,
+                            usable: match reported {
+                                None => pool.count,
+                                Some(r) => r.map_or(0, |r| r.usable.min(pool.count)),
+                            },
                             free: status.free[&p.0],
                             price_fen_per_hour: pool.price_fen_per_hour,
+                            drained: reported.flatten().map_or(0, |r| r.drained),
+                            down: reported.flatten().map_or(0, |r| r.down),
+                            reserved: reported.flatten().map_or(0, |r| r.reserved),
                         }
                     })
                     .collect(),
@@ -892,6 +907,10 @@ async fn lease(
     if req.wait_s > 60 {
         return Err(Error::invalid("wait_s", format!("must be at most 60, got {}", req.wait_s)));
     }
+    if !(1..=64).contains(&req.max) {
+        return Err(Error::invalid("max", format!("must be between 1 and 64, got {}", req.max)));
+    }
+    let max = req.max;
     // Never longer than half the site timeout: the poll is how an idle
     // site's agent says it is alive.
     let wait_s = req.wait_s.min((state.timings.site_timeout_s.max(2) / 2) as u64);
@@ -903,18 +922,31 @@ async fn lease(
         let notified = state.world.work_ready.notified();
         let r = running.clone();
         let c = caps.clone();
-        let (lease, stop) = state
+        let (mut leases, stop) = state
             .world
             .call(move |s, b| {
                 let stop = s.stops(b, site, &r)?;
-                Ok((s.lease(b, site, &c)?, stop))
+                Ok((s.lease(b, site, &c, max)?, stop))
             })
             .await?;
-        if lease.is_some() || !stop.is_empty() || tokio::time::Instant::now() >= deadline {
-            return Ok(Json(api::LeaseResponse { lease, stop }));
+        if !leases.is_empty() || !stop.is_empty() || tokio::time::Instant::now() >= deadline {
+            let lease = if max == 1 { leases.pop() } else { None };
+            return Ok(Json(api::LeaseResponse { lease, leases, stop }));
         }
         let _ = tokio::time::timeout_at(deadline, notified).await;
     }
+}
+
+#[utoipa::path(post, path = "/v1/agent/report", request_body = api::SiteReport, responses((status = 200, body = Object), (status = 400, body = api::ApiError), (status = 401, body = api::ApiError), (status = 403, body = api::ApiError), (status = 413, body = api::ApiError), (status = 415, body = api::ApiError)), security(("bearer" = [])))]
+async fn site_report(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    ApiJson(report): ApiJson<api::SiteReport>,
+) -> Result<Json<serde_json::Value>> {
+    let site = provider_site(&who, &state.topology)?;
+    crate::validate::site_report(&report)?;
+    state.world.call(move |s, b| s.report(b, site, &report)).await?;
+    Ok(Json(serde_json::json!({"ok": true})))
 }
 
 fn attempt_path(job: &str, attempt: &str) -> Result<(u64, u32)> {

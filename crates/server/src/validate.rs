@@ -155,6 +155,23 @@ pub fn capabilities(caps: &suanwang_api::Capabilities) -> Result<()> {
     Ok(())
 }
 
+/// A site report's own limits (the pools' names are checked against the site).
+pub fn site_report(report: &suanwang_api::SiteReport) -> Result<()> {
+    if report.backend.is_empty()
+        || report.backend.len() > 32
+        || !report.backend.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+    {
+        return Err(Error::invalid("backend", "1 to 32 characters of a-z, 0-9 and '-'"));
+    }
+    if report.problem.as_ref().is_some_and(|p| p.len() > 1000 || p.is_empty()) {
+        return Err(Error::invalid("problem", "1 to 1000 bytes when given"));
+    }
+    if report.pools.len() > 64 {
+        return Err(Error::invalid("pools", format!("at most 64, got {}", report.pools.len())));
+    }
+    Ok(())
+}
+
 /// Every limit of a job request that does not need the network.
 pub fn job_request(req: &JobRequest) -> Result<()> {
     display_name("name", &req.name)?;

@@ -20,6 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{OptionalExtension, params};
 use suanwang_api::{
     AttemptEnd, AttemptRef, Capabilities, FinishRequest, Job, JobEvent, JobRequest, JobState, Lease, LogAck,
+    PoolReport, SiteReport,
 };
 use suanwang_core::job::{DatasetRef, Feature, JobId, JobSpec, OrgId, OrgKind, Weights};
 use suanwang_core::scheduler::{Decision, Event, GiveUpReason, Scheduler, StopReason};
@@ -217,6 +218,8 @@ pub struct State {
     site_seen: HashMap<SiteId, i64>,
     /// What each site's agent said it can run.
     site_caps: HashMap<SiteId, Capabilities>,
+    /// What each site's agent last reported of its capacity and health.
+    site_reports: HashMap<SiteId, ReportedSite>,
 
     last_now: i64,
     /// Work was assigned or an attempt must stop in this group: wake the
@@ -293,6 +296,7 @@ pub fn start(
         timings,
         site_seen: HashMap::new(),
         site_caps: HashMap::new(),
+        site_reports: HashMap::new(),
         last_now: now,
         wake_agents: false,
         active_jobs: HashMap::new(),
@@ -865,11 +869,22 @@ impl State {
         Ok(stop)
     }
 
-    /// Gives the oldest assigned attempt of the site to its agent, with a
-    /// fresh secret for that attempt alone.
-    pub fn lease(&mut self, b: &mut Batch<'_>, site: SiteId, caps: &Capabilities) -> Result<Option<Lease>> {
+    /// Gives up to `max` of the site's assigned attempts, oldest first, to
+    /// its agent, each with a fresh secret for that attempt alone.
+    pub fn lease(&mut self, b: &mut Batch<'_>, site: SiteId, caps: &Capabilities, max: u32) -> Result<Vec<Lease>> {
         self.seen(b, site)?;
         self.update_capabilities(b, site, caps)?;
+        let mut leases = Vec::new();
+        while (leases.len() as u32) < max.max(1) {
+            match self.lease_one(b, site)? {
+                Some(lease) => leases.push(lease),
+                None => break,
+            }
+        }
+        Ok(leases)
+    }
+
+    fn lease_one(&mut self, b: &mut Batch<'_>, site: SiteId) -> Result<Option<Lease>> {
         let key = self.topology.site(site).key.clone();
         let next: Option<(i64, u32)> = b
             .sql()
@@ -913,6 +928,77 @@ impl State {
             lease_s: self.timings.lease_s as u64,
             log_quota_bytes: self.timings.log_quota_bytes.saturating_sub(logged.max(0) as u64),
         }))
+    }
+
+    /// A site's agent reports its backend, health and capacity. Each pool
+    /// is planned on with what is usable now; a site with a problem offers
+    /// nothing, and the attempts assigned to it that its agent has not
+    /// taken are withdrawn and placed again (running ones carry on until
+    /// their agent reports them or their leases expire).
+    pub fn report(&mut self, b: &mut Batch<'_>, site: SiteId, report: &SiteReport) -> Result<()> {
+        let t = self.topology.clone();
+        let spec = t.site(site);
+        let mut usable = BTreeMap::new();
+        let mut pools = BTreeMap::new();
+        for (i, p) in report.pools.iter().enumerate() {
+            let Some(&pool) = spec.pools.iter().find(|&&pool| t.accelerator(t.pool(pool).accel).name == p.accelerator)
+            else {
+                let known: Vec<&str> =
+                    spec.pools.iter().map(|&pool| t.accelerator(t.pool(pool).accel).name.as_str()).collect();
+                return Err(Error::invalid(
+                    &format!("pools[{i}].accelerator"),
+                    format!("site {} has no pool of '{}' (it has: {})", spec.key, p.accelerator, known.join(", ")),
+                ));
+            };
+            if p.usable > p.total {
+                return Err(Error::invalid(
+                    &format!("pools[{i}].usable"),
+                    format!("{} usable of {} in all", p.usable, p.total),
+                ));
+            }
+            if pools.insert(pool, p.clone()).is_some() {
+                return Err(Error::invalid(&format!("pools[{i}].accelerator"), format!("'{}' twice", p.accelerator)));
+            }
+            usable.insert(pool, p.usable);
+        }
+        self.seen(b, site)?;
+        let healthy = report.problem.is_none();
+        let core_now = Self::core_now(b);
+        for &pool in &spec.pools {
+            let n = if healthy { usable.get(&pool).copied().unwrap_or(0) } else { 0 };
+            let decisions =
+                self.scheduler.apply(core_now, Event::PoolCapacity { pool, usable: n }).map_err(Error::internal)?;
+            self.apply(b, decisions)?;
+        }
+        let was_healthy = self.site_reports.get(&site).is_none_or(|r| r.problem.is_none());
+        if !healthy {
+            let assigned: Vec<(i64, u32)> = {
+                let mut stmt = b.sql().prepare_cached(
+                    "SELECT job, attempt FROM attempts WHERE site = ?1 AND state = 'assigned' ORDER BY job, attempt",
+                )?;
+                stmt.query_map([&spec.key], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<std::result::Result<_, _>>()?
+            };
+            for (job, attempt) in assigned {
+                end_attempt_row(b, job as u64, attempt, "withdrawn", "withdrawn")?;
+                voucher::release_in(b, &billing_key(job as u64, attempt))?;
+                let decisions = self
+                    .scheduler
+                    .apply(core_now, Event::Withdraw { job: JobId(job as u64), attempt })
+                    .map_err(Error::internal)?;
+                self.apply(b, decisions)?;
+            }
+        }
+        if healthy != was_healthy {
+            // Work may move to or from the site: let the agents know.
+            self.wake_agents = true;
+        }
+        let problem = report.problem.as_ref().map(|p| p.chars().filter(|c| !c.is_control()).take(1000).collect());
+        self.site_reports.insert(
+            site,
+            ReportedSite { backend: report.backend.clone(), problem, at: b.now(), pools: pools.into_iter().collect() },
+        );
+        Ok(())
     }
 
     /// The state of an attempt reported on by `site`'s agent holding
@@ -1121,6 +1207,7 @@ impl State {
         let seen_s = (b.now() - leased_at.unwrap_or(b.now())).max(0) as u64 + 1;
         let wall_s = report.wall_s.clamp(1, seen_s);
         let cause = match report.end {
+            AttemptEnd::Unfit => "unfit",
             AttemptEnd::Exited if report.exit_code == 0 => "succeeded",
             AttemptEnd::Exited => "failed",
             AttemptEnd::TimeLimit => "time_limit",
@@ -1140,7 +1227,9 @@ impl State {
                 b.now()
             ],
         )?;
-        let gpus: u32 = load_job(b.sql(), job)?.ok_or_else(|| Error::internal("unknown job"))?.request.gpus;
+        // What the site's cluster manager allocated, never more than asked.
+        let asked: u32 = load_job(b.sql(), job)?.ok_or_else(|| Error::internal("unknown job"))?.request.gpus;
+        let gpus = report.gpus.map_or(asked, |g| g.min(asked));
         let core_now = Self::core_now(b);
         let mut detail = format!("attempt {attempt} {}", describe_cause(cause, Some(report.exit_code)));
         if let Some(message) = &report.message {
@@ -1163,7 +1252,7 @@ impl State {
             return self.apply(b, decisions);
         }
         event(b, job, "attempt_failed", &detail)?;
-        let event = if report.end.is_job_fault() {
+        let event = if report.end.is_job_fault() || report.end == AttemptEnd::Unfit {
             Event::Failed { job: JobId(job), attempt }
         } else {
             Event::Lost { job: JobId(job), attempt }
@@ -1289,6 +1378,7 @@ impl State {
             caps: (0..sites).map(|s| self.site_caps.get(&SiteId(s)).cloned().unwrap_or_default()).collect(),
             seen: (0..sites).map(|s| self.site_seen.get(&SiteId(s)).copied()).collect(),
             free: (0..self.topology.pools.len() as u32).map(|p| (p, self.scheduler.free(PoolId(p)))).collect(),
+            reports: (0..sites).map(|s| self.site_reports.get(&SiteId(s)).cloned()).collect(),
         }
     }
 }
@@ -1360,6 +1450,16 @@ pub struct SiteStatus {
     pub caps: Vec<Capabilities>,
     pub seen: Vec<Option<i64>>,
     pub free: BTreeMap<u32, u32>,
+    pub reports: Vec<Option<ReportedSite>>,
+}
+
+/// What a site's agent last reported.
+#[derive(Debug, Clone)]
+pub struct ReportedSite {
+    pub backend: String,
+    pub problem: Option<String>,
+    pub at: i64,
+    pub pools: BTreeMap<PoolId, PoolReport>,
 }
 
 /// Attempts of a job that failed by its own fault.
@@ -1391,6 +1491,8 @@ pub fn describe_cause(cause: &str, exit_code: Option<i32>) -> String {
         "site_down" => "was lost (its site went down)".into(),
         "infrastructure" => "could not run because of a site fault (not billed)".into(),
         "refused" => "was refused by billing".into(),
+        "unfit" => "was refused by the site's cluster as more than its nodes can give (not billed)".into(),
+        "withdrawn" => "was withdrawn before it began (its site could not take it)".into(),
         other => other.to_string(),
     }
 }
