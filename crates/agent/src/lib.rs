@@ -10,7 +10,9 @@
 //! - [`container`]: jobs given as images, under podman with runc;
 //! - [`logs`]: output spooled to disk and shipped in bounded chunks;
 //! - [`slurm`]: a Slurm cluster through its tools (submit, read, cancel,
-//!   capacity), the ground of a `slurm` backend still to come.
+//!   capacity, accounting);
+//! - [`slurm_site`]: the `slurm` backend: a site whose attempts are Slurm
+//!   batch jobs, tracked, billed by Slurm's numbers, adopted after a restart.
 //!
 //! Safety rules the agent keeps:
 //!
@@ -31,6 +33,7 @@ pub mod container;
 pub mod logs;
 pub mod sandbox;
 pub mod slurm;
+pub mod slurm_site;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -42,6 +45,7 @@ use std::time::{Duration, Instant, SystemTime};
 use suanwang_api::client::{Client, ClientError};
 use suanwang_api::{
     AttemptEnd, AttemptRef, Capabilities, FinishRequest, HeartbeatResponse, Lease, LeaseRequest, LeaseResponse,
+    SiteReport,
 };
 
 use crate::logs::{Shipped, Shipper, Spool};
@@ -109,6 +113,8 @@ pub struct AgentConfig {
     pub retention_s: u64,
     /// Whether to run jobs given as container images.
     pub containers: sandbox::Containers,
+    /// Run the site's jobs on a Slurm cluster instead of local processes.
+    pub slurm: Option<slurm_site::SlurmSite>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +156,9 @@ fn private_dir(path: &Path, mode: u32) -> std::io::Result<()> {
 
 /// Runs the agent until the process is stopped or its token is refused.
 pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
+    if let Some(slurm) = config.slurm.clone() {
+        return slurm_site::run(config, slurm);
+    }
     if config.unsandboxed && config.containers == sandbox::Containers::Required {
         return Err(AgentError::Config(
             "--containers yes needs the sandbox (it cannot be used with --unsandboxed)".into(),
@@ -163,6 +172,17 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     // Jobs may enter their own directory under jobs/ but list nothing.
     private_dir(&jobs_dir, 0o711)?;
     private_dir(&spool_dir, 0o700)?;
+    // A Slurm agent's attempts live on in its cluster: a local agent here
+    // would report them lost and the network would run them twice.
+    if std::fs::read_dir(&spool_dir)?.flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().to_string();
+        name.starts_with("slurm-") && name.ends_with(".json")
+    }) {
+        return Err(AgentError::Config(format!(
+            "{} holds attempts of a Slurm agent: run that agent again (--backend slurm), or give this one another --workdir",
+            config.workdir.display()
+        )));
+    }
     let isolation = if config.unsandboxed {
         eprintln!(
             "agent {}: WARNING: running jobs UNSANDBOXED (--unsandboxed): they run as this agent's user",
@@ -207,7 +227,17 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     report_leftovers(&shared);
     let mut backoff = Duration::from_millis(200);
     let mut last_sweep = Instant::now() - Duration::from_secs(3600);
+    let mut last_report: Option<Instant> = None;
     loop {
+        // Which backend runs the site (the server forgets it on a restart,
+        // so it is said again now and then). A local site's capacity is
+        // what the network registered.
+        if last_report.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+            let report = SiteReport { backend: "local".into(), problem: None, pools: Vec::new() };
+            if client.post::<_, serde::de::IgnoredAny>("/v1/agent/report", &report).is_ok() {
+                last_report = Some(Instant::now());
+            }
+        }
         if config.token.modified() != token_seen {
             token_seen = config.token.modified();
             if config.token.refresh(&client) {

@@ -78,6 +78,16 @@ pub struct UpArgs {
     /// only for machines where bubblewrap or cgroups are missing.
     #[arg(long)]
     pub unsandboxed: bool,
+    /// A site of the network whose jobs run on a Slurm cluster:
+    /// SITE=SLURM_CONF (repeatable); its agent runs with --backend slurm.
+    #[arg(long = "slurm-site", value_name = "SITE=SLURM_CONF")]
+    pub slurm_sites: Vec<String>,
+    /// The Slurm sites' GRES types: TYPE=GRES,... (as the agent's --gres-map).
+    #[arg(long, value_name = "TYPE=GRES,...")]
+    pub slurm_gres_map: Option<String>,
+    /// The Slurm partition the Slurm sites submit to.
+    #[arg(long)]
+    pub slurm_partition: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -95,9 +105,30 @@ pub struct AgentArgs {
     /// visible to other users of the machine).
     #[arg(long = "agent-token", env = "SUANWANG_AGENT_TOKEN", hide_env_values = true)]
     pub agent_token: Option<String>,
-    /// Where jobs run: `local` (processes on this machine).
-    #[arg(long, default_value = "local")]
-    pub backend: String,
+    /// Where jobs run: `local` (processes on this machine) or `slurm`
+    /// (batch jobs on the Slurm cluster of --slurm-conf).
+    #[arg(long, value_enum, default_value_t = BackendArg::Local)]
+    pub backend: BackendArg,
+    /// The Slurm cluster's configuration file (with --backend slurm).
+    #[arg(long, value_name = "SLURM_CONF", required_if_eq("backend", "slurm"))]
+    pub slurm_conf: Option<PathBuf>,
+    /// The Slurm partition to submit to (default: the cluster's default).
+    #[arg(long, requires = "slurm_conf")]
+    pub partition: Option<String>,
+    /// The Slurm account to submit under.
+    #[arg(long, requires = "slurm_conf")]
+    pub account: Option<String>,
+    /// The cluster's GRES type for each of the site's accelerator types:
+    /// TYPE=GRES,... (e.g. A100=a100,Ascend910B=910b); types not named map
+    /// to their lowercase name.
+    #[arg(long, value_name = "TYPE=GRES,...", requires = "slurm_conf")]
+    pub gres_map: Option<String>,
+    /// Seconds between reports of the cluster's capacity.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub report_s: u64,
+    /// Most `sbatch` run at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub slurm_submitters: u64,
     #[arg(long, default_value = "suanwang-work")]
     pub workdir: PathBuf,
     /// Run jobs WITHOUT the sandbox: as this agent's user, in its own
@@ -124,6 +155,33 @@ pub struct AgentArgs {
     /// to start without it) or `no`.
     #[arg(long, value_enum, default_value_t = ContainersArg::Auto)]
     pub containers: ContainersArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    Local,
+    Slurm,
+}
+
+/// `TYPE=GRES,...` as a map; a GRES may be given as `gpu:NAME` or `NAME`.
+pub fn parse_gres_map(text: &str) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut map = std::collections::BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((t, g)) = item.split_once('=') else {
+            bail!("--gres-map: '{item}' is not TYPE=GRES (e.g. A100=a100)");
+        };
+        let g = g.trim().strip_prefix("gpu:").unwrap_or(g.trim());
+        if t.trim().is_empty()
+            || g.is_empty()
+            || !g.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            bail!("--gres-map: '{item}': the type and the GRES name must be non-empty, the GRES letters, digits, '_', '-' or '.'");
+        }
+        if map.insert(t.trim().to_string(), g.to_string()).is_some() {
+            bail!("--gres-map: type '{}' is named twice", t.trim());
+        }
+    }
+    Ok(map)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -802,11 +860,16 @@ struct Supervisor {
     url: String,
     workdir: PathBuf,
     unsandboxed: bool,
+    /// How the Slurm sites' agents submit: GRES map and partition.
+    slurm_gres_map: Option<String>,
+    slurm_partition: Option<String>,
     agents: Vec<Agent>,
 }
 
 struct Agent {
     site: String,
+    /// The Slurm cluster of a Slurm site.
+    slurm_conf: Option<PathBuf>,
     token_file: PathBuf,
     child: Option<std::process::Child>,
     restarts: u32,
@@ -819,14 +882,28 @@ impl Supervisor {
     fn spawn(&self, agent: &Agent) -> anyhow::Result<std::process::Child> {
         let mut command = std::process::Command::new(&self.exe);
         command
-            .args(["agent", "--server", &self.url, "--site", &agent.site, "--backend", "local", "--token-file"])
+            .args(["agent", "--server", &self.url, "--site", &agent.site, "--token-file"])
             .arg(&agent.token_file)
             .arg("--workdir")
             .arg(self.workdir.join(&agent.site))
             .env_remove("SUANWANG_TOKEN")
             .stdin(std::process::Stdio::null());
-        if self.unsandboxed {
-            command.arg("--unsandboxed");
+        match &agent.slurm_conf {
+            Some(conf) => {
+                command.args(["--backend", "slurm", "--slurm-conf"]).arg(conf);
+                if let Some(map) = &self.slurm_gres_map {
+                    command.args(["--gres-map", map]);
+                }
+                if let Some(p) = &self.slurm_partition {
+                    command.args(["--partition", p]);
+                }
+            }
+            None => {
+                command.args(["--backend", "local"]);
+                if self.unsandboxed {
+                    command.arg("--unsandboxed");
+                }
+            }
         }
         command.spawn().with_context(|| format!("starting the agent of {}", agent.site))
     }
@@ -937,6 +1014,23 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     let topology = suanwang_topology::load(&args.serve.topology)?;
+    let mut slurm_sites = std::collections::BTreeMap::new();
+    for spec in &args.slurm_sites {
+        let Some((site, conf)) = spec.split_once('=') else {
+            bail!("--slurm-site: '{spec}' is not SITE=SLURM_CONF");
+        };
+        if !topology.sites.iter().any(|s| s.key == site) {
+            let known: Vec<&str> = topology.sites.iter().map(|s| s.key.as_str()).collect();
+            bail!("--slurm-site: the network has no site '{site}' (its sites: {})", known.join(", "));
+        }
+        let conf = std::fs::canonicalize(conf).with_context(|| format!("--slurm-site {site}: {conf}"))?;
+        if slurm_sites.insert(site.to_string(), conf).is_some() {
+            bail!("--slurm-site: site '{site}' is named twice");
+        }
+    }
+    if let Some(map) = &args.slurm_gres_map {
+        parse_gres_map(map)?;
+    }
     if !args.unsandboxed {
         // Refuse early, with the reason, rather than have every agent refuse.
         let scratch = args.workdir.join(".up-check");
@@ -1017,6 +1111,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         stored_token(db, &file, &Role::Provider { site: site.key.clone() }, "suanwang up")?;
         agents.push(Agent {
             site: site.key.clone(),
+            slurm_conf: slurm_sites.get(&site.key).cloned(),
             token_file: file,
             child: None,
             restarts: 0,
@@ -1044,14 +1139,17 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             url: url.clone(),
             workdir: args.workdir.clone(),
             unsandboxed: args.unsandboxed,
+            slurm_gres_map: args.slurm_gres_map.clone(),
+            slurm_partition: args.slurm_partition.clone(),
             agents,
         };
         supervisor.check();
         println!(
-            "suanwang is up at {url}: server, database {}, {} local agents (one per site of {}{}).",
+            "suanwang is up at {url}: server, database {}, {} agents (one per site of {}; {} on Slurm{}).",
             db.display(),
             supervisor.agents.len(),
             topology.name,
+            slurm_sites.len(),
             if args.unsandboxed { ", UNSANDBOXED" } else { ", jobs sandboxed" }
         );
         match &operator {
@@ -1081,9 +1179,28 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
 }
 
 pub fn agent(args: AgentArgs, connection: &Connection) -> anyhow::Result<()> {
-    if args.backend != "local" {
-        bail!("--backend: '{}' is not available here (available: local)", args.backend);
-    }
+    let slurm = match args.backend {
+        BackendArg::Local => {
+            if args.slurm_conf.is_some() {
+                bail!("--slurm-conf needs --backend slurm");
+            }
+            None
+        }
+        BackendArg::Slurm => {
+            let conf = args.slurm_conf.clone().ok_or_else(|| anyhow!("--backend slurm needs --slurm-conf FILE"))?;
+            if !conf.is_file() {
+                bail!("--slurm-conf: {} is not a file", conf.display());
+            }
+            Some(suanwang_agent::slurm_site::SlurmSite {
+                conf: std::fs::canonicalize(&conf)?,
+                partition: args.partition.clone(),
+                account: args.account.clone(),
+                gres_map: parse_gres_map(args.gres_map.as_deref().unwrap_or(""))?,
+                report_s: args.report_s,
+                submitters: args.slurm_submitters as usize,
+            })
+        }
+    };
     suanwang_server::validate::identifier("site", &args.site).map_err(|e| anyhow!("--site: {}", e.body.message))?;
     let _ = connection;
     let token = match (&args.token_file, &args.agent_token) {
@@ -1117,6 +1234,7 @@ pub fn agent(args: AgentArgs, connection: &Connection) -> anyhow::Result<()> {
             ContainersArg::Yes => suanwang_agent::sandbox::Containers::Required,
             ContainersArg::No => suanwang_agent::sandbox::Containers::Off,
         },
+        slurm,
     })
     .map_err(|e| anyhow!("agent of {site}: {e}"))?;
     Ok(())

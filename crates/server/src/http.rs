@@ -652,7 +652,7 @@ async fn sites(State(state): State<AppState>, Auth(_who): Auth) -> Result<Json<V
                     .iter()
                     .map(|&p| {
                         let pool = t.pool(p);
-                        let reported = status.reports[i].as_ref().map(|r| r.pools.get(&p));
+                        let reported = status.reports[i].as_ref().filter(|r| !r.pools.is_empty()).map(|r| r.pools.get(&p));
                         api::SitePool {
                             accelerator: t.accelerator(pool.accel).name.clone(),
                             count: pool.count,

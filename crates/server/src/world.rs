@@ -964,7 +964,8 @@ impl State {
         self.seen(b, site)?;
         let healthy = report.problem.is_none();
         let core_now = Self::core_now(b);
-        for &pool in &spec.pools {
+        // A report without pools (a local agent's) says nothing of capacity.
+        for &pool in spec.pools.iter().filter(|_| !healthy || !report.pools.is_empty()) {
             let n = if healthy { usable.get(&pool).copied().unwrap_or(0) } else { 0 };
             let decisions =
                 self.scheduler.apply(core_now, Event::PoolCapacity { pool, usable: n }).map_err(Error::internal)?;
