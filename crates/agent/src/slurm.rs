@@ -102,10 +102,7 @@ pub fn is_active(state: &str) -> bool {
 /// Reasons a pending job never starts without someone changing the
 /// cluster or the request: the request does not fit what the partition allows.
 pub fn is_hopeless_reason(reason: &str) -> bool {
-    matches!(
-        reason,
-        "PartitionConfig" | "PartitionTimeLimit" | "PartitionNodeLimit" | "BadConstraints" | "InvalidQOS"
-    )
+    matches!(reason, "PartitionConfig" | "PartitionTimeLimit" | "PartitionNodeLimit" | "BadConstraints" | "InvalidQOS")
 }
 
 /// How a finished batch script ended.
@@ -338,8 +335,14 @@ impl Cluster {
     /// is complete (slurmdbd learns of the end a moment after the controller).
     pub fn ended_from_accounting(&self, id: u64) -> Result<Option<Ended>, SlurmError> {
         let mut c = self.tool("sacct");
-        c.args(["--noheader", "--parsable2", "--allocations", "--format=JobID,State,ExitCode,ElapsedRaw,AllocTRES", "-j"])
-            .arg(id.to_string());
+        c.args([
+            "--noheader",
+            "--parsable2",
+            "--allocations",
+            "--format=JobID,State,ExitCode,ElapsedRaw,AllocTRES",
+            "-j",
+        ])
+        .arg(id.to_string());
         let text = self.run("sacct", c)?;
         Ok(text.lines().find_map(|l| read_sacct(l, id)))
     }
@@ -523,7 +526,12 @@ fn read_node(line: &str) -> Node {
     }
     Node {
         name: field(line, "NodeName").unwrap_or_default().to_string(),
-        state: field(line, "State").unwrap_or_default().split('+').map(str::to_string).filter(|s| !s.is_empty()).collect(),
+        state: field(line, "State")
+            .unwrap_or_default()
+            .split('+')
+            .map(str::to_string)
+            .filter(|s| !s.is_empty())
+            .collect(),
         gpus,
     }
 }
@@ -565,7 +573,10 @@ mod tests {
         let e = read_scontrol_job("JobId=7 JobState=CANCELLED ExitCode=0:15 RunTime=1-00:00:01").unwrap();
         assert_eq!((e.exit, e.elapsed_s, e.ending()), (Exit::Signal(15), 86_401, Ending::Cancelled));
         assert!(read_scontrol_job("JobId=7 JobState=RUNNING ExitCode=0:0").is_none());
-        assert_eq!(read_scontrol_job("JobId=7 JobState=NODE_FAIL ExitCode=0:0").unwrap().ending(), Ending::Infrastructure);
+        assert_eq!(
+            read_scontrol_job("JobId=7 JobState=NODE_FAIL ExitCode=0:0").unwrap().ending(),
+            Ending::Infrastructure
+        );
         assert_eq!(read_scontrol_job("JobId=7 JobState=TIMEOUT ExitCode=0:0").unwrap().ending(), Ending::TimeLimit);
         let e = read_sacct("12|CANCELLED by 0|0:15|61|billing=2,cpu=2,gres/gpu=2,mem=200M,node=1", 12).unwrap();
         assert_eq!((e.elapsed_s, e.gpus, e.ending(), e.source), (61, 2, Ending::Cancelled, "accounting"));
@@ -576,7 +587,10 @@ mod tests {
     #[test]
     fn queue_lines_keep_a_comment_with_bars_whole() {
         let q = read_queued("  42|PENDING|PartitionConfig|sw-3-1|suanwang a|b|c").unwrap();
-        assert_eq!((q.id, q.state.as_str(), q.reason.as_str(), q.comment.as_str()), (42, "PENDING", "PartitionConfig", "suanwang a|b|c"));
+        assert_eq!(
+            (q.id, q.state.as_str(), q.reason.as_str(), q.comment.as_str()),
+            (42, "PENDING", "PartitionConfig", "suanwang a|b|c")
+        );
         assert!(is_hopeless_reason(&q.reason) && is_active(&q.state));
         assert_eq!(read_duration("05:07"), Some(307));
     }

@@ -195,10 +195,7 @@ pub fn run(config: AgentConfig, slurm: SlurmSite) -> Result<(), AgentError> {
     let spool_dir = workdir.join(".agent");
     crate::private_dir(&jobs_dir, 0o711)?;
     crate::private_dir(&spool_dir, 0o700)?;
-    if std::fs::read_dir(&spool_dir)?
-        .flatten()
-        .any(|e| e.file_name().to_string_lossy().ends_with(".lease"))
-    {
+    if std::fs::read_dir(&spool_dir)?.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".lease")) {
         return Err(AgentError::Config(format!(
             "{} holds attempts of a local agent: give the Slurm agent a work directory of its own",
             workdir.display()
@@ -207,10 +204,7 @@ pub fn run(config: AgentConfig, slurm: SlurmSite) -> Result<(), AgentError> {
     // SAFETY: geteuid has no preconditions.
     let as_root = unsafe { libc::geteuid() } == 0;
     if !as_root {
-        eprintln!(
-            "agent {}: WARNING: not root: Slurm jobs run as this agent's user, not each as its own",
-            config.site
-        );
+        eprintln!("agent {}: WARNING: not root: Slurm jobs run as this agent's user, not each as its own", config.site);
     }
     let client = Client::new(&config.server, &config.token.read()?);
     let cluster = Cluster::new(&slurm.conf);
@@ -373,8 +367,7 @@ fn adopt(site: &Arc<Site>) {
             && let Some(q) = &queue
         {
             // Died between sbatch and the record: find the job by its name.
-            r.slurm_id =
-                q.iter().find(|j| j.name == job_name(key) && j.comment == site.tag).map(|j| j.id);
+            r.slurm_id = q.iter().find(|j| j.name == job_name(key) && j.comment == site.tag).map(|j| j.id);
         }
         match r.slurm_id {
             Some(id) => {
@@ -525,7 +518,16 @@ fn submit(site: &Arc<Site>, key: AttemptRef) {
         }
     };
     if stopped {
-        finish_now(site, key, &lease, AttemptEnd::Infrastructure, 137, 0, None, Some("stopped before Slurm took it".into()));
+        finish_now(
+            site,
+            key,
+            &lease,
+            AttemptEnd::Infrastructure,
+            137,
+            0,
+            None,
+            Some("stopped before Slurm took it".into()),
+        );
         return;
     }
     match prepare_and_submit(site, &lease) {
@@ -566,9 +568,7 @@ fn submit(site: &Arc<Site>, key: AttemptRef) {
             None,
             Some(format!("the site could not submit it to Slurm: {why}")),
         ),
-        Err(Refused::Job(why)) => {
-            finish_now(site, key, &lease, AttemptEnd::Exited, 127, 0, None, Some(why))
-        }
+        Err(Refused::Job(why)) => finish_now(site, key, &lease, AttemptEnd::Exited, 127, 0, None, Some(why)),
     }
 }
 
@@ -642,7 +642,12 @@ fn prepare_and_submit(site: &Site, lease: &Lease) -> Result<u64, Refused> {
     let output = output_path(site, key);
     let _ = std::fs::remove_file(&output);
     let gres = (lease.gpus > 0).then(|| {
-        let kind = site.config.gres_map.get(&lease.accelerator).cloned().unwrap_or_else(|| lease.accelerator.to_ascii_lowercase());
+        let kind = site
+            .config
+            .gres_map
+            .get(&lease.accelerator)
+            .cloned()
+            .unwrap_or_else(|| lease.accelerator.to_ascii_lowercase());
         format!("gpu:{kind}:{}", lease.gpus)
     });
     let submission = Submission {
@@ -689,9 +694,7 @@ fn post_finish(site: &Site, lease: &Lease, report: FinishRequest) -> Result<(), 
     let path = format!("/v1/agent/attempts/{}/{}/finish", lease.job, lease.attempt);
     let secret = [("X-Attempt-Secret", lease.secret.as_str())];
     let send = || {
-        retry(Duration::from_secs(600), || {
-            site.client.post_with::<_, serde::de::IgnoredAny>(&path, &secret, &report)
-        })
+        retry(Duration::from_secs(600), || site.client.post_with::<_, serde::de::IgnoredAny>(&path, &secret, &report))
     };
     let answer = match send() {
         Err(ClientError::Api { status: 401, .. }) => {
@@ -822,7 +825,10 @@ fn started(site: &Arc<Site>, key: AttemptRef) {
     let _ = retry(Duration::from_secs(lease.lease_s.max(2) / 2), || {
         site.client.post_with::<_, serde::de::IgnoredAny>(&path, &[("X-Attempt-Secret", lease.secret.as_str())], &())
     });
-    let spool = match Spool::create(&site.spool_dir.join(format!("slurm-{}-{}.log", key.job, key.attempt)), lease.log_quota_bytes) {
+    let spool = match Spool::create(
+        &site.spool_dir.join(format!("slurm-{}-{}.log", key.job, key.attempt)),
+        lease.log_quota_bytes,
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("agent {}: job {} attempt {}: no log spool: {e}", site.name, key.job, key.attempt);
@@ -925,7 +931,9 @@ fn ended(site: &Arc<Site>, key: AttemptRef) {
                 Exit::Signal(s) => 128 + s,
             };
             match e.ending() {
-                Ending::Exited => (AttemptEnd::Exited, code, wall, gpus, Some(format!("Slurm job {id} {} ({from})", e.state))),
+                Ending::Exited => {
+                    (AttemptEnd::Exited, code, wall, gpus, Some(format!("Slurm job {id} {} ({from})", e.state)))
+                }
                 Ending::TimeLimit => (
                     AttemptEnd::TimeLimit,
                     137,
@@ -983,7 +991,9 @@ fn beat(site: &Arc<Site>) {
             let table = lock(&site.table);
             table
                 .iter()
-                .filter(|(_, t)| !t.finishing && t.last_beat.elapsed() >= Duration::from_secs(t.lease.heartbeat_s.max(1)))
+                .filter(|(_, t)| {
+                    !t.finishing && t.last_beat.elapsed() >= Duration::from_secs(t.lease.heartbeat_s.max(1))
+                })
                 .map(|(&k, t)| (k, t.lease.clone(), t.last_ack))
                 .collect()
         };
@@ -1001,7 +1011,8 @@ fn beat(site: &Arc<Site>) {
             let client = site.client.with_timeout(Duration::from_secs((lease.lease_s / 4).clamp(1, 10)));
             let sent = Instant::now();
             let path = format!("/v1/agent/attempts/{}/{}/heartbeat", lease.job, lease.attempt);
-            let answer = client.post_with::<_, HeartbeatResponse>(&path, &[("X-Attempt-Secret", lease.secret.as_str())], &());
+            let answer =
+                client.post_with::<_, HeartbeatResponse>(&path, &[("X-Attempt-Secret", lease.secret.as_str())], &());
             let mut table = lock(&site.table);
             let Some(t) = table.get_mut(&key) else { continue };
             t.last_beat = sent;
@@ -1089,7 +1100,9 @@ fn report(site: &Arc<Site>) {
                         .collect(),
                     None,
                 ),
-                Err(e) if e.is_unreachable() => (Vec::new(), Some(format!("the Slurm controller does not answer: {e}"))),
+                Err(e) if e.is_unreachable() => {
+                    (Vec::new(), Some(format!("the Slurm controller does not answer: {e}")))
+                }
                 Err(e) => (Vec::new(), Some(format!("cannot read the cluster's nodes: {e}"))),
             },
         };
@@ -1110,8 +1123,7 @@ fn report(site: &Arc<Site>) {
 
 /// Removes attempt directories finished more than `retention_s` ago.
 fn remove_old_dirs(site: &Site) {
-    let live: BTreeSet<String> =
-        lock(&site.table).keys().map(|k| format!("job-{}-{}", k.job, k.attempt)).collect();
+    let live: BTreeSet<String> = lock(&site.table).keys().map(|k| format!("job-{}-{}", k.job, k.attempt)).collect();
     let Ok(entries) = std::fs::read_dir(&site.jobs_dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
@@ -1140,8 +1152,10 @@ mod tests {
             ("B".to_string(), "; rm -rf /".to_string()),
         ]
         .into();
-        let command: Vec<String> =
-            ["sh", "-c", "printf '%s|%s|%s' \"$A\" \"$B\" \"$1\"", "x", "$(id) 'y'"].iter().map(|s| s.to_string()).collect();
+        let command: Vec<String> = ["sh", "-c", "printf '%s|%s|%s' \"$A\" \"$B\" \"$1\"", "x", "$(id) 'y'"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let file = dir.join("run");
         std::fs::write(&file, run_file(&env, &command)).unwrap();
         let out = std::process::Command::new("/bin/sh").arg(&file).env_clear().output().unwrap();

@@ -175,7 +175,9 @@ pub fn parse_gres_map(text: &str) -> anyhow::Result<std::collections::BTreeMap<S
             || g.is_empty()
             || !g.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
         {
-            bail!("--gres-map: '{item}': the type and the GRES name must be non-empty, the GRES letters, digits, '_', '-' or '.'");
+            bail!(
+                "--gres-map: '{item}': the type and the GRES name must be non-empty, the GRES letters, digits, '_', '-' or '.'"
+            );
         }
         if map.insert(t.trim().to_string(), g.to_string()).is_some() {
             bail!("--gres-map: type '{}' is named twice", t.trim());
@@ -726,7 +728,17 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
                     })
                     .collect();
                 table::render(
-                    &["site", "level", "city", "agent", "last heard", "backend", "runs", "capacity reported", "free/usable"],
+                    &[
+                        "site",
+                        "level",
+                        "city",
+                        "agent",
+                        "last heard",
+                        "backend",
+                        "runs",
+                        "capacity reported",
+                        "free/usable",
+                    ],
                     &rows,
                 )
             })

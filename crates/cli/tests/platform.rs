@@ -94,11 +94,16 @@ impl Platform {
 
     /// A platform whose server runs with `serve_args` (instead of the short timings).
     pub fn with(name: &str, serve_args: &[&str]) -> Platform {
+        Platform::with_topology(name, TOPOLOGY, serve_args)
+    }
+
+    /// A platform on a network of the test's own.
+    pub fn with_topology(name: &str, topology_toml: &str, serve_args: &[&str]) -> Platform {
         let dir = std::env::temp_dir().join(format!("suanwang-platform-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let topology = dir.join("net.toml");
-        std::fs::write(&topology, TOPOLOGY).unwrap();
+        std::fs::write(&topology, topology_toml).unwrap();
         let db = dir.join("suanwang.db");
         let operator = run_ok(&["admin", "--db", db.to_str().unwrap(), "bootstrap"]);
         let mut p = Platform {

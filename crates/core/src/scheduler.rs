@@ -721,7 +721,10 @@ impl Scheduler {
                 return fail(format!("pool {i}: {} held recorded, {} held by running jobs", pool.held, held[i]));
             }
             if pool.free as u64 != (pool.capacity as u64).saturating_sub(held[i]) {
-                return fail(format!("pool {i}: {} free with {} held of capacity {}", pool.free, held[i], pool.capacity));
+                return fail(format!(
+                    "pool {i}: {} free with {} held of capacity {}",
+                    pool.free, held[i], pool.capacity
+                ));
             }
             if running_per_pool[i] != pool.running.len() {
                 return fail(format!(

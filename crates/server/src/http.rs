@@ -652,7 +652,8 @@ async fn sites(State(state): State<AppState>, Auth(_who): Auth) -> Result<Json<V
                     .iter()
                     .map(|&p| {
                         let pool = t.pool(p);
-                        let reported = status.reports[i].as_ref().filter(|r| !r.pools.is_empty()).map(|r| r.pools.get(&p));
+                        let reported =
+                            status.reports[i].as_ref().filter(|r| !r.pools.is_empty()).map(|r| r.pools.get(&p));
                         api::SitePool {
                             accelerator: t.accelerator(pool.accel).name.clone(),
                             count: pool.count,
@@ -772,7 +773,7 @@ async fn bill(
         // Attempts that ended by no fault of the job: listed, never billed.
         let mut unbilled = conn.prepare(
             "SELECT a.job, a.attempt, a.cause, a.site, COALESCE(j.accel, ''), COALESCE(a.ended_at, 0) FROM attempts a JOIN jobs j ON j.id = a.job
-             WHERE j.org = ?1 AND a.cause IN ('lost', 'site_down', 'infrastructure', 'preempted', 'refused') ORDER BY a.ended_at, a.job, a.attempt",
+             WHERE j.org = ?1 AND a.cause IN ('lost', 'site_down', 'infrastructure', 'preempted', 'refused', 'unfit', 'withdrawn') ORDER BY a.ended_at, a.job, a.attempt",
         )?;
         let rows = unbilled.query_map([&org], |r| {
             Ok(api::BillLine {

@@ -977,8 +977,7 @@ impl State {
                 let mut stmt = b.sql().prepare_cached(
                     "SELECT job, attempt FROM attempts WHERE site = ?1 AND state = 'assigned' ORDER BY job, attempt",
                 )?;
-                stmt.query_map([&spec.key], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<std::result::Result<_, _>>()?
+                stmt.query_map([&spec.key], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<std::result::Result<_, _>>()?
             };
             for (job, attempt) in assigned {
                 end_attempt_row(b, job as u64, attempt, "withdrawn", "withdrawn")?;
