@@ -13,16 +13,31 @@
 # The clusters are given as NAME:ADDRESS:CTLD_PORT:GPU_TYPE:GPUS in
 # $SUANWANG_SLURM_CLUSTERS (default: alpha on 127.0.0.1 with 4 a100, beta on
 # 127.0.0.2 with 4 910b). The main scheduler and backfill run every second.
+#
+# With SUANWANG_SLURM_ACCOUNTING=1 the clusters keep accounting: one
+# slurmdbd on a MariaDB of its own (data in DIR/db, its password random and
+# root-only), both clusters registered with it, GPUs counted as TRES; the
+# first cluster's controller port + 4 and + 5 are MariaDB's and slurmdbd's.
 set -euo pipefail
 
 action=${1:-status}
 dir=${2:-${SUANWANG_SLURM_DIR:-/tmp/suanwang-slurm}}
 clusters=${SUANWANG_SLURM_CLUSTERS:-"alpha:127.0.0.1:16817:a100:4 beta:127.0.0.2:16827:910b:4"}
 
+accounting=${SUANWANG_SLURM_ACCOUNTING:-0}
+first=${clusters%% *}
+first_port=$(echo "$first" | cut -d: -f3)
+db_port=$((first_port + 4))
+dbd_port=$((first_port + 5))
+
 need_packages() {
     local missing=()
     command -v slurmctld >/dev/null || missing+=(slurm-wlm)
     command -v munged >/dev/null || missing+=(munge)
+    if [ "$accounting" = 1 ]; then
+        command -v slurmdbd >/dev/null || missing+=(slurmdbd)
+        command -v mariadbd >/dev/null || missing+=(mariadb-server)
+    fi
     if [ ${#missing[@]} -gt 0 ]; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null
     fi
@@ -41,6 +56,67 @@ start_munge() {
     if alive "$m/munged.pid"; then return; fi
     munged --force --key-file="$m/munge.key" --socket="$m/munge.socket" \
         --pid-file="$m/munged.pid" --log-file="$m/munged.log" --seed-file="$m/munged.seed"
+}
+
+accounting_lines() {
+    if [ "$accounting" = 1 ]; then
+        printf 'AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=localhost\nAccountingStoragePort=%s\nAccountingStoragePass=%s\nAccountingStorageTRES=gres/gpu\n' \
+            "$dbd_port" "$dir/munge/munge.socket"
+    else
+        echo "AccountingStorageType=accounting_storage/none"
+    fi
+}
+
+# MariaDB in DIR/db as root on its own port, and one slurmdbd for every cluster.
+start_accounting() {
+    local d=$dir/db
+    mkdir -p "$d/dbd"
+    chmod 700 "$d"
+    if [ ! -d "$d/data/mysql" ]; then
+        mariadb-install-db --user=root --datadir="$d/data" --auth-root-authentication-method=normal >"$d/install.log" 2>&1
+    fi
+    if ! alive "$d/mariadb.pid"; then
+        mariadbd --no-defaults --user=root --datadir="$d/data" --socket="$d/mysql.sock" --port="$db_port" \
+            --bind-address=127.0.0.1 --pid-file="$d/mariadb.pid" --log-error="$d/mariadb.log" --skip-name-resolve \
+            </dev/null >/dev/null 2>&1 &
+        for _ in $(seq 1 150); do [ -S "$d/mysql.sock" ] && break; sleep 0.1; done
+    fi
+    if [ ! -f "$d/password" ]; then
+        (umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$d/password")
+    fi
+    local pw
+    pw=$(cat "$d/password")
+    mariadb --no-defaults -S "$d/mysql.sock" -u root \
+        -e "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$pw'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+    # slurmdbd reads slurmdbd.conf next to $SLURM_CONF.
+    cp "$dir/${first%%:*}/slurm.conf" "$d/dbd/slurm.conf"
+    (
+        umask 077
+        printf '%s\n' "AuthType=auth/munge" "AuthInfo=socket=$dir/munge/munge.socket" "DbdHost=localhost" \
+            "DbdAddr=127.0.0.1" "DbdPort=$dbd_port" "SlurmUser=root" "StorageType=accounting_storage/mysql" \
+            "StorageHost=127.0.0.1" "StoragePort=$db_port" "StorageUser=slurm" "StoragePass=$pw" \
+            "StorageLoc=slurm_acct_db" "PidFile=$d/dbd/slurmdbd.pid" "LogFile=$d/dbd/slurmdbd.log" \
+            >"$d/dbd/slurmdbd.conf"
+    )
+    if ! alive "$d/dbd/slurmdbd.pid"; then
+        SLURM_CONF=$d/dbd/slurm.conf slurmdbd
+    fi
+    local ready=0
+    for _ in $(seq 1 50); do
+        if SLURM_CONF=$d/dbd/slurm.conf timeout 2 sacctmgr -n list cluster >/dev/null 2>&1; then
+            ready=1
+            break
+        fi
+        sleep 0.2
+    done
+    if [ $ready = 0 ]; then
+        echo "slurm-clusters: slurmdbd does not answer; see $d/dbd/slurmdbd.log" >&2
+        return 1
+    fi
+    for spec in $clusters; do
+        IFS=: read -r name _ <<<"$spec"
+        SLURM_CONF=$dir/$name/slurm.conf sacctmgr -i add cluster "$name" >/dev/null 2>&1 || true
+    done
 }
 
 write_conf() {
@@ -72,7 +148,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 GresTypes=gpu
-AccountingStorageType=accounting_storage/none
+$(accounting_lines)
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MinJobAge=600
@@ -100,8 +176,12 @@ up() {
     start_munge
     for spec in $clusters; do
         IFS=: read -r name address port gpu count <<<"$spec"
-        local c=$dir/$name
         write_conf "$name" "$address" "$port" "$gpu" "$count"
+    done
+    if [ "$accounting" = 1 ]; then start_accounting; fi
+    for spec in $clusters; do
+        IFS=: read -r name address port gpu count <<<"$spec"
+        local c=$dir/$name
         alive "$c/slurmctld.pid" || SLURM_CONF=$c/slurm.conf slurmctld -f "$c/slurm.conf"
         alive "$c/slurmd.pid" || SLURM_CONF=$c/slurm.conf slurmd -f "$c/slurm.conf" -N "${name}1"
     done
@@ -153,6 +233,14 @@ down() {
             fi
             rm -f "$pidfile"
         done
+    done
+    for pidfile in "$dir/db/dbd/slurmdbd.pid" "$dir/db/mariadb.pid"; do
+        if alive "$pidfile"; then
+            kill "$(cat "$pidfile")"
+            for _ in $(seq 1 100); do alive "$pidfile" || break; sleep 0.1; done
+            alive "$pidfile" && kill -9 "$(cat "$pidfile")"
+        fi
+        rm -f "$pidfile"
     done
     if alive "$dir/munge/munged.pid"; then kill "$(cat "$dir/munge/munged.pid")"; fi
     rm -f "$dir/munge/munged.pid"

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 pub struct Clusters {
     pub dir: PathBuf,
     specs: String,
+    /// With slurmdbd on MariaDB (`SUANWANG_SLURM_ACCOUNTING=1`).
+    accounting: bool,
 }
 
 fn script() -> PathBuf {
@@ -20,6 +22,11 @@ fn script() -> PathBuf {
 impl Clusters {
     /// Two clusters: `alpha` (4 a100 on 127.0.0.1) and `beta` (4 910b on 127.0.0.2).
     pub fn up(name: &str) -> Clusters {
+        Clusters::up_with(name, false)
+    }
+
+    /// The same two clusters, keeping accounting in one slurmdbd.
+    pub fn up_with(name: &str, accounting: bool) -> Clusters {
         let dir = std::env::temp_dir().join(format!("suanwang-slurm-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         // Ports of this process and of this set of clusters, so that
@@ -28,7 +35,7 @@ impl Clusters {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let base = 20_000 + (std::process::id() % 500) * 80 + (n % 4) * 20;
         let specs = format!("alpha:127.0.0.1:{}:a100:4 beta:127.0.0.2:{}:910b:4", base, base + 10);
-        let c = Clusters { dir, specs };
+        let c = Clusters { dir, specs, accounting };
         let o = c.run("up");
         assert!(
             o.status.success(),
@@ -45,6 +52,7 @@ impl Clusters {
             .arg(action)
             .arg(&self.dir)
             .env("SUANWANG_SLURM_CLUSTERS", &self.specs)
+            .env("SUANWANG_SLURM_ACCOUNTING", if self.accounting { "1" } else { "0" })
             .output()
             .unwrap()
     }
@@ -485,5 +493,31 @@ fn a_killed_agent_adopts_its_slurm_jobs_and_a_dead_controller_moves_the_work() {
             .then_some(())
     });
     assert_eq!(held(&acme), 0);
+    p.verify();
+}
+
+#[test]
+fn with_slurmdbd_the_end_and_the_bill_come_from_slurm_s_accounting() {
+    let c = Clusters::up_with("acct", true);
+    let mut p = Platform::with_topology("slurm-acct", &network(false), &SHORT);
+    start_slurm_agent(&mut p, &c, "alpha", "alpha", "A100=a100");
+    assert!(agent_log(&p, "alpha").contains("accounting sacct"), "{}", agent_log(&p, "alpha"));
+    let acme = p.org("acme", "alpha");
+    let id = submit(&acme, &gpu_job("echo slurm=$SLURM_JOB_ID; sleep 3; exit 5", &["A100"]));
+    let done = wait_job(&acme, id, Duration::from_secs(60), |j| j.state.is_terminal());
+    assert_eq!((done.state, done.exit_code), (JobState::Failed, Some(5)), "{done:?}");
+    let events: Vec<JobEvent> = acme.get(&format!("/v1/jobs/{id}/events")).unwrap();
+    assert!(events.iter().any(|e| e.detail.contains("FAILED (from Slurm's accounting)")), "{events:#?}");
+    let out = logs(&acme, id);
+    let slurm_id = out.split("slurm=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let record = c.slurm(
+        "alpha",
+        "sacct",
+        &["--noheader", "--parsable2", "--allocations", "--format=ElapsedRaw,AllocTRES", "-j", &slurm_id],
+    );
+    let (elapsed, tres) = record.split_once('|').unwrap();
+    assert!(tres.contains("gres/gpu=2"), "{record}");
+    let line = billed(&acme, id).pop().unwrap();
+    assert_eq!(line.accel_seconds, 2 * elapsed.parse::<i64>().unwrap().max(1), "{line:?} vs sacct {record}");
     p.verify();
 }
