@@ -4,6 +4,8 @@
 # into suanwang with `suanwang bench submit`, both from 64 concurrent
 # clients, both accepting jobs durably and not running them (Slurm jobs are
 # submitted held; suanwang's server runs without agents). Prints the ratio.
+# Then the same cluster as a site of suanwang (`suanwang bench slurm`):
+# submit-to-running latency, and dispatch beside plain sbatch.
 #
 # Needs root (scripts/slurm-clusters.sh installs packages and starts the
 # daemons). Usage:
@@ -16,7 +18,8 @@ cd "$(dirname "$0")/.."
 # A one-node cluster, started by the project's own script (which installs
 # slurm-wlm and munge if missing), stopped when this ends.
 work=$(mktemp -d /tmp/suanwang-slurm-bench.XXXXXX)
-export SUANWANG_SLURM_CLUSTERS="bench:127.0.0.1:16917:a100:4"
+# 1024 count-only GPUs: the network never holds work back for want of them.
+export SUANWANG_SLURM_CLUSTERS="bench:127.0.0.1:16917:a100:1024"
 trap 'scancel --quiet --user root 2>/dev/null || true; scripts/slurm-clusters.sh down "$work"' EXIT
 scripts/slurm-clusters.sh up "$work"
 export SLURM_CONF=$work/bench/slurm.conf
@@ -36,3 +39,6 @@ printf '%-12s %12s %10s %14s\n' system submissions clients submissions/s
 printf '%-12s %12s %10s %14.0f\n' slurm "$accepted" "$clients" "$slurm_rate"
 printf '%-12s %12s %10s %14.0f\n' suanwang $((jobs * 10)) "$clients" "$suanwang_rate"
 printf 'ratio suanwang/slurm: %.1f\n' "$(echo "$suanwang_rate / $slurm_rate" | bc -l)"
+
+scancel --quiet --user root || true
+./target/release/suanwang bench slurm --slurm-conf "$SLURM_CONF" --dir "$work/slurm-site"

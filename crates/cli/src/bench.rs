@@ -92,6 +92,28 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 100)]
         quota_mb: u64,
     },
+    /// A Slurm cluster as a site (real server and agent): submit-to-running
+    /// latency, and the dispatch rate beside plain `sbatch` from as many clients.
+    Slurm {
+        /// The cluster's slurm.conf (scripts/bench-slurm.sh starts one).
+        #[arg(long)]
+        slurm_conf: PathBuf,
+        /// The cluster's GRES type of GPU.
+        #[arg(long, default_value = "a100")]
+        gres: String,
+        #[arg(long, default_value = "target/bench-slurm")]
+        dir: PathBuf,
+        /// Jobs of the dispatch run (each side).
+        #[arg(long, default_value_t = 1000)]
+        jobs: usize,
+        /// Jobs of the latency run, one every --every-ms.
+        #[arg(long, default_value_t = 100)]
+        latency_jobs: usize,
+        #[arg(long, default_value_t = 200)]
+        every_ms: u64,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+    },
     /// A replicated trace of a million jobs on a network of hundreds of sites.
     Scale {
         #[arg(long, default_value = "../shared/traces/microsoft_itp_2021/raw/cluster04.csv")]
@@ -132,6 +154,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         BenchCommand::Sandbox { dir, starts, output_mb, quota_mb } => {
             crate::bench_sandbox::run(&dir, starts, output_mb, quota_mb)
+        }
+        BenchCommand::Slurm { slurm_conf, gres, dir, jobs, latency_jobs, every_ms, clients } => {
+            crate::bench_slurm::run(&dir, &slurm_conf, &gres, jobs, latency_jobs, every_ms, clients)
         }
         BenchCommand::Ledger { dir, batches, batch_size, clients, per_client } => {
             crate::bench_ledger::run(&dir, batches, batch_size, clients, per_client)

@@ -45,6 +45,16 @@ pub fn bench_org(db: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// A real server in this process on a loopback port: its runtime (drop or
+/// shut it down to stop the server) and its URL.
+pub fn serve_here(config: ServerConfig) -> anyhow::Result<(tokio::runtime::Runtime, String)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+    runtime.spawn(suanwang_server::serve(config, Some(tx)));
+    let address = runtime.block_on(rx).context("server start")?;
+    Ok((runtime, format!("http://{address}")))
+}
+
 /// Submissions per second through the real HTTP server; returns the rate.
 pub fn submit(dir: &Path, clients: usize, jobs: usize, quiet: bool) -> anyhow::Result<f64> {
     std::fs::create_dir_all(dir)?;
@@ -53,8 +63,6 @@ pub fn submit(dir: &Path, clients: usize, jobs: usize, quiet: bool) -> anyhow::R
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
     }
     let token = bench_org(&db)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (tx, rx) = tokio::sync::oneshot::channel::<SocketAddr>();
     let config = ServerConfig {
         db: db.clone(),
         topology: "shandong".into(),
@@ -63,9 +71,7 @@ pub fn submit(dir: &Path, clients: usize, jobs: usize, quiet: bool) -> anyhow::R
         timings: Timings::default(),
         checkpoints: None,
     };
-    runtime.spawn(suanwang_server::serve(config, Some(tx)));
-    let address = runtime.block_on(rx).context("server start")?;
-    let url = format!("http://{address}");
+    let (runtime, url) = serve_here(config)?;
     let request = JobRequest {
         name: "bench".into(),
         command: vec!["true".into()],

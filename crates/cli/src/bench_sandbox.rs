@@ -13,7 +13,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 use suanwang_agent::sandbox::{Containers, Defaults, Isolation, Request};
 use suanwang_api::client::Client;
 use suanwang_api::{Job, JobRequest};
@@ -97,8 +97,6 @@ fn loud_job(dir: &Path, output_mb: u64, quota_mb: u64) -> anyhow::Result<()> {
             .map_err(|e| anyhow!("{e}"))?;
     let token_file = dir.join("agent.token");
     std::fs::write(&token_file, &provider)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let config = ServerConfig {
         db: db.clone(),
         topology: "shandong".into(),
@@ -107,9 +105,7 @@ fn loud_job(dir: &Path, output_mb: u64, quota_mb: u64) -> anyhow::Result<()> {
         timings: Timings { log_quota_bytes: quota_mb << 20, ..Timings::default() },
         checkpoints: None,
     };
-    runtime.spawn(suanwang_server::serve(config, Some(tx)));
-    let address = runtime.block_on(rx).context("server start")?;
-    let url = format!("http://{address}");
+    let (runtime, url) = crate::bench_platform::serve_here(config)?;
     let mut agent = std::process::Command::new(std::env::current_exe()?)
         .args(["agent", "--server", &url, "--site", "jinan-icc", "--token-file"])
         .arg(&token_file)

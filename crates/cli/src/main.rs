@@ -7,6 +7,7 @@ mod bench;
 mod bench_ledger;
 mod bench_platform;
 mod bench_sandbox;
+mod bench_slurm;
 mod ledger_cmd;
 mod platform;
 mod simulate;

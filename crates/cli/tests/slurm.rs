@@ -33,7 +33,9 @@ impl Clusters {
         // parallel tests and test runs do not meet.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let base = 20_000 + (std::process::id() % 500) * 80 + (n % 4) * 20;
+        // Below the ephemeral range (32768 and up), 20 ports a set, 7 sets a process.
+        assert!(n < 7, "more cluster sets than this process has ports for");
+        let base = 10_000 + (std::process::id() % 150) * 150 + n * 20;
         let specs = format!("alpha:127.0.0.1:{}:a100:4 beta:127.0.0.2:{}:910b:4", base, base + 10);
         let c = Clusters { dir, specs, accounting };
         let o = c.run("up");
