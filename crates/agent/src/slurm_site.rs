@@ -286,15 +286,22 @@ fn check_setup(client: &Client, site: &str, cluster: &Cluster, mut slurm: SlurmS
             )));
         }
     }
+    let named: Vec<String> = slurm.gres_map.keys().cloned().collect();
     for t in &types {
         slurm.gres_map.entry(t.to_string()).or_insert_with(|| t.to_ascii_lowercase());
     }
     // With the controller away the agent still starts (and reports the
-    // site unhealthy); what it can check, it checks.
+    // site unhealthy); what it can check, it checks. A type the map names
+    // must exist in the cluster (a misspelling stops the agent); one it
+    // leaves out and the cluster lacks is reported with nothing usable.
     match cluster.capacity() {
         Ok(capacity) => {
             for (t, g) in &slurm.gres_map {
-                if !capacity.contains_key(g) {
+                if !capacity.contains_key(g) && !named.contains(t) {
+                    eprintln!(
+                        "agent {site}: the cluster has no GPU of GRES type '{g}': {t} is reported with none usable (name its GRES type with --gres-map {t}=TYPE)"
+                    );
+                } else if !capacity.contains_key(g) {
                     return Err(AgentError::Config(format!(
                         "--gres-map: the cluster has no GPU of GRES type '{g}' (for {t}); it has: {}",
                         capacity.keys().cloned().collect::<Vec<_>>().join(", ")
