@@ -76,6 +76,11 @@ const TRACK_EVERY: Duration = Duration::from_millis(250);
 const MISSING_GRACE: Duration = Duration::from_secs(10);
 /// How often jobs of this instance that no attempt owns are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// Bytes a job's output file may hold beyond its log quota: Slurm writes
+/// the file, so a job printing without end is cancelled there.
+const OUTPUT_SLACK: u64 = 256 << 20;
+/// How often running jobs' output files are measured.
+const OUTPUT_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// A refusal for the site's own set-up keeps the site unhealthy this long.
 const CONFIG_PROBLEM_FOR: Duration = Duration::from_secs(60);
 
@@ -109,6 +114,10 @@ struct Tracked {
     last_beat: Instant,
     missing_since: Option<Instant>,
     log: Option<LogTail>,
+    /// The report of the start, in flight: the end waits for it.
+    start: Option<std::thread::JoinHandle<()>>,
+    /// Cancelled for printing past its log quota plus [`OUTPUT_SLACK`]: its own doing.
+    over_output: Option<u64>,
 }
 
 #[derive(Default)]
@@ -392,6 +401,8 @@ fn adopt(site: &Arc<Site>) {
                         last_beat: now - Duration::from_secs(3600),
                         missing_since: None,
                         log: None,
+                        start: None,
+                        over_output: None,
                     },
                 );
             }
@@ -471,6 +482,8 @@ fn lease_loop(config: &AgentConfig, site: &Arc<Site>, submit: &mpsc::Sender<Atte
                             last_beat: now,
                             missing_since: None,
                             log: None,
+                            start: None,
+                            over_output: None,
                         },
                     );
                     let _ = submit.send(key);
@@ -721,6 +734,7 @@ fn post_finish(site: &Site, lease: &Lease, report: FinishRequest) -> Result<(), 
 /// Follows every tracked job in the queue.
 fn track(site: &Arc<Site>) {
     let mut last_sweep = Instant::now();
+    let mut last_output_check = Instant::now();
     loop {
         std::thread::sleep(TRACK_EVERY);
         let queue = match site.cluster.queue() {
@@ -752,7 +766,6 @@ fn track(site: &Arc<Site>) {
                 cancel(site, id);
             }
         }
-        let mut to_start = Vec::new();
         let mut to_finish = Vec::new();
         let mut hopeless = Vec::new();
         {
@@ -767,7 +780,9 @@ fn track(site: &Arc<Site>) {
                         t.missing_since = None;
                         if q.state == "RUNNING" && !t.started {
                             t.started = true;
-                            to_start.push(key);
+                            t.log = open_log(site, key, &t.lease);
+                            let (site, lease) = (site.clone(), t.lease.clone());
+                            t.start = Some(std::thread::spawn(move || post_start(&site, &lease)));
                         } else if q.state == "PENDING" && crate::slurm::is_hopeless_reason(&q.reason) {
                             t.finishing = true;
                             hopeless.push((key, id, q.reason.clone()));
@@ -786,10 +801,6 @@ fn track(site: &Arc<Site>) {
                     }
                 }
             }
-        }
-        for key in to_start {
-            let site = site.clone();
-            std::thread::spawn(move || started(&site, key));
         }
         for key in to_finish {
             let site = site.clone();
@@ -812,6 +823,21 @@ fn track(site: &Arc<Site>) {
                 );
             });
         }
+        if last_output_check.elapsed() >= OUTPUT_CHECK_EVERY {
+            last_output_check = Instant::now();
+            let mut loud = Vec::new();
+            for (&key, t) in lock(&site.table).iter_mut() {
+                let (Some(id), true, None) = (t.slurm_id, t.started, t.over_output) else { continue };
+                let size = std::fs::metadata(output_path(site, key)).map_or(0, |m| m.len());
+                if size > t.lease.log_quota_bytes.saturating_add(OUTPUT_SLACK) {
+                    t.over_output = Some(size);
+                    loud.push(id);
+                }
+            }
+            for id in loud {
+                cancel(site, id);
+            }
+        }
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
             let owned: BTreeSet<String> = lock(&site.table).keys().map(|&k| job_name(k)).collect();
@@ -825,21 +851,22 @@ fn track(site: &Arc<Site>) {
     }
 }
 
-/// Slurm runs the attempt: report the start and ship its output.
-fn started(site: &Arc<Site>, key: AttemptRef) {
-    let Some(lease) = lock(&site.table).get(&key).map(|t| t.lease.clone()) else { return };
+/// Reports that Slurm runs the attempt.
+fn post_start(site: &Site, lease: &Lease) {
     let path = format!("/v1/agent/attempts/{}/{}/start", lease.job, lease.attempt);
     let _ = retry(Duration::from_secs(lease.lease_s.max(2) / 2), || {
         site.client.post_with::<_, serde::de::IgnoredAny>(&path, &[("X-Attempt-Secret", lease.secret.as_str())], &())
     });
-    let spool = match Spool::create(
-        &site.spool_dir.join(format!("slurm-{}-{}.log", key.job, key.attempt)),
-        lease.log_quota_bytes,
-    ) {
+}
+
+/// Tails the attempt's output file into its spool and ships the spool.
+fn open_log(site: &Site, key: AttemptRef, lease: &Lease) -> Option<LogTail> {
+    let path = site.spool_dir.join(format!("slurm-{}-{}.log", key.job, key.attempt));
+    let spool = match Spool::create(&path, lease.log_quota_bytes) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("agent {}: job {} attempt {}: no log spool: {e}", site.name, key.job, key.attempt);
-            return;
+            return None;
         }
     };
     let done = Arc::new(AtomicBool::new(false));
@@ -857,12 +884,17 @@ fn started(site: &Arc<Site>, key: AttemptRef) {
         };
         std::thread::spawn(move || shipper.run(&spool, Duration::from_secs(600)))
     };
-    let mut table = lock(&site.table);
-    match table.get_mut(&key) {
-        Some(t) => t.log = Some(LogTail { done, filler, shipper, spool }),
-        // Ended meanwhile: its finisher has gone; stop the tail now.
-        None => done.store(true, Ordering::SeqCst),
+    Some(LogTail { done, filler, shipper, spool })
+}
+
+/// Stops tailing (the output is complete) and waits until it is shipped.
+fn close_log(site: &Site, key: AttemptRef, log: LogTail) {
+    log.done.store(true, Ordering::SeqCst);
+    let _ = log.filler.join();
+    if let Ok(Shipped::GaveUp) = log.shipper.join() {
+        eprintln!("agent {}: job {} attempt {}: could not deliver all output", site.name, key.job, key.attempt);
     }
+    log.spool.remove();
 }
 
 /// A job's output file, read as it grows until the job has ended.
@@ -897,28 +929,31 @@ impl std::io::Read for Tail {
 
 /// Slurm ended the job: report how, as Slurm recorded it.
 fn ended(site: &Arc<Site>, key: AttemptRef) {
-    let Some((lease, id, stop_asked, log)) = ({
+    let Some((lease, id, stop_asked, started, start, log, over_output)) = ({
         let mut table = lock(&site.table);
-        table.get_mut(&key).map(|t| (t.lease.clone(), t.slurm_id.unwrap_or(0), t.stop_asked, t.log.take()))
+        table.get_mut(&key).map(|t| {
+            let id = t.slurm_id.unwrap_or(0);
+            (t.lease.clone(), id, t.stop_asked, t.started, t.start.take(), t.log.take(), t.over_output)
+        })
     }) else {
         return;
     };
     let record = read_end(site, id);
-    // The output is complete once Slurm has ended the job: drain it, then ship.
-    let log = log.or_else(|| {
-        // Ended before the tracker saw it run: ship whatever it printed.
-        output_path(site, key).exists().then(|| {
-            started(site, key);
-            lock(&site.table).get_mut(&key).and_then(|t| t.log.take())
-        })?
-    });
-    if let Some(log) = log {
-        log.done.store(true, Ordering::SeqCst);
-        let _ = log.filler.join();
-        if let Ok(Shipped::GaveUp) = log.shipper.join() {
-            eprintln!("agent {}: job {} attempt {}: could not deliver all output", site.name, key.job, key.attempt);
+    // The start is reported before the end: in flight, or now if the job
+    // ended before the tracker saw it run.
+    match start {
+        Some(h) => {
+            let _ = h.join();
         }
-        log.spool.remove();
+        None if !started && record.as_ref().is_some_and(|e| e.elapsed_s > 0 || output_path(site, key).exists()) => {
+            post_start(site, &lease)
+        }
+        None => {}
+    }
+    // The output is complete once Slurm has ended the job: drain it, then ship.
+    let log = log.or_else(|| output_path(site, key).exists().then(|| open_log(site, key, &lease)).flatten());
+    if let Some(log) = log {
+        close_log(site, key, log);
     }
     let limit_s = lease.time_limit_s.max(1);
     let (end, exit_code, wall_s, gpus, message) = match &record {
@@ -952,6 +987,17 @@ fn ended(site: &Arc<Site>, key: AttemptRef) {
                     (AttemptEnd::MemoryLimit, 137, wall, gpus, Some(format!("Slurm job {id} OUT_OF_MEMORY ({from})")))
                 }
                 Ending::Cancelled if stop_asked => (AttemptEnd::Infrastructure, 137, wall, None, None),
+                Ending::Cancelled if over_output.is_some() => (
+                    AttemptEnd::Exited,
+                    137,
+                    wall,
+                    gpus,
+                    Some(format!(
+                        "cancelled: its output passed {} bytes (its log quota and {} MiB more are the most a Slurm site keeps)",
+                        over_output.unwrap_or(0),
+                        OUTPUT_SLACK >> 20
+                    )),
+                ),
                 Ending::Cancelled => (
                     AttemptEnd::Infrastructure,
                     137,
@@ -1058,15 +1104,13 @@ fn give_up(site: &Arc<Site>, key: AttemptRef, lease: &Lease) {
     if let Some(id) = id {
         cancel(site, id);
     }
-    if let Some(log) = log {
-        log.done.store(true, Ordering::SeqCst);
-        let _ = log.filler.join();
-        let _ = log.shipper.join();
-        log.spool.remove();
-    }
     let site = site.clone();
     let lease = lease.clone();
+    // On its own thread: shipping the last output may wait for the server.
     std::thread::spawn(move || {
+        if let Some(log) = log {
+            close_log(&site, key, log);
+        }
         finish_now(
             &site,
             key,

@@ -416,9 +416,14 @@ fn cancel_an_administrator_s_cancel_a_drained_node_and_a_script_run_as_sbatch_wo
 #[test]
 fn slurm_ends_a_job_at_its_time_limit_and_the_bill_stops_there() {
     let c = Clusters::up("timeout");
-    let mut p = Platform::with_topology("slurm-timeout", &network(false), &SHORT);
+    let mut args = SHORT.to_vec();
+    args.extend(["--log-quota-mb", "1"]);
+    let mut p = Platform::with_topology("slurm-timeout", &network(false), &args);
     start_slurm_agent(&mut p, &c, "alpha", "alpha", "A100=a100");
     let acme = p.org("acme", "alpha");
+    // A job printing without end is cancelled once its output file passes
+    // its log quota and 256 MiB: its own doing, billed; the log keeps the quota.
+    let loud = submit(&acme, &gpu_job("yes 0123456789abcdef", &["A100"]));
     let mut request = gpu_job("echo sleeping; sleep 600", &["A100"]);
     request.time_limit_s = Some(60);
     let id = submit(&acme, &request);
@@ -430,6 +435,20 @@ fn slurm_ends_a_job_at_its_time_limit_and_the_bill_stops_there() {
     assert!(events.iter().any(|e| e.detail.contains("ended at its time limit of 1 min")), "{events:#?}");
     let line = billed(&acme, id).pop().unwrap();
     assert_eq!((line.cause.as_str(), line.accel_seconds), ("time limit", 120), "2 GPUs x the 60 s limit: {line:?}");
+    let loud = wait_job(&acme, loud, Duration::from_secs(60), |j| j.state.is_terminal());
+    assert_eq!((loud.state, loud.exit_code), (JobState::Failed, Some(137)), "{loud:?}");
+    let events: Vec<JobEvent> = acme.get(&format!("/v1/jobs/{}/events", loud.id)).unwrap();
+    assert!(events.iter().any(|e| e.detail.contains("its output passed")), "{events:#?}");
+    assert_eq!(billed(&acme, loud.id).len(), 1);
+    assert!(logs(&acme, loud.id).contains("[truncated:"));
+    assert!(
+        !p.workdir("alpha").join(".agent").read_dir().unwrap().any(|e| e
+            .unwrap()
+            .path()
+            .extension()
+            .is_some_and(|x| x == "out")),
+        "the output file is removed after the end"
+    );
     assert_eq!(held(&acme), 0);
     p.verify();
 }
