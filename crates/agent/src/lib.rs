@@ -233,9 +233,20 @@ pub fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         // so it is said again now and then). A local site's capacity is
         // what the network registered.
         if last_report.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-            let report = SiteReport { backend: "local".into(), problem: None, pools: Vec::new() };
-            if client.post::<_, serde::de::IgnoredAny>("/v1/agent/report", &report).is_ok() {
-                last_report = Some(Instant::now());
+            let report = SiteReport {
+                site: Some(config.site.clone()),
+                backend: "local".into(),
+                problem: None,
+                pools: Vec::new(),
+            };
+            match client.post::<_, serde::de::IgnoredAny>("/v1/agent/report", &report) {
+                Ok(_) => last_report = Some(Instant::now()),
+                // The token is another site's: running its work here would
+                // mislabel it; stop and say so.
+                Err(ClientError::Api { status: 403, error }) => {
+                    return Err(AgentError::Config(format!("--site {}: {}", config.site, error.message)));
+                }
+                Err(_) => {}
             }
         }
         if config.token.modified() != token_seen {

@@ -39,6 +39,7 @@ impl SlurmError {
                     || s.contains("communication connection failure")
                     || s.contains("zero bytes were transmitted or received")
                     || s.contains("slurm_load_jobs error: unable to contact")
+                    || s.contains("timed out")
             }
             SlurmError::Spawn { .. } | SlurmError::Unreadable { .. } => false,
         }
@@ -103,6 +104,12 @@ pub fn is_active(state: &str) -> bool {
 /// cluster or the request: the request does not fit what the partition allows.
 pub fn is_hopeless_reason(reason: &str) -> bool {
     matches!(reason, "PartitionConfig" | "PartitionTimeLimit" | "PartitionNodeLimit" | "BadConstraints" | "InvalidQOS")
+}
+
+/// Reasons a pending job waits for nodes that are drained, down or
+/// reserved: the site cannot run it now, though another could.
+pub fn is_unavailable_reason(reason: &str) -> bool {
+    reason.starts_with("ReqNodeNotAvail") || reason.starts_with("NodeDown") || reason.contains("DOWN, DRAINED")
 }
 
 /// How a finished batch script ended.
@@ -205,6 +212,60 @@ pub struct Cluster {
     conf: PathBuf,
 }
 
+/// A query the controller does not answer within this is taken as an
+/// outage (Slurm's own retries would take a minute).
+const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// `sbatch` may wait on a busy controller a little longer.
+const SUBMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs a tool to its end or until `limit` (then kills it), with `input`
+/// on its standard input.
+fn run_within(
+    tool: &'static str,
+    mut command: Command,
+    input: Option<&[u8]>,
+    limit: std::time::Duration,
+) -> Result<std::process::Output, SlurmError> {
+    command.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().map_err(|source| SlurmError::Spawn { tool, source })?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A write error shows as the tool's own failure below.
+        let _ = stdin.write_all(input);
+    }
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let started = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait().map_err(|source| SlurmError::Spawn { tool, source })? {
+            Some(status) => break status,
+            None if started.elapsed() > limit => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SlurmError::Failed {
+                    tool,
+                    stderr: format!("no answer within {} s: timed out", limit.as_secs()),
+                });
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
 /// Where the tools are: by full path, never looked up in a `PATH`.
 fn tool_path(tool: &str) -> PathBuf {
     for dir in ["/usr/bin", "/usr/local/bin", "/bin"] {
@@ -230,16 +291,12 @@ impl Cluster {
     /// batch script inherits from `sbatch`).
     fn tool(&self, tool: &'static str) -> Command {
         let mut c = Command::new(tool_path(tool));
-        c.env_clear()
-            .env("SLURM_CONF", &self.conf)
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("LANG", "C")
-            .stdin(Stdio::null());
+        c.env_clear().env("SLURM_CONF", &self.conf).env("PATH", "/usr/local/bin:/usr/bin:/bin").env("LANG", "C");
         c
     }
 
-    fn run(&self, tool: &'static str, mut command: Command) -> Result<String, SlurmError> {
-        let out = command.output().map_err(|source| SlurmError::Spawn { tool, source })?;
+    fn run(&self, tool: &'static str, command: Command) -> Result<String, SlurmError> {
+        let out = run_within(tool, command, None, TOOL_TIMEOUT)?;
         if !out.status.success() {
             return Err(SlurmError::Failed { tool, stderr: one_line(&String::from_utf8_lossy(&out.stderr)) });
         }
@@ -284,13 +341,8 @@ impl Cluster {
     /// Submits one batch job; returns its id.
     pub fn submit(&self, s: &Submission) -> Result<u64, SlurmError> {
         let mut c = self.tool("sbatch");
-        c.args(Self::sbatch_args(s)).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = c.spawn().map_err(|source| SlurmError::Spawn { tool: "sbatch", source })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            // A write error shows as sbatch's own failure below.
-            let _ = stdin.write_all(s.script.as_bytes());
-        }
-        let out = child.wait_with_output().map_err(|source| SlurmError::Spawn { tool: "sbatch", source })?;
+        c.args(Self::sbatch_args(s));
+        let out = run_within("sbatch", c, Some(s.script.as_bytes()), SUBMIT_TIMEOUT)?;
         if !out.status.success() {
             return Err(SlurmError::Failed { tool: "sbatch", stderr: one_line(&String::from_utf8_lossy(&out.stderr)) });
         }
@@ -303,13 +355,16 @@ impl Cluster {
         })
     }
 
-    /// Every job the controller knows (ended ones for `MinJobAge`).
+    /// Every job of this agent's user the controller knows (ended ones for
+    /// `MinJobAge`). Only this user's: another user's job may carry any
+    /// text, line breaks included, in its name or comment, and must not be
+    /// able to forge a line of ours.
     pub fn queue(&self) -> Result<Vec<Queued>, SlurmError> {
         let mut c = self.tool("squeue");
-        // The comment last: it is the one field a user may fill with anything.
-        c.args(["--noheader", "--states=all", "--format=%i|%T|%r|%j|%k"]);
-        let text = self.run("squeue", c)?;
-        Ok(text.lines().filter_map(read_queued).collect())
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        c.args(["--noheader", "--states=all", &format!("--user={uid}"), "--format=%i|%T|%r|%j|%k"]);
+        read_queue(&self.run("squeue", c)?)
     }
 
     /// Cancels a job (the whole batch job, all its steps).
@@ -402,6 +457,20 @@ fn one_line(text: &str) -> String {
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace().find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+}
+
+/// The queue's lines; a job listed twice means the listing cannot be
+/// trusted (a forged line), and none of it is used.
+fn read_queue(text: &str) -> Result<Vec<Queued>, SlurmError> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut jobs = Vec::new();
+    for q in text.lines().filter_map(read_queued) {
+        if !seen.insert(q.id) {
+            return Err(SlurmError::Unreadable { tool: "squeue", problem: format!("job {} is listed twice", q.id) });
+        }
+        jobs.push(q);
+    }
+    Ok(jobs)
 }
 
 fn read_queued(line: &str) -> Option<Queued> {
@@ -592,7 +661,17 @@ mod tests {
             (42, "PENDING", "PartitionConfig", "suanwang a|b|c")
         );
         assert!(is_hopeless_reason(&q.reason) && is_active(&q.state));
+        assert!(is_unavailable_reason("ReqNodeNotAvail,_UnavailableNodes:beta1"));
+        assert!(is_unavailable_reason(
+            "Nodes required for job are DOWN, DRAINED or reserved for jobs in higher priority partitions"
+        ));
+        assert!(!is_unavailable_reason("Resources") && !is_unavailable_reason("Priority"));
         assert_eq!(read_duration("05:07"), Some(307));
+        // A comment with a line break forging a line of its own: the
+        // listing is refused rather than read.
+        let forged = "1|RUNNING|None|sw-7-1|tag\n2|PENDING|None|y|y\n1|PENDING|PartitionConfig|sw-7-1|tag\n";
+        assert!(matches!(read_queue(forged), Err(SlurmError::Unreadable { .. })));
+        assert_eq!(read_queue("1|RUNNING|None|a|b\n2|PENDING|None|c|d\n").unwrap().len(), 2);
     }
 
     #[test]

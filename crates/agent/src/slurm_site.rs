@@ -81,6 +81,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 const OUTPUT_SLACK: u64 = 256 << 20;
 /// How often running jobs' output files are measured.
 const OUTPUT_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// A job Slurm holds this long for nodes that are drained or down is taken
+/// back and placed elsewhere.
+const UNAVAILABLE_FOR: Duration = Duration::from_secs(30);
 /// A refusal for the site's own set-up keeps the site unhealthy this long.
 const CONFIG_PROBLEM_FOR: Duration = Duration::from_secs(60);
 
@@ -118,6 +121,8 @@ struct Tracked {
     start: Option<std::thread::JoinHandle<()>>,
     /// Cancelled for printing past its log quota plus [`OUTPUT_SLACK`]: its own doing.
     over_output: Option<u64>,
+    /// Since when Slurm holds it for nodes that are drained or down.
+    unavailable_since: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -282,40 +287,50 @@ pub fn run(config: AgentConfig, slurm: SlurmSite) -> Result<(), AgentError> {
 /// against the site's types. Types the map leaves out map to their
 /// lowercase names.
 fn check_setup(client: &Client, site: &str, cluster: &Cluster, mut slurm: SlurmSite) -> Result<SlurmSite, AgentError> {
+    // The token must be this site's (the server says so on a report naming it).
+    let hello = SiteReport { site: Some(site.to_string()), backend: "slurm".into(), problem: None, pools: Vec::new() };
+    match client.post::<_, serde::de::IgnoredAny>("/v1/agent/report", &hello) {
+        Err(ClientError::Api { status: 403, error }) => {
+            return Err(AgentError::Config(format!("--site {site}: {}", error.message)));
+        }
+        Err(e @ ClientError::Api { status: 401, .. }) => return Err(AgentError::Api(e)),
+        _ => {}
+    }
     let sites: Vec<suanwang_api::Site> = client.get("/v1/sites")?;
     let Some(me) = sites.iter().find(|s| s.id == site) else {
         return Err(AgentError::Config(format!("--site: the network has no site '{site}'")));
     };
     let types: Vec<&str> = me.pools.iter().map(|p| p.accelerator.as_str()).collect();
-    for t in slurm.gres_map.keys() {
-        if !types.contains(&t.as_str()) {
-            return Err(AgentError::Config(format!(
-                "--gres-map: site {site} has no accelerator type '{t}' (it has: {})",
-                types.join(", ")
-            )));
-        }
+    // `up` gives every Slurm site one map: types the site lacks are left out.
+    let foreign: Vec<String> = slurm.gres_map.keys().filter(|t| !types.contains(&t.as_str())).cloned().collect();
+    for t in foreign {
+        eprintln!("agent {site}: --gres-map names {t}, which this site does not have: left out");
+        slurm.gres_map.remove(&t);
     }
-    let named: Vec<String> = slurm.gres_map.keys().cloned().collect();
     for t in &types {
         slurm.gres_map.entry(t.to_string()).or_insert_with(|| t.to_ascii_lowercase());
     }
     // With the controller away the agent still starts (and reports the
-    // site unhealthy); what it can check, it checks. A type the map names
-    // must exist in the cluster (a misspelling stops the agent); one it
-    // leaves out and the cluster lacks is reported with nothing usable.
+    // site unhealthy); what it can check, it checks. A type whose GRES the
+    // cluster lacks is reported with nothing usable; a map none of whose
+    // GRES types the cluster has is a mistake, and stops the agent.
     match cluster.capacity() {
         Ok(capacity) => {
-            for (t, g) in &slurm.gres_map {
-                if !capacity.contains_key(g) && !named.contains(t) {
-                    eprintln!(
-                        "agent {site}: the cluster has no GPU of GRES type '{g}': {t} is reported with none usable (name its GRES type with --gres-map {t}=TYPE)"
-                    );
-                } else if !capacity.contains_key(g) {
-                    return Err(AgentError::Config(format!(
-                        "--gres-map: the cluster has no GPU of GRES type '{g}' (for {t}); it has: {}",
-                        capacity.keys().cloned().collect::<Vec<_>>().join(", ")
-                    )));
-                }
+            let missing: Vec<String> = slurm
+                .gres_map
+                .iter()
+                .filter(|(_, g)| !capacity.contains_key(*g))
+                .map(|(t, g)| format!("{t}=gpu:{g}"))
+                .collect();
+            let has = capacity.keys().cloned().collect::<Vec<_>>().join(", ");
+            if missing.len() == slurm.gres_map.len() {
+                return Err(AgentError::Config(format!(
+                    "the cluster has no GPU of any GRES type this site maps to ({}); it has: {has}; name them with --gres-map TYPE=GRES (up: --slurm-gres-map)",
+                    missing.join(", ")
+                )));
+            }
+            for m in missing {
+                eprintln!("agent {site}: the cluster has no GPU for {m} (it has: {has}): reported with none usable");
             }
         }
         Err(e) => eprintln!("agent {site}: cannot read the cluster's nodes yet: {e}"),
@@ -325,7 +340,7 @@ fn check_setup(client: &Client, site: &str, cluster: &Cluster, mut slurm: SlurmS
         && !partitions.contains(p)
     {
         return Err(AgentError::Config(format!(
-            "--partition: the cluster has no partition '{p}' (it has: {})",
+            "--partition (up: --slurm-partition): the cluster has no partition '{p}' (it has: {})",
             partitions.join(", ")
         )));
     }
@@ -403,6 +418,7 @@ fn adopt(site: &Arc<Site>) {
                         log: None,
                         start: None,
                         over_output: None,
+                        unavailable_since: None,
                     },
                 );
             }
@@ -484,6 +500,7 @@ fn lease_loop(config: &AgentConfig, site: &Arc<Site>, submit: &mpsc::Sender<Atte
                             log: None,
                             start: None,
                             over_output: None,
+                            unavailable_since: None,
                         },
                     );
                     let _ = submit.send(key);
@@ -768,6 +785,7 @@ fn track(site: &Arc<Site>) {
         }
         let mut to_finish = Vec::new();
         let mut hopeless = Vec::new();
+        let mut unavailable = Vec::new();
         {
             let mut table = lock(&site.table);
             for (&key, t) in table.iter_mut() {
@@ -786,6 +804,14 @@ fn track(site: &Arc<Site>) {
                         } else if q.state == "PENDING" && crate::slurm::is_hopeless_reason(&q.reason) {
                             t.finishing = true;
                             hopeless.push((key, id, q.reason.clone()));
+                        } else if q.state == "PENDING" && crate::slurm::is_unavailable_reason(&q.reason) {
+                            let since = *t.unavailable_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() > UNAVAILABLE_FOR {
+                                t.finishing = true;
+                                unavailable.push((key, id, q.reason.clone()));
+                            }
+                        } else {
+                            t.unavailable_since = None;
                         }
                     }
                     Some(_) => {
@@ -820,6 +846,26 @@ fn track(site: &Arc<Site>) {
                     0,
                     None,
                     Some(format!("Slurm would never run it as asked (pending: {reason}); cancelled")),
+                );
+            });
+        }
+        for (key, id, reason) in unavailable {
+            let site = site.clone();
+            std::thread::spawn(move || {
+                cancel(&site, id);
+                let Some(lease) = lock(&site.table).get(&key).map(|t| t.lease.clone()) else { return };
+                finish_now(
+                    &site,
+                    key,
+                    &lease,
+                    AttemptEnd::Infrastructure,
+                    137,
+                    0,
+                    None,
+                    Some(format!(
+                        "Slurm held it for {} s for nodes that are drained or down ({reason}); placed again",
+                        UNAVAILABLE_FOR.as_secs()
+                    )),
                 );
             });
         }
@@ -955,15 +1001,12 @@ fn ended(site: &Arc<Site>, key: AttemptRef) {
     if let Some(log) = log {
         close_log(site, key, log);
     }
-    let limit_s = lease.time_limit_s.max(1);
+    // Slurm's limit is whole minutes: the one it enforced, not the one asked.
+    let limit_s = lease.time_limit_s.div_ceil(60).max(1) * 60;
     let (end, exit_code, wall_s, gpus, message) = match &record {
-        None => (
-            AttemptEnd::Infrastructure,
-            137,
-            1,
-            None,
-            Some(format!("Slurm job {id}: the cluster no longer knows it (not billed)")),
-        ),
+        None => {
+            (AttemptEnd::Infrastructure, 137, 1, None, Some(format!("Slurm job {id}: the cluster no longer knows it")))
+        }
         Some(e) => {
             let wall = e.elapsed_s.clamp(1, limit_s);
             let gpus = (e.gpus > 0).then_some(e.gpus);
@@ -1003,14 +1046,14 @@ fn ended(site: &Arc<Site>, key: AttemptRef) {
                     137,
                     wall,
                     None,
-                    Some(format!("Slurm job {id} was cancelled on the cluster, not by the network (not billed)")),
+                    Some(format!("Slurm job {id} was cancelled on the cluster, not by the network")),
                 ),
                 Ending::Infrastructure => (
                     AttemptEnd::Infrastructure,
                     137,
                     wall,
                     None,
-                    Some(format!("Slurm job {id} ended {} (a fault of the cluster: not billed)", e.state)),
+                    Some(format!("Slurm job {id} ended {} (a fault of the cluster)", e.state)),
                 ),
             }
         }
@@ -1157,7 +1200,7 @@ fn report(site: &Arc<Site>) {
                 Err(e) => (Vec::new(), Some(format!("cannot read the cluster's nodes: {e}"))),
             },
         };
-        let body = SiteReport { backend: "slurm".into(), problem, pools };
+        let body = SiteReport { site: Some(site.name.clone()), backend: "slurm".into(), problem, pools };
         match site.client.post::<_, serde::de::IgnoredAny>("/v1/agent/report", &body) {
             Ok(_) => {}
             Err(ClientError::Api { status: 401, .. }) => {

@@ -431,6 +431,10 @@ pub struct SitePool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SiteReport {
+    /// The site the agent was started for: refused (403) unless it is the
+    /// site its token is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
     /// The backend it runs jobs on (`local`, `slurm`).
     #[schema(max_length = 32)]
     pub backend: String,

@@ -56,7 +56,10 @@ fn main() -> ExitCode {
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::from(1)
+            match error.downcast_ref::<platform::AgentSetupError>() {
+                Some(_) => ExitCode::from(platform::AgentSetupError::EXIT),
+                None => ExitCode::from(1),
+            }
         }
     }
 }
@@ -69,6 +72,17 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 }
 
 fn try_main(cli: Cli) -> anyhow::Result<()> {
+    if matches!(cli.command, Command::Ledger(_) | Command::Serve(_) | Command::Admin(_)) {
+        // The database holds current jobs' secrets and token hashes: what
+        // these commands create is for no other user (a Slurm job shares
+        // the machine's file system). Not for `up` and `agent`, whose
+        // folders jobs must be able to enter; they set their files' modes
+        // one by one, and the server makes the database private at start.
+        // SAFETY: umask has no preconditions.
+        unsafe {
+            libc::umask(0o077);
+        }
+    }
     match cli.command {
         Command::Simulate(args) => simulate::simulate(args),
         Command::Bench(args) => bench::bench(args),

@@ -717,7 +717,12 @@ pub fn client(connection: &Connection, command: ClientCommand) -> anyhow::Result
                             match (s.up, &s.problem) {
                                 (false, _) => "down".into(),
                                 (true, None) => "up".into(),
-                                (true, Some(problem)) => format!("unhealthy: {problem}"),
+                                // The whole reason is in --json.
+                                (true, Some(problem)) => {
+                                    let short: String = problem.chars().take(48).collect();
+                                    let more = if short.len() < problem.len() { "..." } else { "" };
+                                    format!("unhealthy: {short}{more}")
+                                }
                             },
                             s.last_seen.map_or("-".into(), when),
                             s.backend.clone().unwrap_or_else(|| "-".into()),
@@ -929,6 +934,18 @@ impl Supervisor {
                 Some(Ok(Some(status))) => Some(status),
                 _ => None,
             };
+            if let Some(status) = exited
+                && status.code() == Some(AgentSetupError::EXIT as i32)
+            {
+                let a = &mut self.agents[i];
+                a.child = None;
+                a.stopped = true;
+                eprintln!(
+                    "suanwang up: the agent of {} cannot work as set up (see its error above); it is not restarted: fix the options of `up` (--slurm-site, --slurm-gres-map, --slurm-partition) and start again",
+                    a.site
+                );
+                continue;
+            }
             if let Some(status) = exited {
                 let valid = std::fs::read_to_string(&self.agents[i].token_file)
                     .ok()
@@ -1248,9 +1265,34 @@ pub fn agent(args: AgentArgs, connection: &Connection) -> anyhow::Result<()> {
         },
         slurm,
     })
-    .map_err(|e| anyhow!("agent of {site}: {e}"))?;
+    .map_err(|e| match e {
+        // A set-up that cannot work: the exit code tells `up` not to restart it.
+        suanwang_agent::AgentError::Config(why) => {
+            anyhow::Error::new(AgentSetupError(format!("agent of {site}: {why}")))
+        }
+        e => anyhow!("agent of {site}: {e}"),
+    })?;
     Ok(())
 }
+
+/// An agent's set-up can never work as given (another site's token, a
+/// GRES type or partition the cluster lacks): `main` exits with
+/// [`AgentSetupError::EXIT`], and `up` does not restart such an agent.
+#[derive(Debug)]
+pub struct AgentSetupError(pub String);
+
+impl AgentSetupError {
+    /// `EX_CONFIG` of sysexits.h.
+    pub const EXIT: u8 = 78;
+}
+
+impl std::fmt::Display for AgentSetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AgentSetupError {}
 
 pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
     match args.command {

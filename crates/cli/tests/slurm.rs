@@ -328,6 +328,9 @@ fn two_slurm_clusters_and_a_local_site_run_a_batch_each_job_billed_where_it_ran(
     }
     assert_eq!(sites_used.len(), 3, "the network placed work on every site: {sites_used:?}");
     assert_eq!(held(&acme), 0, "every hold settled");
+    // Current jobs' secrets live in the database: only the server's user may read it.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&p.db).unwrap().permissions().mode() & 0o077, 0);
     p.verify();
 }
 
@@ -337,6 +340,22 @@ fn cancel_an_administrator_s_cancel_a_drained_node_and_a_script_run_as_sbatch_wo
     let mut p = Platform::with_topology("slurm-cancel", &network(false), &SHORT);
     start_slurm_agent(&mut p, &c, "alpha", "alpha", "A100=a100");
     let acme = p.org("acme", "alpha");
+    // An agent started for another site than its token's, or with a GRES
+    // map the cluster has nothing of, stops at once with exit code 78.
+    for (site, gres) in [("beta", "Ascend910B=910b"), ("alpha", "A100=h100")] {
+        let o = Command::new(exe())
+            .args(["agent", "--server", &p.url, "--site", site, "--backend", "slurm", "--slurm-conf"])
+            .arg(c.conf("alpha"))
+            .args(["--gres-map", gres, "--workdir"])
+            .arg(p.dir.join(format!("wrong-{site}")))
+            .arg("--token-file")
+            .arg(p.agent_token_file("alpha"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(78), "{err}");
+        assert!(err.contains("bound to site alpha, not beta") || err.contains("no GPU of any GRES type"), "{err}");
+    }
     // Cancel: the Slurm job is gone within 2 s, the hold is released.
     let id = submit(&acme, &gpu_job("echo started; sleep 300", &["A100"]));
     wait_job(&acme, id, Duration::from_secs(30), |j| logs(&acme, j.id).contains("started"));
@@ -425,7 +444,8 @@ fn slurm_ends_a_job_at_its_time_limit_and_the_bill_stops_there() {
     // its log quota and 256 MiB: its own doing, billed; the log keeps the quota.
     let loud = submit(&acme, &gpu_job("yes 0123456789abcdef", &["A100"]));
     let mut request = gpu_job("echo sleeping; sleep 600", &["A100"]);
-    request.time_limit_s = Some(60);
+    // 30 s: Slurm's limits are whole minutes, so it runs (and is billed) a minute.
+    request.time_limit_s = Some(30);
     let id = submit(&acme, &request);
     // Slurm checks limits every ~30 s: the end comes 60 to 100 s after the start.
     let done = wait_job(&acme, id, Duration::from_secs(150), |j| j.state.is_terminal());
@@ -434,7 +454,11 @@ fn slurm_ends_a_job_at_its_time_limit_and_the_bill_stops_there() {
     let events: Vec<JobEvent> = acme.get(&format!("/v1/jobs/{id}/events")).unwrap();
     assert!(events.iter().any(|e| e.detail.contains("ended at its time limit of 1 min")), "{events:#?}");
     let line = billed(&acme, id).pop().unwrap();
-    assert_eq!((line.cause.as_str(), line.accel_seconds), ("time limit", 120), "2 GPUs x the 60 s limit: {line:?}");
+    assert_eq!(
+        (line.cause.as_str(), line.accel_seconds),
+        ("time limit", 120),
+        "2 GPUs x Slurm's 1 min limit: {line:?}"
+    );
     let loud = wait_job(&acme, loud, Duration::from_secs(60), |j| j.state.is_terminal());
     assert_eq!((loud.state, loud.exit_code), (JobState::Failed, Some(137)), "{loud:?}");
     let events: Vec<JobEvent> = acme.get(&format!("/v1/jobs/{}/events", loud.id)).unwrap();
@@ -479,7 +503,7 @@ fn a_killed_agent_adopts_its_slurm_jobs_and_a_dead_controller_moves_the_work() {
     // with nothing usable, new work goes to beta, and the running job is
     // run again on beta once its lease expires, billed once.
     let both = ["A100", "Ascend910B"];
-    let running = submit(&acme, &gpu_job("echo at $SUANWANG_SITE; sleep 6", &both));
+    let running = submit(&acme, &gpu_job("echo at $SUANWANG_SITE; for i in $(seq 12); do sleep 1; echo tick $i; done", &both));
     let first = wait_job(&acme, running, Duration::from_secs(30), |j| logs(&acme, j.id).contains("at "));
     assert_eq!(first.site.as_deref(), Some("alpha"), "{first:?}");
     let ctld = c.pid("alpha", "slurmctld");
@@ -500,6 +524,13 @@ fn a_killed_agent_adopts_its_slurm_jobs_and_a_dead_controller_moves_the_work() {
     );
     let lines = billed(&acme, running);
     assert_eq!(lines.iter().map(|l| (l.attempt, l.site.as_str())).collect::<Vec<_>>(), vec![(2, "beta")]);
+    // What the abandoned attempt printed after it was given up is not mixed into the log.
+    let out = logs(&acme, running);
+    assert_eq!(
+        (out.matches("=== attempt 1 at alpha ===").count(), out.matches("=== attempt 2 at beta ===").count()),
+        (1, 1),
+        "{out}"
+    );
     // The controller comes back: the abandoned attempt is cancelled there
     // and the site is usable again.
     assert!(c.run("up").status.success());

@@ -37,6 +37,13 @@ pub enum Filter {
         cost_fen: i64,
         budget_fen: i64,
     },
+    /// Its pools are big enough, but not as much of them is usable now
+    /// (nodes drained, down or reserved at the site).
+    NotUsableNow {
+        gpus: u32,
+        usable: u32,
+        registered: u32,
+    },
 }
 
 impl std::fmt::Display for Filter {
@@ -52,6 +59,10 @@ impl std::fmt::Display for Filter {
             Filter::OverBudget { cost_fen, budget_fen } => {
                 write!(f, "would cost {cost_fen} fen, budget is {budget_fen} fen")
             }
+            Filter::NotUsableNow { gpus, usable, registered } => write!(
+                f,
+                "wants {gpus} accelerators together, only {usable} of the accepted pool's {registered} are usable now (the rest drained, down or reserved)"
+            ),
         }
     }
 }
@@ -165,6 +176,7 @@ fn site_verdict(
         return Err(Filter::GangTooLarge { gpus: job.gpus, largest_pool });
     }
     let mut cheapest_over_budget = i64::MAX;
+    let mut unusable: Option<Filter> = None;
     let mut best: Option<Scored> = None;
     for pool in typed.into_iter().filter(|&p| topology.pool(p).count >= job.gpus) {
         let mut e = estimate::estimate(topology, job, pool, reference_s);
@@ -177,7 +189,15 @@ fn site_verdict(
         let can_start_now = state.pools[pool.0 as usize].free >= job.gpus;
         e.wait_s = match state.earliest_start(now_s, pool, job.gpus) {
             Some((at, _)) => at - now_s,
-            None => continue,
+            None => {
+                let registered = topology.pool(pool).count;
+                unusable.get_or_insert(Filter::NotUsableNow {
+                    gpus: job.gpus,
+                    usable: state.pools[pool.0 as usize].capacity,
+                    registered,
+                });
+                continue;
+            }
         };
         let value = objective(job, yardstick, &e);
         if best.as_ref().is_none_or(|b| value < b.objective) {
@@ -191,5 +211,8 @@ fn site_verdict(
             });
         }
     }
-    best.ok_or(Filter::OverBudget { cost_fen: cheapest_over_budget, budget_fen: job.budget_fen.unwrap_or(0) })
+    best.ok_or_else(|| match unusable {
+        Some(f) if cheapest_over_budget == i64::MAX => f,
+        _ => Filter::OverBudget { cost_fen: cheapest_over_budget, budget_fen: job.budget_fen.unwrap_or(0) },
+    })
 }

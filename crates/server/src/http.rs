@@ -657,9 +657,11 @@ async fn sites(State(state): State<AppState>, Auth(_who): Auth) -> Result<Json<V
                         api::SitePool {
                             accelerator: t.accelerator(pool.accel).name.clone(),
                             count: pool.count,
-                            usable: match reported {
-                                None => pool.count,
-                                Some(r) => r.map_or(0, |r| r.usable.min(pool.count)),
+                            usable: match (reported, status.reports[i].as_ref().and_then(|r| r.problem.as_ref())) {
+                                // A site with a problem offers nothing now.
+                                (_, Some(_)) => 0,
+                                (None, None) => pool.count,
+                                (Some(r), None) => r.map_or(0, |r| r.usable.min(pool.count)),
                             },
                             free: status.free[&p.0],
                             price_fen_per_hour: pool.price_fen_per_hour,
@@ -945,6 +947,10 @@ async fn site_report(
     ApiJson(report): ApiJson<api::SiteReport>,
 ) -> Result<Json<serde_json::Value>> {
     let site = provider_site(&who, &state.topology)?;
+    let bound = &state.topology.site(site).key;
+    if let Some(named) = report.site.as_deref().filter(|named| *named != bound) {
+        return Err(Error::forbidden(format!("this token is bound to site {bound}, not {named}")));
+    }
     crate::validate::site_report(&report)?;
     state.world.call(move |s, b| s.report(b, site, &report)).await?;
     Ok(Json(serde_json::json!({"ok": true})))

@@ -101,6 +101,15 @@ pub fn open(config: &ServerConfig) -> Result<http::AppState, ServeError> {
     };
     let topology = Arc::new(suanwang_topology::build(&spec, std::path::Path::new(&config.topology))?);
     let ledger = Ledger::open(&config.db)?;
+    // Current jobs' secrets are in the file (and its write-ahead log): the
+    // server's user only, whoever made it and whatever the umask was.
+    for suffix in ["", "-wal", "-shm"] {
+        let path = std::path::PathBuf::from(format!("{}{suffix}", config.db.display()));
+        if path.exists() {
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(|e| ServeError::Config(format!("{}: cannot make it private: {e}", path.display())))?;
+        }
+    }
     let world = world::start(ledger, topology.clone(), &config.policy, config.timings)?;
     let tokens = auth::Tokens::new(config.db.clone());
     Ok(http::AppState { world, tokens, topology, db: config.db.clone(), timings: config.timings })

@@ -1071,7 +1071,16 @@ impl State {
         tail: bool,
         data: &[u8],
     ) -> Result<LogAck> {
-        self.current(b, site, job, attempt, secret)?;
+        let state = self.current(b, site, job, attempt, secret)?;
+        // Output of an attempt the network gave up (lost, withdrawn, or
+        // ended) is not the job's any more: another attempt may be writing
+        // its log now. A cancelled one ('stopping') may still ship its last lines.
+        if !matches!(state.as_str(), "leased" | "running" | "stopping") {
+            return Err(Error::conflict(
+                "stale_attempt",
+                format!("attempt {attempt} of job {job} no longer counts ({state}): its output is not kept"),
+            ));
+        }
         if data.len() > LOG_CHUNK_BYTES {
             return Err(Error::new(
                 axum::http::StatusCode::PAYLOAD_TOO_LARGE,
