@@ -499,11 +499,36 @@ fn a_killed_agent_adopts_its_slurm_jobs_and_a_dead_controller_moves_the_work() {
     assert_eq!((out.matches("begin 1").count(), out.matches("end").count()), (1, 1), "{out}");
     assert_eq!(billed(&acme, id).len(), 1);
 
+    // The agent dies long enough for the network to run the job elsewhere:
+    // its next life finds the abandoned Slurm job, cancels it, and none of
+    // what that attempt printed late lands in the job's log.
+    let both = ["A100", "Ascend910B"];
+    let moved =
+        submit(&acme, &gpu_job("echo at $SUANWANG_SITE; for i in $(seq 15); do sleep 1; echo tick $i; done", &both));
+    wait_job(&acme, moved, Duration::from_secs(30), |j| {
+        j.site.as_deref() == Some("alpha") && logs(&acme, j.id).contains("tick 1")
+    });
+    p.kill_agent("alpha");
+    wait_job(&acme, moved, Duration::from_secs(30), |j| j.attempts == 2);
+    std::thread::sleep(Duration::from_secs(3));
+    start_slurm_agent(&mut p, &c, "alpha", "alpha", "A100=a100");
+    wait_until("the abandoned Slurm job is cancelled", Duration::from_secs(15), || {
+        c.jobs("alpha")
+            .iter()
+            .all(|j| j.1 != format!("sw-{moved}-1") || !matches!(j.2.as_str(), "RUNNING" | "PENDING"))
+            .then_some(())
+    });
+    let done = wait_job(&acme, moved, Duration::from_secs(60), |j| j.state.is_terminal());
+    assert_eq!((done.state, done.site.as_deref()), (JobState::Succeeded, Some("beta")), "{done:?}");
+    let out = logs(&acme, moved);
+    assert_eq!(out.matches("=== attempt 1 at alpha ===").count(), 1, "{out}");
+    assert_eq!(billed(&acme, moved).iter().map(|l| l.attempt).collect::<Vec<_>>(), vec![2]);
+
     // alpha's controller dies under a running job: the site goes unhealthy
     // with nothing usable, new work goes to beta, and the running job is
     // run again on beta once its lease expires, billed once.
-    let both = ["A100", "Ascend910B"];
-    let running = submit(&acme, &gpu_job("echo at $SUANWANG_SITE; for i in $(seq 12); do sleep 1; echo tick $i; done", &both));
+    let running =
+        submit(&acme, &gpu_job("echo at $SUANWANG_SITE; for i in $(seq 12); do sleep 1; echo tick $i; done", &both));
     let first = wait_job(&acme, running, Duration::from_secs(30), |j| logs(&acme, j.id).contains("at "));
     assert_eq!(first.site.as_deref(), Some("alpha"), "{first:?}");
     let ctld = c.pid("alpha", "slurmctld");
