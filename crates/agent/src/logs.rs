@@ -97,6 +97,22 @@ impl Spool {
         self.changed.notify_all();
     }
 
+    /// Counts `n` bytes of output that were never read (skipped in a file
+    /// far past the quota) as printed and dropped. They came after the
+    /// tail kept so far, so that tail is no longer the last output.
+    pub fn skipped(&self, n: u64) {
+        let mut p = self.progress.lock().expect("spool lock");
+        p.total += n;
+        p.tail.clear();
+        drop(p);
+        self.changed.notify_all();
+    }
+
+    /// The attempt's log quota: what the spool keeps before only a tail.
+    pub fn quota(&self) -> u64 {
+        self.quota
+    }
+
     fn snapshot(&self) -> (u64, u64, bool) {
         let p = self.progress.lock().expect("spool lock");
         (p.total, p.spooled, p.closed)

@@ -111,8 +111,12 @@ struct Tracked {
     started: bool,
     /// The server asked for the stop (a cancel or a preemption).
     stop_asked: bool,
-    /// A thread is reporting its end: nothing else touches it.
+    /// A thread is reporting its end: nothing else touches it (heartbeats
+    /// go on until the end is reported, so shipping the last output cannot
+    /// lose the lease).
     finishing: bool,
+    /// Given up for a lost lease: no more heartbeats.
+    abandoned: bool,
     last_ack: Instant,
     last_beat: Instant,
     missing_since: Option<Instant>,
@@ -412,6 +416,7 @@ fn adopt(site: &Arc<Site>) {
                         started: false,
                         stop_asked: false,
                         finishing: false,
+                        abandoned: false,
                         last_ack: now,
                         last_beat: now - Duration::from_secs(3600),
                         missing_since: None,
@@ -494,6 +499,7 @@ fn lease_loop(config: &AgentConfig, site: &Arc<Site>, submit: &mpsc::Sender<Atte
                             started: false,
                             stop_asked: false,
                             finishing: false,
+                            abandoned: false,
                             last_ack: now,
                             last_beat: now,
                             missing_since: None,
@@ -918,7 +924,7 @@ fn open_log(site: &Site, key: AttemptRef, lease: &Lease) -> Option<LogTail> {
     let done = Arc::new(AtomicBool::new(false));
     let filler = {
         let (spool, done, file) = (spool.clone(), done.clone(), output_path(site, key));
-        std::thread::spawn(move || spool.fill(Tail { file, open: None, done }))
+        std::thread::spawn(move || spool.fill(Tail { file, open: None, done, read: 0, spool: spool.clone() }))
     };
     let shipper = {
         let spool = spool.clone();
@@ -943,15 +949,22 @@ fn close_log(site: &Site, key: AttemptRef, log: LogTail) {
     log.spool.remove();
 }
 
-/// A job's output file, read as it grows until the job has ended.
+/// A job's output file, read as it grows until the job has ended. Past
+/// the log quota only the last [`crate::logs::TAIL_BYTES`] matter: what
+/// lies before them is skipped, not read (a job may make its file huge, or
+/// sparse, through its own output handle).
 struct Tail {
     file: PathBuf,
     open: Option<std::fs::File>,
     done: Arc<AtomicBool>,
+    /// Bytes of the file consumed so far (read or skipped).
+    read: u64,
+    spool: Arc<Spool>,
 }
 
 impl std::io::Read for Tail {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::Seek;
         loop {
             // Read what is there before looking at `done`, so that the last
             // output (written before Slurm reported the end) is not lost.
@@ -960,8 +973,15 @@ impl std::io::Read for Tail {
                 self.open = std::fs::File::open(&self.file).ok();
             }
             if let Some(f) = self.open.as_mut() {
+                let len = f.metadata()?.len();
+                let tail_from = len.saturating_sub(crate::logs::TAIL_BYTES as u64);
+                if self.read >= self.spool.quota() && tail_from > self.read {
+                    self.spool.skipped(tail_from - self.read);
+                    self.read = f.seek(std::io::SeekFrom::Start(tail_from))?;
+                }
                 let n = f.read(buf)?;
                 if n > 0 {
+                    self.read += n as u64;
                     return Ok(n);
                 }
             }
@@ -1088,7 +1108,7 @@ fn beat(site: &Arc<Site>) {
             table
                 .iter()
                 .filter(|(_, t)| {
-                    !t.finishing && t.last_beat.elapsed() >= Duration::from_secs(t.lease.heartbeat_s.max(1))
+                    !t.abandoned && t.last_beat.elapsed() >= Duration::from_secs(t.lease.heartbeat_s.max(1))
                 })
                 .map(|(&k, t)| (k, t.lease.clone(), t.last_ack))
                 .collect()
@@ -1141,6 +1161,7 @@ fn give_up(site: &Arc<Site>, key: AttemptRef, lease: &Lease) {
             return;
         }
         t.finishing = true;
+        t.abandoned = true;
         (t.slurm_id, t.log.take())
     };
     eprintln!("agent {}: job {} attempt {}: lease lost; cancelling it in Slurm", site.name, key.job, key.attempt);

@@ -443,6 +443,15 @@ fn slurm_ends_a_job_at_its_time_limit_and_the_bill_stops_there() {
     // A job printing without end is cancelled once its output file passes
     // its log quota and 256 MiB: its own doing, billed; the log keeps the quota.
     let loud = submit(&acme, &gpu_job("yes 0123456789abcdef", &["A100"]));
+    // Or makes its output file huge and sparse through its own handle: the
+    // same, without the agent reading the hole (nor losing the lease to it).
+    let sparse = submit(
+        &acme,
+        &gpu_job(
+            "echo working; sleep 2; perl -e 'truncate(STDOUT, 4 * 2**40) or die $!'; echo after; sleep 60",
+            &["A100"],
+        ),
+    );
     let mut request = gpu_job("echo sleeping; sleep 600", &["A100"]);
     // 30 s: Slurm's limits are whole minutes, so it runs (and is billed) a minute.
     request.time_limit_s = Some(30);
@@ -465,6 +474,15 @@ fn slurm_ends_a_job_at_its_time_limit_and_the_bill_stops_there() {
     assert!(events.iter().any(|e| e.detail.contains("its output passed")), "{events:#?}");
     assert_eq!(billed(&acme, loud.id).len(), 1);
     assert!(logs(&acme, loud.id).contains("[truncated:"));
+    let sparse = wait_job(&acme, sparse, Duration::from_secs(60), |j| j.state.is_terminal());
+    assert_eq!((sparse.state, sparse.exit_code, sparse.attempts), (JobState::Failed, Some(137), 1), "{sparse:?}");
+    assert_eq!(billed(&acme, sparse.id).len(), 1);
+    let out = logs(&acme, sparse.id);
+    assert!(
+        out.contains("working") && out.contains("[truncated:") && out.contains("after"),
+        "{}",
+        &out[..out.len().min(300)]
+    );
     assert!(
         !p.workdir("alpha").join(".agent").read_dir().unwrap().any(|e| e
             .unwrap()

@@ -169,6 +169,16 @@ pub fn site_report(report: &suanwang_api::SiteReport) -> Result<()> {
     if report.pools.len() > 64 {
         return Err(Error::invalid("pools", format!("at most 64, got {}", report.pools.len())));
     }
+    for (i, p) in report.pools.iter().enumerate() {
+        if p.total > 10_000_000 {
+            return Err(Error::invalid(&format!("pools[{i}].total"), format!("at most 10000000, got {}", p.total)));
+        }
+        for (name, n) in [("usable", p.usable), ("drained", p.drained), ("down", p.down), ("reserved", p.reserved)] {
+            if n > p.total {
+                return Err(Error::invalid(&format!("pools[{i}].{name}"), format!("{n} of {} in all", p.total)));
+            }
+        }
+    }
     Ok(())
 }
 
