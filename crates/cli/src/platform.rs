@@ -1042,7 +1042,14 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             }
         );
     }
-    let topology = suanwang_topology::load(&args.serve.topology)?;
+    // The database's own network when it has one (`admin site` may have
+    // grown it since its first start): one agent for each of its sites.
+    let requested = suanwang_topology::load_spec(&args.serve.topology)?;
+    let spec = match suanwang_server::admin::stored_network(db)? {
+        Some(stored) if stored.name == requested.name => stored,
+        _ => requested,
+    };
+    let topology = suanwang_topology::build(&spec, Path::new(&args.serve.topology))?;
     let mut slurm_sites = std::collections::BTreeMap::new();
     for spec in &args.slurm_sites {
         let Some((site, conf)) = spec.split_once('=') else {

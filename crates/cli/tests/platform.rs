@@ -664,14 +664,46 @@ fn up_supervises_its_agents_stops_them_on_sigterm_and_reuses_its_tokens() {
     let status = up.wait().unwrap();
     assert!(status.success(), "{status}");
     assert!(processes(&format!("agent --server {url} ")).is_empty(), "agents left behind");
+    // A site added to the database's network gets its agent at the next start.
+    run_ok(&[
+        "admin",
+        "--db",
+        db.to_str().unwrap(),
+        "site",
+        "c",
+        "--city",
+        "Weifang",
+        "--level",
+        "edge",
+        "--lat",
+        "36.7",
+        "--lon",
+        "119.1",
+        "--provider",
+        "c-co",
+        "--pool",
+        "A100:4:900",
+        "--link",
+        "a:10:3:2",
+    ]);
     // A second start reuses its tokens instead of minting more.
     let (mut up, url, operator_again) = start();
     assert!(operator_again.is_none());
     assert_eq!(std::fs::read_to_string(workdir.join(".tokens/a.token")).unwrap(), tokens_before);
+    let operator = Client::new(&url, &run_ok(&["admin", "--db", db.to_str().unwrap(), "bootstrap", "--force"]));
+    let started = Instant::now();
+    loop {
+        let sites: Vec<suanwang_api::Site> = operator.get("/v1/sites").unwrap();
+        if sites.len() == 3 && sites.iter().all(|s| s.up) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the agents of a, b and the added c: {sites:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let listed = run_ok(&["admin", "--db", db.to_str().unwrap(), "token", "list"]);
     let live_provider_tokens =
         listed.lines().filter(|l| l.contains("provider") && l.trim_end().ends_with(" -")).count();
-    assert_eq!(live_provider_tokens, 2, "{listed}");
+    assert_eq!(live_provider_tokens, 3, "{listed}");
     Command::new("kill").args(["-INT", &up.id().to_string()]).status().unwrap();
     assert!(up.wait().unwrap().success());
     assert!(processes(&format!("agent --server {url} ")).is_empty(), "agents left behind after SIGINT");
