@@ -175,7 +175,7 @@ fn itp(dir: &Path, policy: &str, load: f64, seed: u64) -> anyhow::Result<()> {
     if files.is_empty() {
         bail!("--dir {}: no .csv trace files", dir.display());
     }
-    let options = RunOptions { check_invariants: false, keep_series: false };
+    let options = RunOptions { check_invariants: false, keep_series: false, ..RunOptions::default() };
     let mut wall_rows = Vec::new();
     let mut verdicts = Vec::new();
     for file in &files {
@@ -281,7 +281,7 @@ fn scale(trace: &str, jobs: usize, sites: usize, policy: &str, load: f64, seed: 
         started.elapsed().as_millis()
     );
     let prepared = Prepared { scaled, mapper, header };
-    let options = RunOptions { check_invariants: false, keep_series: false };
+    let options = RunOptions { check_invariants: false, keep_series: false, ..RunOptions::default() };
     let mut rows = Vec::new();
     for name in &policies {
         let bar = progress_bar(prepared.header.jobs as u64);

@@ -54,6 +54,11 @@ pub struct SimulateArgs {
     /// Check every scheduler invariant after every step (slow; always on in debug builds).
     #[arg(long)]
     pub check: bool,
+    /// The run-time estimates the scheduler plans with: `history` (an online
+    /// predictor from jobs completed before each submission), `noisy:LO-HI`
+    /// (the truth times a seeded factor in [LO, HI)) or `exact` (an oracle).
+    #[arg(long, default_value = "noisy:1-2", value_parser = |s: &str| suanwang_sim::Estimates::parse(s))]
+    pub estimates: suanwang_sim::Estimates,
 }
 
 #[derive(Debug, Args)]
@@ -169,8 +174,12 @@ pub fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     let policies = parse_policies(&args.policy)?;
     let load = (!args.native_capacity).then_some(args.load);
     let prepared = prepare(&args.trace, format.as_ref(), &args.topology, args.seed, load)?;
-    let options =
-        RunOptions { check_invariants: args.check || cfg!(debug_assertions), keep_series: args.report.is_some() };
+    let options = RunOptions {
+        check_invariants: args.check || cfg!(debug_assertions),
+        keep_series: args.report.is_some(),
+        estimates: args.estimates,
+        keep_estimates: false,
+    };
     let results = run_policies(&prepared, &policies, &options)?;
     let h = &prepared.header;
     let output = SimulationOutput { header: h, policies: results.iter().map(|r| r.summary.clone()).collect() };
@@ -195,6 +204,28 @@ pub fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
                 h.trace, h.jobs, h.topology, h.accelerators, h.seed, load, h.capacity_scale, h.time_compression
             )?;
             write!(stdout, "{}", table::results(&output.policies))?;
+            // How good the estimates were: per policy, since history
+            // depends on which jobs completed first.
+            let rows: Vec<Vec<String>> = output
+                .policies
+                .iter()
+                .filter_map(|p| p.estimates.as_ref().map(|e| (p, e)))
+                .map(|(p, e)| {
+                    vec![
+                        p.policy.clone(),
+                        if e.oracle { format!("{} (ORACLE)", e.estimator) } else { e.estimator.clone() },
+                        format!("{:.2}", e.median_ratio),
+                        format!("{:.2}", e.p90_ratio),
+                        format!("{:.0}%", e.under_share * 100.0),
+                    ]
+                })
+                .collect();
+            writeln!(stdout)?;
+            write!(
+                stdout,
+                "{}",
+                table::render(&["policy", "estimates", "median est/true", "p90 est/true", "under"], &rows)
+            )?;
         }
     }
     Ok(())

@@ -89,6 +89,23 @@ fn simulate_json_has_every_field_for_every_policy() {
 }
 
 #[test]
+fn simulate_says_which_estimates_the_scheduler_had_and_how_good_they_were() {
+    let v = json_run(&["--policy", "fifo,network", "--estimates", "history"]);
+    for p in v["policies"].as_array().unwrap() {
+        let e = &p["estimates"];
+        assert_eq!((e["estimator"].as_str(), e["oracle"].as_bool()), (Some("history"), Some(false)), "{p}");
+        assert!(e["under_share"].as_f64().unwrap() > 0.0 && e["median_ratio"].as_f64().unwrap() > 0.0, "{e}");
+    }
+    let v = json_run(&["--policy", "fifo", "--estimates", "exact"]);
+    assert_eq!(v["policies"][0]["estimates"]["oracle"], true);
+    let v = json_run(&["--policy", "fifo"]);
+    assert_eq!(v["policies"][0]["estimates"]["estimator"], "noisy:1-2", "the default until issue 10 changes it");
+    let trace = excerpt();
+    let o = suanwang(&["simulate", "--trace", &trace, "--policy", "fifo", "--estimates", "exact"]);
+    assert!(stdout(&o).contains("exact (ORACLE)"), "{}", stdout(&o));
+}
+
+#[test]
 fn simulate_is_deterministic_apart_from_wall_time() {
     let strip = |mut v: Value| {
         for p in v["policies"].as_array_mut().unwrap() {
@@ -165,6 +182,12 @@ fn fails_with(args: &[&str], expected: &str) {
 fn bad_input_gets_a_clear_error_and_a_failing_exit() {
     let dir = temp_dir("bad");
     fails_with(&["simulate", "--policy", "fifo,magic"], "--policy: unknown policy 'magic'");
+    // A bad value of an option is a usage error (exit 2), named by clap.
+    for (value, expected) in [("noisy:2-1", "0 < LO < HI"), ("psychic", "'psychic' is not an estimator")] {
+        let o = suanwang(&["simulate", "--estimates", value]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains("--estimates") && stderr(&o).contains(expected), "{}", stderr(&o));
+    }
     fails_with(
         &["simulate", "--trace", "/nonexistent.csv", "--trace-format", "itp"],
         "/nonexistent.csv:0: cannot read",

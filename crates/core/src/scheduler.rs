@@ -209,6 +209,9 @@ pub struct Counters {
 /// cannot circulate forever).
 pub const DEFAULT_MAX_LOST: u32 = 5;
 
+/// An attempt running past its estimated end is expected to run on at least this long.
+pub const OVERRUN_MIN_EXTENSION_S: u64 = 60;
+
 pub struct Scheduler {
     topology: Arc<Topology>,
     policy: Box<dyn Policy>,
@@ -426,9 +429,14 @@ impl Scheduler {
         Ok(out)
     }
 
-    /// Runs one pass of the policy at `now_s`.
+    /// Runs one pass of the policy at `now_s`. First repairs the plan: an
+    /// attempt still running past its estimated end (its estimate was too
+    /// short) is not killed; it is expected to run on for as long again as
+    /// it has computed (at least a minute), as a scheduler that learns from
+    /// an overrun would.
     pub fn schedule(&mut self, now_s: u64) -> Result<Vec<Decision>, CoreError> {
         self.advance(now_s)?;
+        self.repair_overruns(now_s);
         let mut out = Vec::new();
         if !self.state.pending.is_empty() || !self.state.fired.is_empty() {
             self.counters.passes += 1;
@@ -455,6 +463,38 @@ impl Scheduler {
         }
         self.after_step();
         Ok(out)
+    }
+
+    fn repair_overruns(&mut self, now_s: u64) {
+        // A lower bound of every running attempt's estimated end: nothing
+        // can have overrun before it (most passes stop here).
+        if now_s <= self.state.overrun_check_s {
+            return;
+        }
+        for p in 0..self.state.pools.len() {
+            while let Some(&(end, job)) = self.state.pools[p].running.first() {
+                if end >= now_s {
+                    break;
+                }
+                let live = self.state.jobs.get_mut(&job).expect("running job");
+                let run = live.run.as_mut().expect("running job has a run");
+                let computed = now_s.saturating_sub(run.compute_from_s);
+                run.est_end_s = now_s + computed.max(OVERRUN_MIN_EXTENSION_S);
+                let new_end = run.est_end_s;
+                let pool = &mut self.state.pools[p];
+                pool.running.remove(&(end, job));
+                pool.running.insert((new_end, job));
+                // Its plans (a pool's free-over-time curve) are stale.
+                self.policy.site_up(self.topology.pools[p].site);
+            }
+        }
+        self.state.overrun_check_s = self
+            .state
+            .pools
+            .iter()
+            .filter_map(|pool| pool.running.first().map(|&(end, _)| end))
+            .min()
+            .unwrap_or(u64::MAX);
     }
 
     /// Takes back a job that was running when the driver last stopped (a
@@ -510,6 +550,7 @@ impl Scheduler {
         let state = &mut self.state.pools[pool.0 as usize];
         state.hold(gpus);
         state.running.insert((run.est_end_s, id));
+        self.state.overrun_check_s = self.state.overrun_check_s.min(run.est_end_s);
         *self.state.org_running_gpus.entry(org).or_insert(0) += gpus as u64;
         self.state.refresh_max_free(&self.topology, pool_spec.accel);
         self.after_step();
@@ -681,6 +722,9 @@ impl Scheduler {
                     }
                     if !self.state.site_up[topology.pool(run.pool).site.0 as usize] {
                         return fail(format!("job {id:?} runs on a site that is down"));
+                    }
+                    if run.est_end_s < self.state.overrun_check_s {
+                        return fail(format!("job {id:?} ends before the overrun bound"));
                     }
                     held[run.pool.0 as usize] += job.spec.gpus as u64;
                     running_per_pool[run.pool.0 as usize] += 1;
@@ -900,6 +944,7 @@ impl<'a> Pass<'a> {
         assert!(state.free >= gpus, "pool {pool:?} over-allocated by {job:?}");
         state.hold(gpus);
         state.running.insert((run.est_end_s, job));
+        self.state.overrun_check_s = self.state.overrun_check_s.min(run.est_end_s);
         *self.state.org_running_gpus.entry(org).or_insert(0) += gpus as u64;
         self.state.refresh_max_free(topology, pool_spec.accel);
         self.left_pending.push(job);

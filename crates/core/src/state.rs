@@ -106,6 +106,9 @@ pub(crate) struct State {
     pub org_running_gpus: BTreeMap<OrgId, u64>,
     /// Jobs whose timers fired since the last pass.
     pub fired: Vec<JobId>,
+    /// No running attempt's estimated end is earlier (a lower bound, kept
+    /// by starts and refreshed by the overrun repair).
+    pub overrun_check_s: u64,
 }
 
 impl PoolState {
@@ -139,6 +142,7 @@ impl State {
             timers: BTreeSet::new(),
             org_running_gpus: BTreeMap::new(),
             fired: Vec::new(),
+            overrun_check_s: u64::MAX,
         };
         for accel in 0..topology.accelerators.len() {
             state.refresh_max_free(topology, crate::topology::AccelId(accel as u16));

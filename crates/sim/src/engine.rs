@@ -20,6 +20,7 @@ use suanwang_core::scheduler::{CoreError, Decision, Event, Scheduler};
 use suanwang_core::topology::{PoolId, SPEED_MILLI_REFERENCE, SiteLevel, Topology};
 use suanwang_trace::Mapper;
 
+use crate::estimator::{Estimates, Estimator};
 use crate::metrics::{PolicyResult, Recorder};
 use crate::workload::Workload;
 
@@ -30,11 +31,20 @@ pub struct RunOptions {
     pub check_invariants: bool,
     /// Keep per-level busy intervals for the utilisation-over-time plot.
     pub keep_series: bool,
+    /// The run-time estimates the scheduler plans with.
+    pub estimates: Estimates,
+    /// Keep every job's estimate in the result (for tests; 8 bytes a job).
+    pub keep_estimates: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { check_invariants: cfg!(debug_assertions), keep_series: false }
+        RunOptions {
+            check_invariants: cfg!(debug_assertions),
+            keep_series: false,
+            estimates: Estimates::default(),
+            keep_estimates: false,
+        }
     }
 }
 
@@ -80,6 +90,10 @@ pub fn run(
     // True reference-speed work left per live job, and its running attempt.
     let mut remaining_s: HashMap<JobId, u64> = HashMap::new();
     let mut running: HashMap<JobId, Attempt> = HashMap::new();
+    // Who each live job belongs to, for the estimator's history.
+    let mut class: HashMap<JobId, (suanwang_core::job::OrgId, u32, u64)> = HashMap::new();
+    let mut estimator = Estimator::with_capacity(options.estimates, workload.jobs.len());
+    let mut estimates_s = Vec::with_capacity(if options.keep_estimates { workload.jobs.len() } else { 0 });
     let jobs = &workload.jobs;
     let mut next = 0usize;
 
@@ -105,6 +119,9 @@ pub fn run(
                     }
                     running.remove(&job);
                     remaining_s.remove(&job);
+                    if let Some((org, gpus, duration_s)) = class.remove(&job) {
+                        estimator.observe(org, gpus, duration_s);
+                    }
                     recorder.attempt_ended(job, a.pool, a.started_s, a.compute_from_s, now);
                     recorder.completed(job, now);
                     scheduler.apply(now, Event::Finished { job, attempt })?;
@@ -116,7 +133,18 @@ pub fn run(
             }
         }
         while next < jobs.len() && jobs[next].submit_s == now {
-            let spec = mapper.map(next as u64, &jobs[next]);
+            let mut spec = mapper.map(next as u64, &jobs[next]);
+            let true_s = jobs[next].duration_s.max(1);
+            spec.estimate_s = estimator.estimate(spec.org, spec.gpus, true_s, |lo, hi| {
+                mapper.noisy_estimate(next as u64, jobs[next].duration_s, lo, hi)
+            });
+            if options.keep_estimates {
+                estimates_s.push(spec.estimate_s);
+            }
+            // Only the history estimator learns from completions.
+            if options.estimates == Estimates::History {
+                class.insert(spec.id, (spec.org, spec.gpus, true_s));
+            }
             let id = spec.id;
             recorder.submitted(&spec, now);
             remaining_s.insert(id, jobs[next].duration_s.max(1));
@@ -124,6 +152,7 @@ pub fn run(
             for decision in scheduler.apply(now, Event::Submit(spec))? {
                 if let Decision::Reject { job, .. } = decision {
                     remaining_s.remove(&job);
+                    class.remove(&job);
                     recorder.rejected(job);
                 }
             }
@@ -174,7 +203,10 @@ pub fn run(
     }
     progress(jobs.len() as u64);
     let counters = scheduler.counters();
-    Ok(recorder.finish(policy_name, counters.preemptions, wall.elapsed().as_millis() as u64))
+    let mut result = recorder.finish(policy_name, counters.preemptions, wall.elapsed().as_millis() as u64);
+    result.summary.estimates = Some(estimator.accuracy());
+    result.estimates_s = estimates_s;
+    Ok(result)
 }
 
 /// Compute cost, energy and carbon of `compute_s` seconds on a pool.

@@ -6,10 +6,12 @@
 //! time, cost, carbon, utilisation and fairness, and writes an HTML report.
 
 pub mod engine;
+pub mod estimator;
 pub mod metrics;
 pub mod report;
 pub mod workload;
 
 pub use engine::{RunOptions, SimError, run};
+pub use estimator::{EstimateAccuracy, Estimates};
 pub use metrics::{PolicyResult, PolicySummary};
 pub use workload::{Scaled, Workload, WorkloadError, read_trace, scale};

@@ -43,6 +43,9 @@ pub struct PolicySummary {
     pub jain_fairness: f64,
     pub preemptions: u64,
     pub wall_ms: u64,
+    /// The estimates the scheduler planned with, and how good they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimates: Option<crate::estimator::EstimateAccuracy>,
 }
 
 impl PolicySummary {
@@ -65,6 +68,8 @@ pub struct PolicyResult {
     /// Completion times of completed jobs, ascending.
     pub jcts_s: Vec<u64>,
     pub series: Option<UtilisationSeries>,
+    /// Each job's estimate, by its index in the workload.
+    pub estimates_s: Vec<u64>,
 }
 
 struct JobRecord {
@@ -209,9 +214,11 @@ impl Recorder {
                 jain_fairness,
                 preemptions,
                 wall_ms,
+                estimates: None,
             },
             jcts_s: self.jcts_s,
             series,
+            estimates_s: Vec::new(),
         }
     }
 }

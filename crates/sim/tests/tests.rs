@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use proptest::prelude::*;
 use suanwang_core::policy::NAMES;
 use suanwang_sim::report::{ReportHeader, html};
-use suanwang_sim::{PolicyResult, RunOptions, Scaled, read_trace, run, scale};
+use suanwang_sim::{Estimates, PolicyResult, RunOptions, Scaled, read_trace, run, scale};
 use suanwang_trace::{Format, Mapper, MappingConfig};
 
 fn excerpt() -> String {
@@ -22,7 +22,7 @@ fn scaled(load: Option<f64>) -> Scaled {
 
 fn run_all(scaled: &Scaled, seed: u64, keep_series: bool) -> Vec<PolicyResult> {
     let mapper = Mapper::new(scaled.topology.clone(), MappingConfig::new(seed));
-    let options = RunOptions { check_invariants: true, keep_series };
+    let options = RunOptions { check_invariants: true, keep_series, ..RunOptions::default() };
     NAMES
         .iter()
         .map(|name| run(&scaled.topology, &scaled.workload, &mapper, name, &options, &mut |_| {}).unwrap())
@@ -142,5 +142,51 @@ proptest! {
             // Every job runs at least its true duration at the fastest speed.
             prop_assert!(r.jcts_s.iter().all(|&j| j >= 600 * 1000 / 3170));
         }
+    }
+}
+
+fn run_with(scaled: &Scaled, jobs: &suanwang_sim::Workload, policy: &str, estimates: Estimates) -> PolicyResult {
+    let mapper = Mapper::new(scaled.topology.clone(), MappingConfig::new(1));
+    let options = RunOptions { check_invariants: true, keep_series: false, estimates, keep_estimates: true };
+    run(&scaled.topology, jobs, &mapper, policy, &options, &mut |_| {}).unwrap()
+}
+
+#[test]
+fn estimates_too_short_are_outlived_not_killed_and_every_job_completes_once() {
+    // Every estimate a tenth to a half of the truth: every running job
+    // overruns its plan, which the core repairs pass after pass.
+    let s = scaled(Some(0.8));
+    for name in NAMES {
+        let r = run_with(&s, &s.workload, name, Estimates::Noisy { lo: 0.1, hi: 0.5 });
+        let sum = &r.summary;
+        assert_eq!(sum.jobs_completed + sum.jobs_rejected, s.workload.jobs.len() as u64, "{name}");
+        let accuracy = sum.estimates.as_ref().unwrap();
+        assert_eq!((accuracy.under_share, accuracy.oracle), (1.0, false), "{name}: {accuracy:?}");
+        assert!(accuracy.median_ratio < 0.5 && accuracy.p90_ratio < 0.5, "{accuracy:?}");
+    }
+    let exact = run_with(&s, &s.workload, "fifo", Estimates::Exact);
+    let accuracy = exact.summary.estimates.unwrap();
+    assert_eq!((accuracy.median_ratio, accuracy.under_share, accuracy.oracle), (1.0, 0.0, true));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+
+    /// The history estimator never reads the future: changing every job
+    /// after the k-th (its duration, its gang) leaves the estimates of the
+    /// first k unchanged, under a policy that reacts to estimates.
+    #[test]
+    fn history_estimates_never_read_the_future(k in 0usize..399, factor in 2u64..50, policy in 0usize..3) {
+        let s = scaled(Some(0.8));
+        let name = ["network", "fifo", "las"][policy];
+        let before = run_with(&s, &s.workload, name, Estimates::History);
+        let mut altered = s.workload.clone();
+        for job in altered.jobs.iter_mut().skip(k + 1) {
+            job.duration_s = job.duration_s * factor + 7;
+        }
+        let after = run_with(&s, &altered, name, Estimates::History);
+        prop_assert_eq!(&before.estimates_s[..=k], &after.estimates_s[..=k]);
+        // And the estimates are the history's, not the truth's.
+        prop_assert!(before.summary.estimates.as_ref().unwrap().under_share > 0.0);
     }
 }

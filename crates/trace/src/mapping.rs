@@ -30,6 +30,7 @@
 //!   organisation's datasets, or none (20%: synthetic data, RL).
 //! - **Estimates.** The owner's estimate is the true duration times a
 //!   factor uniform in [1, 2): users overestimate. Only `sjf` sees the truth.
+//!   (The simulator may replace it: `suanwang_sim::Estimates`.)
 //! - **Weights** (time, cost, carbon): enterprises (60, 30, 10), universities
 //!   (30, 60, 10), institutes (40, 40, 20), each moved by up to ±10 per job.
 
@@ -252,8 +253,7 @@ impl Mapper {
         } else {
             vec![org.datasets[below(dataset_draw, org.datasets.len() as u64) as usize]]
         };
-        let factor = 1.0 + unit(mix(seed, index, F_ESTIMATE));
-        let estimate_s = ((job.duration_s as f64 * factor).ceil() as u64).max(job.duration_s).max(1);
+        let estimate_s = self.noisy_estimate(index, job.duration_s, 1.0, 2.0);
         let base = match org.kind {
             OrgKind::Enterprise => [60, 30, 10],
             OrgKind::University => [30, 60, 10],
@@ -267,6 +267,14 @@ impl Mapper {
         spec.datasets = datasets;
         spec.weights = Weights { time: moved(base[0], 0), cost: moved(base[1], 8), carbon: moved(base[2], 16) };
         spec
+    }
+
+    /// The `index`-th job's true duration times a seeded factor uniform in
+    /// `[lo, hi)`: never below the truth when `lo >= 1`, never below a second.
+    pub fn noisy_estimate(&self, index: u64, duration_s: u64, lo: f64, hi: f64) -> u64 {
+        let factor = lo + (hi - lo) * unit(mix(self.seed, index, F_ESTIMATE));
+        let estimate = (duration_s as f64 * factor).ceil() as u64;
+        if lo >= 1.0 { estimate.max(duration_s).max(1) } else { estimate.max(1) }
     }
 
     /// A trace GPU type that names a catalogue type (ignoring case, and
