@@ -28,7 +28,7 @@ pub struct SimulateArgs {
     /// Trace format: itp, openb, gavel or csv (guessed from the file when omitted).
     #[arg(long)]
     pub trace_format: Option<String>,
-    /// Column mapping for --trace-format csv: submit=COL,duration=COL,gpus=COL[,gpu_type=COL][,user=COL].
+    /// Column mapping for --trace-format csv: submit=COL,duration=COL,gpus=COL[,gpu_type=COL][,user=COL][,estimate=COL].
     #[arg(long)]
     pub columns: Option<String>,
     /// Topology file, or a bundled topology by name.
@@ -55,7 +55,8 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub check: bool,
     /// The run-time estimates the scheduler plans with: `history` (an online
-    /// predictor from jobs completed before each submission), `noisy:LO-HI`
+    /// predictor from jobs completed before each submission), `user` (the
+    /// trace's requested times, `--columns ...,estimate=COL`), `noisy:LO-HI`
     /// (the truth times a seeded factor in [LO, HI)) or `exact` (an oracle).
     #[arg(long, default_value = "noisy:1-2", value_parser = |s: &str| suanwang_sim::Estimates::parse(s))]
     pub estimates: suanwang_sim::Estimates,
@@ -174,6 +175,13 @@ pub fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     let policies = parse_policies(&args.policy)?;
     let load = (!args.native_capacity).then_some(args.load);
     let prepared = prepare(&args.trace, format.as_ref(), &args.topology, args.seed, load)?;
+    if args.estimates == suanwang_sim::Estimates::User
+        && prepared.scaled.workload.jobs.iter().all(|j| j.requested_s.is_none())
+    {
+        bail!(
+            "--estimates user: the trace records no requested run times; name its column with --trace-format csv --columns ...,estimate=COL"
+        );
+    }
     let options = RunOptions {
         check_invariants: args.check || cfg!(debug_assertions),
         keep_series: args.report.is_some(),

@@ -168,6 +168,40 @@ fn other_formats_and_column_maps_run() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["policies"][0]["jobs_completed"], 3);
+    // A requested-time column: the users' own estimates (three times the
+    // truth, and one asked nothing and gets the history's hour).
+    let asked = dir.join("asked.csv");
+    std::fs::write(
+        &asked,
+        "start,secs,n,req
+0,3600,4,10800
+60,7200,8,21600
+120,600,1,
+",
+    )
+    .unwrap();
+    let args = |estimates: &str, file: &Path| {
+        let mut a: Vec<String> = ["simulate", "--trace", file.to_str().unwrap(), "--trace-format", "csv", "--columns"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.push("submit=start,duration=secs,gpus=n,estimate=req".into());
+        a.extend(["--policy", "fifo", "--format", "json", "--estimates", estimates].map(String::from));
+        a
+    };
+    let o = suanwang(&args("user", &asked).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let e = &v["policies"][0]["estimates"];
+    assert_eq!(
+        (e["estimator"].as_str(), e["median_ratio"].as_f64(), e["p90_ratio"].as_f64()),
+        (Some("user"), Some(3.0), Some(6.0)),
+        "{e}"
+    );
+    // A trace without one cannot give user estimates.
+    let o = suanwang(&["simulate", "--trace", &excerpt(), "--estimates", "user"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--estimates user: the trace records no requested run times"), "{}", stderr(&o));
 }
 
 fn fails_with(args: &[&str], expected: &str) {

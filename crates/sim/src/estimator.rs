@@ -14,6 +14,9 @@
 //!   `[LO, HI)` (`noisy:1-2`, the default until issue 10 is done, is users
 //!   who overestimate by up to double; `noisy:1-10` and `noisy:1-100` are
 //!   Mu'alem–Feitelson's wilder users).
+//! - `user`: what the job's user asked for, from the trace's requested-time
+//!   column (`--columns ...,estimate=COL`); a job that asked nothing gets
+//!   the history's estimate.
 //! - `exact`: the truth. An oracle, and labelled so wherever it is shown.
 //!
 //! Whatever the estimate, the simulator ends a job when its true duration
@@ -34,6 +37,7 @@ pub const NO_HISTORY_S: u64 = 3600;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Estimates {
     History,
+    User,
     Noisy { lo: f64, hi: f64 },
     Exact,
 }
@@ -49,10 +53,11 @@ impl Estimates {
     pub fn parse(text: &str) -> Result<Estimates, String> {
         match text.trim() {
             "history" => Ok(Estimates::History),
+            "user" => Ok(Estimates::User),
             "exact" => Ok(Estimates::Exact),
             other => {
                 let range = other.strip_prefix("noisy:").ok_or_else(|| {
-                    format!("'{other}' is not an estimator: history, exact or noisy:LO-HI (e.g. noisy:1-10)")
+                    format!("'{other}' is not an estimator: history, user, exact or noisy:LO-HI (e.g. noisy:1-10)")
                 })?;
                 let (lo, hi) =
                     range.split_once('-').ok_or_else(|| format!("noisy:{range}: give LO-HI, e.g. noisy:1-10"))?;
@@ -69,6 +74,7 @@ impl Estimates {
     pub fn name(&self) -> String {
         match self {
             Estimates::History => "history".into(),
+            Estimates::User => "user".into(),
             Estimates::Exact => "exact".into(),
             Estimates::Noisy { lo, hi } => format!("noisy:{lo}-{hi}"),
         }
@@ -128,11 +134,19 @@ impl Estimator {
     /// The estimate of a job at its submission. `noisy` draws from
     /// `noisy(lo, hi)` (the mapping's seeded factor); only `noisy` and
     /// `exact` look at `true_s`.
-    pub fn estimate(&mut self, org: OrgId, gpus: u32, true_s: u64, noisy: impl Fn(f64, f64) -> u64) -> u64 {
-        let estimate = match self.kind {
-            Estimates::Exact => true_s.max(1),
-            Estimates::Noisy { lo, hi } => noisy(lo, hi),
-            Estimates::History => self
+    pub fn estimate(
+        &mut self,
+        org: OrgId,
+        gpus: u32,
+        true_s: u64,
+        requested_s: Option<u64>,
+        noisy: impl Fn(f64, f64) -> u64,
+    ) -> u64 {
+        let estimate = match (self.kind, requested_s) {
+            (Estimates::Exact, _) => true_s.max(1),
+            (Estimates::Noisy { lo, hi }, _) => noisy(lo, hi),
+            (Estimates::User, Some(asked)) => asked.max(1),
+            (Estimates::History | Estimates::User, _) => self
                 .by_class
                 .get(&(org, gpus))
                 .and_then(Recent::median)
@@ -204,21 +218,25 @@ mod tests {
             assert!(Estimates::parse(bad).is_err(), "{bad}");
         }
         assert!(Estimates::Exact.is_oracle() && !Estimates::History.is_oracle());
+        assert_eq!(Estimates::parse("user").unwrap(), Estimates::User);
+        let mut e = Estimator::new(Estimates::User);
+        assert_eq!(e.estimate(OrgId(1), 1, 50, Some(7200), |_, _| 0), 7200, "what the user asked");
+        assert_eq!(e.estimate(OrgId(1), 1, 50, None, |_, _| 0), NO_HISTORY_S, "asked nothing: history");
     }
 
     #[test]
     fn history_uses_the_class_then_the_organisation_then_everyone() {
         let mut e = Estimator::new(Estimates::History);
         let never = |_: f64, _: f64| panic!("history never draws noise");
-        assert_eq!(e.estimate(OrgId(1), 2, 50, never), NO_HISTORY_S);
+        assert_eq!(e.estimate(OrgId(1), 2, 50, None, never), NO_HISTORY_S);
         e.observe(OrgId(2), 8, 900);
-        assert_eq!(e.estimate(OrgId(1), 2, 50, never), 900, "everyone's");
+        assert_eq!(e.estimate(OrgId(1), 2, 50, None, never), 900, "everyone's");
         e.observe(OrgId(1), 4, 300);
-        assert_eq!(e.estimate(OrgId(1), 2, 50, never), 300, "the organisation's");
+        assert_eq!(e.estimate(OrgId(1), 2, 50, None, never), 300, "the organisation's");
         for d in [100, 120, 110] {
             e.observe(OrgId(1), 2, d);
         }
-        assert_eq!(e.estimate(OrgId(1), 2, 50, never), 110, "the class's median");
+        assert_eq!(e.estimate(OrgId(1), 2, 50, None, never), 110, "the class's median");
         let a = e.accuracy();
         assert_eq!((a.estimator.as_str(), a.oracle), ("history", false));
         assert_eq!(a.under_share, 0.0, "every estimate here was longer than 50 s");

@@ -47,6 +47,10 @@ pub struct TraceJob {
     pub user: Option<String>,
     /// The duration is a lower bound (the job was still running when the trace ended).
     pub censored: bool,
+    /// The run time its user asked for, when the trace records it (the
+    /// `estimate` column of `--columns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_s: Option<u64>,
 }
 
 /// A problem in a trace file: `file:line: problem`.
@@ -75,10 +79,12 @@ pub struct ColumnMap {
     pub gpus: String,
     pub gpu_type: Option<String>,
     pub user: Option<String>,
+    /// The run time the user asked for (seconds).
+    pub estimate: Option<String>,
 }
 
 impl ColumnMap {
-    /// Parses `submit=COL,duration=COL,gpus=COL[,gpu_type=COL][,user=COL]`.
+    /// Parses `submit=COL,duration=COL,gpus=COL[,gpu_type=COL][,user=COL][,estimate=COL]`.
     pub fn parse(text: &str) -> Result<ColumnMap, String> {
         let mut fields: BTreeMap<&str, String> = BTreeMap::new();
         for part in text.split(',') {
@@ -86,8 +92,10 @@ impl ColumnMap {
                 return Err(format!("--columns: '{part}' is not KEY=COLUMN"));
             };
             let key = key.trim();
-            if !["submit", "duration", "gpus", "gpu_type", "user"].contains(&key) {
-                return Err(format!("--columns: unknown key '{key}' (known: submit, duration, gpus, gpu_type, user)"));
+            if !["submit", "duration", "gpus", "gpu_type", "user", "estimate"].contains(&key) {
+                return Err(format!(
+                    "--columns: unknown key '{key}' (known: submit, duration, gpus, gpu_type, user, estimate)"
+                ));
             }
             if column.trim().is_empty() {
                 return Err(format!("--columns: {key} names no column"));
@@ -103,6 +111,7 @@ impl ColumnMap {
             gpus: required("gpus")?,
             gpu_type: fields.remove("gpu_type"),
             user: fields.remove("user"),
+            estimate: fields.remove("estimate"),
         })
     }
 }
@@ -189,6 +198,7 @@ struct Columns {
     gpus: usize,
     gpu_type: Option<usize>,
     user: Option<usize>,
+    estimate: Option<usize>,
     /// openb: `gpu_milli` and `pod_phase`.
     openb: Option<(usize, usize)>,
 }
@@ -238,6 +248,7 @@ pub fn open_reader(path: &Path, text: Box<dyn BufRead>, format: &Format) -> Resu
                     gpus: find("num_gpu")?,
                     gpu_type: None,
                     user: None,
+                    estimate: None,
                     openb: None,
                 },
                 Format::Openb => Columns {
@@ -247,6 +258,7 @@ pub fn open_reader(path: &Path, text: Box<dyn BufRead>, format: &Format) -> Resu
                     gpus: find("num_gpu")?,
                     gpu_type: Some(find("gpu_spec")?),
                     user: None,
+                    estimate: None,
                     openb: Some((find("gpu_milli")?, find("pod_phase")?)),
                 },
                 Format::Csv(map) => Columns {
@@ -256,6 +268,7 @@ pub fn open_reader(path: &Path, text: Box<dyn BufRead>, format: &Format) -> Resu
                     gpus: find(&map.gpus)?,
                     gpu_type: map.gpu_type.as_deref().map(find).transpose()?,
                     user: map.user.as_deref().map(find).transpose()?,
+                    estimate: map.estimate.as_deref().map(find).transpose()?,
                     openb: None,
                 },
                 Format::Gavel => unreachable!("handled above"),
@@ -367,6 +380,11 @@ impl TraceReader {
                     return Err("duration: must be at least 1 second".into());
                 }
                 let text = |c: Option<usize>| c.map(field).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
+                // An empty cell: the user asked for nothing.
+                let requested_s = match text(columns.estimate) {
+                    Some(t) => Some(seconds(&t, "estimate")?.max(1)),
+                    None => None,
+                };
                 Ok(Ok(TraceJob {
                     line,
                     submit_s,
@@ -375,6 +393,7 @@ impl TraceReader {
                     gpu_type: text(columns.gpu_type),
                     user: text(columns.user),
                     censored,
+                    requested_s,
                 }))
             })();
             match parsed {
@@ -431,6 +450,7 @@ impl TraceReader {
                     gpu_type: None,
                     user: None,
                     censored: false,
+                    requested_s: None,
                 })
             })();
             return match parsed {

@@ -92,7 +92,7 @@ fn column_maps_and_format_names_are_checked() {
     assert_eq!(ColumnMap::parse("submit=a,duration=b").unwrap_err(), "--columns: missing gpus=COLUMN");
     assert_eq!(
         ColumnMap::parse("submit=a,duration=b,gpus=c,colour=d").unwrap_err(),
-        "--columns: unknown key 'colour' (known: submit, duration, gpus, gpu_type, user)"
+        "--columns: unknown key 'colour' (known: submit, duration, gpus, gpu_type, user, estimate)"
     );
     assert_eq!(ColumnMap::parse("submit=a,submit=b,duration=c,gpus=d").unwrap_err(), "--columns: submit given twice");
     assert_eq!(ColumnMap::parse("submit=a,duration,gpus=c").unwrap_err(), "--columns: 'duration' is not KEY=COLUMN");

@@ -7,7 +7,7 @@ use suanwang_core::topology::SiteLevel;
 use suanwang_trace::{Mapper, MappingConfig, TraceJob};
 
 fn trace_job(gpus: u32, duration_s: u64) -> TraceJob {
-    TraceJob { line: 2, submit_s: 0, duration_s, gpus, gpu_type: None, user: None, censored: false }
+    TraceJob { line: 2, submit_s: 0, duration_s, gpus, gpu_type: None, user: None, censored: false, requested_s: None }
 }
 
 fn mapper(seed: u64) -> Mapper {
