@@ -204,7 +204,7 @@ struct Columns {
 }
 
 enum Inner {
-    Csv { reader: csv::Reader<Box<dyn BufRead>>, record: csv::StringRecord, columns: Columns },
+    Csv { reader: csv::Reader<Box<dyn BufRead>>, record: csv::StringRecord, columns: Box<Columns> },
     Gavel { reader: Box<dyn BufRead>, line: u64, buffer: String },
 }
 
@@ -273,7 +273,7 @@ pub fn open_reader(path: &Path, text: Box<dyn BufRead>, format: &Format) -> Resu
                 },
                 Format::Gavel => unreachable!("handled above"),
             };
-            Inner::Csv { reader, record: csv::StringRecord::new(), columns }
+            Inner::Csv { reader, record: csv::StringRecord::new(), columns: Box::new(columns) }
         }
     };
     Ok(TraceReader { file: path.to_path_buf(), inner, stats: LoadStats::default(), done: false })
