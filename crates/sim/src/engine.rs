@@ -135,9 +135,13 @@ pub fn run(
         while next < jobs.len() && jobs[next].submit_s == now {
             let mut spec = mapper.map(next as u64, &jobs[next]);
             let true_s = jobs[next].duration_s.max(1);
-            spec.estimate_s = estimator.estimate(spec.org, spec.gpus, true_s, jobs[next].requested_s, |lo, hi| {
-                mapper.noisy_estimate(next as u64, jobs[next].duration_s, lo, hi)
-            });
+            spec.estimate_s = estimator.estimate(
+                spec.org,
+                spec.gpus,
+                true_s,
+                jobs[next].requested_s.map(|r| u64::from(r.get())),
+                |lo, hi| mapper.noisy_estimate(next as u64, jobs[next].duration_s, lo, hi),
+            );
             if options.keep_estimates {
                 estimates_s.push(spec.estimate_s);
             }

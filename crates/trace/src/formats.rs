@@ -37,8 +37,9 @@ use serde::Serialize;
 /// One job of a trace, as the trace tells it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TraceJob {
-    /// Line of the file the job came from (1 = header, if any).
-    pub line: u64,
+    /// Line of the file the job came from (1 = header, if any; 32 bits, so
+    /// that a million jobs stay small).
+    pub line: u32,
     pub submit_s: u64,
     /// Run time as recorded (taken to be at reference speed, A100 = 1.0).
     pub duration_s: u64,
@@ -48,9 +49,10 @@ pub struct TraceJob {
     /// The duration is a lower bound (the job was still running when the trace ended).
     pub censored: bool,
     /// The run time its user asked for, when the trace records it (the
-    /// `estimate` column of `--columns`).
+    /// `estimate` column of `--columns`; 32 bits, 136 years, so a million
+    /// jobs stay small).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requested_s: Option<u64>,
+    pub requested_s: Option<std::num::NonZeroU32>,
 }
 
 /// A problem in a trace file: `file:line: problem`.
@@ -382,11 +384,16 @@ impl TraceReader {
                 let text = |c: Option<usize>| c.map(field).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
                 // An empty cell: the user asked for nothing.
                 let requested_s = match text(columns.estimate) {
-                    Some(t) => Some(seconds(&t, "estimate")?.max(1)),
+                    Some(t) => Some(
+                        u32::try_from(seconds(&t, "estimate")?.max(1))
+                            .ok()
+                            .and_then(std::num::NonZeroU32::new)
+                            .ok_or_else(|| format!("estimate: {t} seconds is more than a job may ask for"))?,
+                    ),
                     None => None,
                 };
                 Ok(Ok(TraceJob {
-                    line,
+                    line: u32::try_from(line).unwrap_or(u32::MAX),
                     submit_s,
                     duration_s,
                     gpus,
@@ -443,7 +450,7 @@ impl TraceReader {
                     return Err("scale_factor: must be at least 1".into());
                 }
                 Ok(TraceJob {
-                    line: at,
+                    line: u32::try_from(at).unwrap_or(u32::MAX),
                     submit_s,
                     duration_s: ((steps as f64 / rate).ceil() as u64).max(1),
                     gpus,
