@@ -400,6 +400,33 @@ fn remove_old_dirs(shared: &Shared, retention_s: u64) {
     }
 }
 
+/// Reports how an attempt ended, retrying while the server is away (ten
+/// minutes) and once more after a token rotation. A 409 means the server no
+/// longer counts the attempt (it asked for the stop, or the lease expired):
+/// nothing more to say.
+fn report_finish(
+    client: &Client,
+    token: &TokenSource,
+    lease: &Lease,
+    report: &FinishRequest,
+) -> Result<(), ClientError> {
+    let path = format!("/v1/agent/attempts/{}/{}/finish", lease.job, lease.attempt);
+    let secret = [("X-Attempt-Secret", lease.secret.as_str())];
+    let send =
+        || retry(Duration::from_secs(600), || client.post_with::<_, serde::de::IgnoredAny>(&path, &secret, report));
+    let answer = match send() {
+        Err(ClientError::Api { status: 401, .. }) => {
+            token.refresh(client);
+            send()
+        }
+        other => other,
+    };
+    match answer {
+        Err(ClientError::Api { status: 409, .. }) => Ok(()),
+        other => other.map(drop),
+    }
+}
+
 /// Retries a call while the server is unreachable, for at most `limit`.
 fn retry<T>(limit: Duration, mut call: impl FnMut() -> Result<T, ClientError>) -> Result<T, ClientError> {
     let started = Instant::now();
@@ -442,29 +469,11 @@ fn environment(lease: &Lease, site: &str, workdir_inside: &Path) -> BTreeMap<Str
 /// Runs one attempt to the end and reports it.
 fn run_attempt(shared: &Shared, lease: &Lease, control: &Control) -> Result<(), AgentError> {
     let client = &shared.client;
-    let base = format!("/v1/agent/attempts/{}/{}", lease.job, lease.attempt);
-    let secret = [("X-Attempt-Secret", lease.secret.as_str())];
     let name = format!("job-{}-{}", lease.job, lease.attempt);
     let dir = shared.jobs_dir.join(&name);
     let finish = |end: AttemptEnd, exit_code: i32, wall_s: u64, message: Option<String>| -> Result<(), AgentError> {
         let report = FinishRequest { end, exit_code, wall_s, gpus: None, message };
-        let send = || {
-            retry(Duration::from_secs(600), || {
-                client.post_with::<_, serde::de::IgnoredAny>(&format!("{base}/finish"), &secret, &report)
-            })
-        };
-        let answer = match send() {
-            Err(ClientError::Api { status: 401, .. }) => {
-                shared.token.refresh(&shared.client);
-                send()
-            }
-            other => other,
-        };
-        match answer {
-            // The server no longer counts this attempt: nothing to do.
-            Err(ClientError::Api { status: 409, .. }) => Ok(()),
-            other => other.map(|_| ()).map_err(AgentError::from),
-        }
+        report_finish(client, &shared.token, lease, &report).map_err(AgentError::from)
     };
     if lease.image.is_some() && !shared.isolation.runs_containers() {
         return finish(AttemptEnd::Infrastructure, 127, 0, Some("this site cannot run container images".into()));

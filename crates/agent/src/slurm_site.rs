@@ -734,24 +734,7 @@ fn finish_now(
 }
 
 fn post_finish(site: &Site, lease: &Lease, report: FinishRequest) -> Result<(), ClientError> {
-    let path = format!("/v1/agent/attempts/{}/{}/finish", lease.job, lease.attempt);
-    let secret = [("X-Attempt-Secret", lease.secret.as_str())];
-    let send = || {
-        retry(Duration::from_secs(600), || site.client.post_with::<_, serde::de::IgnoredAny>(&path, &secret, &report))
-    };
-    let answer = match send() {
-        Err(ClientError::Api { status: 401, .. }) => {
-            site.token.refresh(&site.client);
-            send()
-        }
-        other => other,
-    };
-    match answer {
-        // The server no longer counts this attempt (it asked for the stop,
-        // or its lease expired): nothing more to say.
-        Err(ClientError::Api { status: 409, .. }) => Ok(()),
-        other => other.map(drop),
-    }
+    crate::report_finish(&site.client, &site.token, lease, &report)
 }
 
 /// Follows every tracked job in the queue.
@@ -790,8 +773,7 @@ fn track(site: &Arc<Site>) {
             }
         }
         let mut to_finish = Vec::new();
-        let mut hopeless = Vec::new();
-        let mut unavailable = Vec::new();
+        let mut given_back: Vec<(AttemptRef, u64, AttemptEnd, String)> = Vec::new();
         {
             let mut table = lock(&site.table);
             for (&key, t) in table.iter_mut() {
@@ -809,12 +791,18 @@ fn track(site: &Arc<Site>) {
                             t.start = Some(std::thread::spawn(move || post_start(&site, &lease)));
                         } else if q.state == "PENDING" && crate::slurm::is_hopeless_reason(&q.reason) {
                             t.finishing = true;
-                            hopeless.push((key, id, q.reason.clone()));
+                            let why = format!("Slurm would never run it as asked (pending: {}); cancelled", q.reason);
+                            given_back.push((key, id, AttemptEnd::Unfit, why));
                         } else if q.state == "PENDING" && crate::slurm::is_unavailable_reason(&q.reason) {
                             let since = *t.unavailable_since.get_or_insert_with(Instant::now);
                             if since.elapsed() > UNAVAILABLE_FOR {
                                 t.finishing = true;
-                                unavailable.push((key, id, q.reason.clone()));
+                                let why = format!(
+                                    "Slurm held it for {} s for nodes that are drained or down ({}); placed again",
+                                    UNAVAILABLE_FOR.as_secs(),
+                                    q.reason
+                                );
+                                given_back.push((key, id, AttemptEnd::Infrastructure, why));
                             }
                         } else {
                             t.unavailable_since = None;
@@ -838,41 +826,14 @@ fn track(site: &Arc<Site>) {
             let site = site.clone();
             std::thread::spawn(move || ended(&site, key));
         }
-        for (key, id, reason) in hopeless {
+        // Jobs Slurm will not run here: cancelled there, and reported.
+        for (key, id, end, message) in given_back {
             let site = site.clone();
             std::thread::spawn(move || {
                 cancel(&site, id);
                 let Some(lease) = lock(&site.table).get(&key).map(|t| t.lease.clone()) else { return };
-                finish_now(
-                    &site,
-                    key,
-                    &lease,
-                    AttemptEnd::Unfit,
-                    1,
-                    0,
-                    None,
-                    Some(format!("Slurm would never run it as asked (pending: {reason}); cancelled")),
-                );
-            });
-        }
-        for (key, id, reason) in unavailable {
-            let site = site.clone();
-            std::thread::spawn(move || {
-                cancel(&site, id);
-                let Some(lease) = lock(&site.table).get(&key).map(|t| t.lease.clone()) else { return };
-                finish_now(
-                    &site,
-                    key,
-                    &lease,
-                    AttemptEnd::Infrastructure,
-                    137,
-                    0,
-                    None,
-                    Some(format!(
-                        "Slurm held it for {} s for nodes that are drained or down ({reason}); placed again",
-                        UNAVAILABLE_FOR.as_secs()
-                    )),
-                );
+                let exit_code = if end == AttemptEnd::Unfit { 1 } else { 137 };
+                finish_now(&site, key, &lease, end, exit_code, 0, None, Some(message));
             });
         }
         if last_output_check.elapsed() >= OUTPUT_CHECK_EVERY {

@@ -45,6 +45,30 @@ pub fn bench_org(db: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// The benchmarks' job: `true` on one accelerator of any common type.
+pub fn bench_request() -> JobRequest {
+    JobRequest {
+        name: "bench".into(),
+        command: vec!["true".into()],
+        env: Default::default(),
+        secret_env: Default::default(),
+        image: None,
+        gpus: 1,
+        accelerators: vec!["A100".into(), "H100".into(), "Ascend910B".into()],
+        estimate_s: 600,
+        time_limit_s: None,
+        memory_mb: None,
+        cpus: None,
+        retries: 0,
+        datasets: vec![],
+        deadline_s: None,
+        budget_fen: None,
+        weights: None,
+        origin: None,
+        org: None,
+    }
+}
+
 /// A real server in this process on a loopback port: its runtime (drop or
 /// shut it down to stop the server) and its URL.
 pub fn serve_here(config: ServerConfig) -> anyhow::Result<(tokio::runtime::Runtime, String)> {
@@ -72,26 +96,7 @@ pub fn submit(dir: &Path, clients: usize, jobs: usize, quiet: bool) -> anyhow::R
         checkpoints: None,
     };
     let (runtime, url) = serve_here(config)?;
-    let request = JobRequest {
-        name: "bench".into(),
-        command: vec!["true".into()],
-        env: Default::default(),
-        secret_env: Default::default(),
-        image: None,
-        gpus: 1,
-        accelerators: vec!["A100".into(), "H100".into(), "Ascend910B".into()],
-        estimate_s: 600,
-        time_limit_s: None,
-        memory_mb: None,
-        cpus: None,
-        retries: 0,
-        datasets: vec![],
-        deadline_s: None,
-        budget_fen: None,
-        weights: None,
-        origin: None,
-        org: None,
-    };
+    let request = bench_request();
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let threads: Vec<_> = (0..clients)

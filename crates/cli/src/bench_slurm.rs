@@ -14,7 +14,6 @@
 //!   of the same job from the same number of clients, timed the same way.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -123,26 +122,41 @@ pub fn run(
     outcome
 }
 
+/// Seconds from the first of `jobs` submissions, made by `clients`
+/// threads calling `submit`, until the controller has counted them all.
+fn dispatch(
+    conf: &Path,
+    jobs: usize,
+    clients: usize,
+    submit: &(dyn Fn() -> anyhow::Result<()> + Sync),
+) -> anyhow::Result<f64> {
+    let base = submitted(conf)?;
+    let next = AtomicUsize::new(0);
+    let t0 = Instant::now();
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..clients)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    while next.fetch_add(1, Ordering::Relaxed) < jobs {
+                        submit()?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        threads.into_iter().try_for_each(|t| t.join().map_err(|_| anyhow!("client panicked"))?)
+    })?;
+    wait_submitted(conf, base + jobs as u64, Duration::from_secs(600))?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
 fn request(command: &str) -> JobRequest {
     JobRequest {
-        name: "bench".into(),
         command: vec!["sh".into(), "-c".into(), command.into()],
-        env: Default::default(),
-        secret_env: Default::default(),
-        image: None,
-        gpus: 1,
         accelerators: vec!["A100".into()],
         estimate_s: 60,
         time_limit_s: Some(300),
-        memory_mb: None,
-        cpus: None,
-        retries: 0,
-        datasets: vec![],
-        deadline_s: None,
-        budget_fen: None,
-        weights: None,
-        origin: None,
-        org: None,
+        ..crate::bench_platform::bench_request()
     }
 }
 
@@ -199,64 +213,26 @@ fn measure(
     }
     latencies.sort_by(f64::total_cmp);
 
-    // Dispatch: suanwang, from the first submission until Slurm counted all.
-    let base = submitted(conf)?;
-    let next = Arc::new(AtomicUsize::new(0));
-    let t0 = Instant::now();
-    let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let client = Client::new(url, token);
-            let next = next.clone();
-            std::thread::spawn(move || -> anyhow::Result<()> {
-                let req = request("true");
-                while next.fetch_add(1, Ordering::Relaxed) < jobs {
-                    let _: Job = client.post("/v1/jobs", &req)?;
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().map_err(|_| anyhow!("client panicked"))??;
-    }
-    wait_submitted(conf, base + jobs as u64, Duration::from_secs(600))?;
-    let ours = t0.elapsed().as_secs_f64();
-    // Plain sbatch: the same job from the same number of clients.
-    let base = submitted(conf)?;
-    let next = Arc::new(AtomicUsize::new(0));
-    let t0 = Instant::now();
-    let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let next = next.clone();
-            let conf = conf.to_path_buf();
-            let gres = gres.to_string();
-            std::thread::spawn(move || -> anyhow::Result<()> {
-                while next.fetch_add(1, Ordering::Relaxed) < jobs {
-                    let ok = std::process::Command::new("sbatch")
-                        .args([
-                            "--quiet",
-                            "--output=/dev/null",
-                            "--time=5",
-                            &format!("--gres=gpu:{gres}:1"),
-                            "--wrap",
-                            "true",
-                        ])
-                        .env("SLURM_CONF", &conf)
-                        .status()?
-                        .success();
-                    if !ok {
-                        bail!("sbatch failed");
-                    }
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().map_err(|_| anyhow!("client panicked"))??;
-    }
-    wait_submitted(conf, base + jobs as u64, Duration::from_secs(600))?;
-    let plain = t0.elapsed().as_secs_f64();
+    // Dispatch: suanwang, from the first submission until Slurm counted
+    // all; then plain sbatch of the same job from as many clients.
+    let dispatcher = Client::new(url, token);
+    let req = request("true");
+    let ours = dispatch(conf, jobs, clients, &|| {
+        let _: Job = dispatcher.post("/v1/jobs", &req)?;
+        Ok(())
+    })?;
+    let gres_arg = format!("--gres=gpu:{gres}:1");
+    let plain = dispatch(conf, jobs, clients, &|| {
+        let ok = std::process::Command::new("sbatch")
+            .args(["--quiet", "--output=/dev/null", "--time=5", &gres_arg, "--wrap", "true"])
+            .env("SLURM_CONF", conf)
+            .status()?
+            .success();
+        if !ok {
+            bail!("sbatch failed");
+        }
+        Ok(())
+    })?;
 
     println!("Slurm: {}", scheduler_parameters(conf));
     print!(
